@@ -1,0 +1,1 @@
+"""Benchmarks for comfysync; run with `python -m benchmarks.sync`."""

@@ -1,0 +1,1 @@
+"""Scheduled jobs: APScheduler wiring around pipeline.sync.run_sync."""

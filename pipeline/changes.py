@@ -1,0 +1,112 @@
+"""Decide what a sync changes: a pure comparison of what the walk saw with what the store holds.
+
+No SQL and no HTTP here: ``plan_changes`` takes plain values and returns a ``ChangeSet`` that
+``pipeline.store.apply_changes`` writes in one transaction. Keeping the decision pure is what
+lets the deletion rule (never delete unless the walk proved itself complete) be tested alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from pipeline.records import TRACKED_FIELDS, RunnerRecord
+
+
+@dataclass(frozen=True, slots=True)
+class StoredState:
+    """What the store knows of a runner without loading its fields."""
+
+    content_hash: str
+    deleted: bool
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """A new version of a runner already in the store: an update or a restoration."""
+
+    record: RunnerRecord
+    changed_fields: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ChangeSet:
+    """Everything one sync writes; applied all at once or not at all."""
+
+    created: list[RunnerRecord] = field(default_factory=list)
+    updated: list[Revision] = field(default_factory=list)
+    restored: list[Revision] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    #: Runners a complete walk would have deleted, had deletions been allowed.
+    deletions_withheld: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.created or self.updated or self.restored or self.deleted)
+
+
+def ids_needing_fields(
+    stored: Mapping[str, StoredState], seen: Iterable[RunnerRecord]
+) -> list[str]:
+    """Ids whose stored fields must be loaded to name what changed (hash differs, or deleted)."""
+    needed = []
+    for record in seen:
+        state = stored.get(record.id)
+        if state is not None and (state.deleted or state.content_hash != record.content_hash):
+            needed.append(record.id)
+    return needed
+
+
+def changed_fields(old: Mapping[str, str], new: RunnerRecord) -> tuple[str, ...]:
+    """The tracked fields whose stored values differ, in column order."""
+    return tuple(name for name in TRACKED_FIELDS if old.get(name) != getattr(new, name))
+
+
+def plan_changes(
+    stored: Mapping[str, StoredState],
+    stored_fields: Mapping[str, Mapping[str, str]],
+    seen: Mapping[str, RunnerRecord],
+    *,
+    deletions_allowed: bool,
+) -> ChangeSet:
+    """Compare the walk with the store.
+
+    ``stored_fields`` must hold the fields of every id ``ids_needing_fields`` named.
+    Guarantees: a runner the walk saw is never deleted; an unchanged runner produces no
+    change; runners absent from the walk are deleted only when ``deletions_allowed``
+    (which the caller grants only for a complete walk).
+    """
+    changes = ChangeSet()
+    unchanged = 0
+    for runner_id, record in seen.items():
+        state = stored.get(runner_id)
+        if state is None:
+            changes.created.append(record)
+        elif state.deleted:
+            old = stored_fields[runner_id]
+            changes.restored.append(Revision(record, changed_fields(old, record)))
+        elif state.content_hash != record.content_hash:
+            old = stored_fields[runner_id]
+            changes.updated.append(Revision(record, changed_fields(old, record)))
+        else:
+            unchanged += 1
+    missing = [
+        runner_id
+        for runner_id, state in stored.items()
+        if not state.deleted and runner_id not in seen
+    ]
+    if deletions_allowed:
+        changes.deleted.extend(missing)
+        withheld = 0
+    else:
+        withheld = len(missing)
+    return ChangeSet(
+        created=changes.created,
+        updated=changes.updated,
+        restored=changes.restored,
+        deleted=changes.deleted,
+        unchanged=unchanged,
+        deletions_withheld=withheld,
+    )

@@ -1,0 +1,202 @@
+"""Turn raw API runner objects into the rows comfysync stores, with secrets redacted.
+
+Everything here is a plain function over plain values: no HTTP, no SQL. A record is
+validated against the reference (``../shared/api/list-runners.md``); fields the reference does
+not name are kept in ``extra`` so nothing the API sends is dropped; a record that cannot be
+stored becomes a ``Rejection`` that carries the reason and its raw JSON, redacted.
+
+Secrets: ``headers`` values are credentials for the runner's endpoint, and so is any
+user:password in the endpoint URL. Unless the user opts in, each is replaced by
+``redacted:`` + the first 12 hex digits of HMAC-SHA256 under a random per-database key, so a
+rotated secret still shows up as a change while the secret never reaches the disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+
+#: The record fields comfysync tracks, in the order of the store's columns. A version's
+#: ``changed_fields`` names a subset of these.
+TRACKED_FIELDS: tuple[str, ...] = (
+    "user_id",
+    "name",
+    "status",
+    "endpoint",
+    "tags",
+    "headers",
+    "created_at",
+    "updated_at",
+    "extra",
+)
+REFERENCE_FIELDS = frozenset(("id", *TRACKED_FIELDS)) - {"extra"}
+KNOWN_STATUSES = frozenset(("active", "disabled"))
+REDACTED_PREFIX = "redacted:"
+_STRING_FIELDS = ("user_id", "name", "status", "endpoint", "created_at", "updated_at")
+_TIMESTAMP_FIELDS = ("created_at", "updated_at")
+
+
+def redact_value(value: str, key: bytes) -> str:
+    """``redacted:`` + 12 hex digits of HMAC-SHA256(key, value): stable, comparable, one-way."""
+    digest = hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()
+    return REDACTED_PREFIX + digest[:12]
+
+
+def redact_headers(headers: Mapping[str, Any], key: bytes) -> dict[str, str]:
+    """Every header value redacted; header names are kept (they say what kind of secret it is)."""
+    return {name: redact_value(_header_text(value), key) for name, value in headers.items()}
+
+
+def redact_endpoint(endpoint: str, key: bytes) -> str:
+    """The endpoint URL with any user:password replaced by ``redacted:<hmac>``.
+
+    ``https://bob:hunter2@gpu.example.com/x`` becomes ``https://redacted:1a2b3c4d5e6f@gpu.example.com/x``:
+    still a URL, still shows a changed password as a change.
+    """
+    if "@" not in endpoint:
+        return endpoint
+    try:
+        parts = urlsplit(endpoint)
+    except ValueError:
+        return redact_value(endpoint, key)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
+        return endpoint
+    netloc = f"{redact_value(userinfo, key)}@{hostport}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _header_text(value: Any) -> str:
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerRecord:
+    """One runner as stored: strings, with ``tags``/``headers``/``extra`` as JSON text.
+
+    The JSON columns are serialised canonically (sorted keys) so equal content always has
+    equal text, which makes ``content_hash`` and per-field change detection exact.
+    """
+
+    id: str
+    user_id: str
+    name: str
+    status: str
+    endpoint: str
+    tags: str
+    headers: str
+    created_at: str
+    updated_at: str
+    extra: str
+    content_hash: str
+
+    def fields(self) -> dict[str, str]:
+        """The tracked fields by name, as stored."""
+        return {name: getattr(self, name) for name in TRACKED_FIELDS}
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A runner object that could not be stored, and where it was seen."""
+
+    page: int
+    position: int
+    runner_id: str | None
+    reason: str
+    raw_json: str
+
+
+def content_hash(values: tuple[str, ...]) -> str:
+    """SHA-256 over the tracked field values in TRACKED_FIELDS order."""
+    return hashlib.sha256(orjson.dumps(values)).hexdigest()
+
+
+def parse_runner(
+    raw: Any,
+    *,
+    page: int,
+    position: int,
+    redaction_key: bytes,
+    store_header_values: bool = False,
+) -> RunnerRecord | Rejection:
+    """Validate one raw runner object and return the record to store, or why it cannot be."""
+    problem = _find_problem(raw)
+    if problem is not None:
+        runner_id = raw.get("id") if isinstance(raw, dict) else None
+        return Rejection(
+            page=page,
+            position=position,
+            runner_id=runner_id if isinstance(runner_id, str) else None,
+            reason=problem,
+            raw_json=redacted_raw_json(raw, redaction_key),
+        )
+    headers = raw["headers"]
+    if store_header_values:
+        headers = {name: _header_text(value) for name, value in headers.items()}
+    else:
+        headers = redact_headers(headers, redaction_key)
+    extra = {name: value for name, value in raw.items() if name not in REFERENCE_FIELDS}
+    values = (
+        raw["user_id"],
+        raw["name"],
+        raw["status"],
+        redact_endpoint(raw["endpoint"], redaction_key),
+        _json_text(raw["tags"]),
+        _json_text(headers),
+        raw["created_at"],
+        raw["updated_at"],
+        _json_text(extra),
+    )
+    return RunnerRecord(raw["id"], *values, content_hash=content_hash(values))
+
+
+def _find_problem(raw: Any) -> str | None:
+    if not isinstance(raw, dict):
+        return f"not an object but {type(raw).__name__}"
+    runner_id = raw.get("id")
+    if not isinstance(runner_id, str) or not runner_id:
+        return "missing or empty id"
+    for name in _STRING_FIELDS:
+        if name not in raw:
+            return f"missing field {name!r}"
+        if not isinstance(raw[name], str):
+            return f"field {name!r} is not a string"
+    tags = raw.get("tags")
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        return "field 'tags' is not a list of strings"
+    if not isinstance(raw.get("headers"), dict):
+        return "field 'headers' is not an object"
+    for name in _TIMESTAMP_FIELDS:
+        try:
+            datetime.fromisoformat(raw[name])
+        except ValueError:
+            return f"field {name!r} is not an ISO 8601 timestamp"
+    return None
+
+
+def redacted_raw_json(raw: Any, key: bytes) -> str:
+    """The raw object as JSON with its secrets redacted, for the rejected-records table."""
+    if isinstance(raw, dict):
+        raw = dict(raw)
+        headers = raw.get("headers")
+        if isinstance(headers, dict):
+            raw["headers"] = redact_headers(headers, key)
+        elif "headers" in raw:
+            raw["headers"] = redact_value(_header_text(headers), key)
+        if isinstance(raw.get("endpoint"), str):
+            raw["endpoint"] = redact_endpoint(raw["endpoint"], key)
+    try:
+        return orjson.dumps(raw, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:
+        return orjson.dumps(repr(raw)).decode()

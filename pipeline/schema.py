@@ -1,0 +1,204 @@
+"""Open a comfysync database and bring its schema up to date, safely.
+
+The table names and columns here are a public contract: exports, Datasette metadata and
+users' own SQL depend on them. Migrations only ever move forward; a database whose schema is
+newer than this code is refused before anything is written to it, and a SQLite file that
+comfysync did not create is never written to at all.
+
+Tables (see README for every column):
+
+* ``runners``: one row per runner ever seen, its current state.
+* ``runner_versions``: every version of every runner with validity intervals.
+* ``sync_runs``: one row per sync attempt.
+* ``rejected_records``: runner objects that could not be stored, with the reason.
+* ``comfysync_meta``: schema version and the per-database redaction key.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+from pipeline.errors import DatabaseError
+from pipeline.records import TRACKED_FIELDS
+
+META_TABLE = "comfysync_meta"
+BUSY_TIMEOUT_MS = 10_000
+
+migrations = Migrations("comfysync")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    text_fields: dict[str, Any] = {name: str for name in TRACKED_FIELDS}
+    db.table(META_TABLE).create({"key": str, "value": str}, pk="key")
+    db.table(META_TABLE).insert_all(
+        [
+            {"key": "application", "value": "comfysync"},
+            {"key": "redaction_key", "value": secrets.token_hex(32)},
+        ]
+    )
+    db.table("runners").create(
+        {
+            "id": str,
+            **text_fields,
+            "first_seen_at": str,
+            "deleted_at": str,
+            "version": int,
+            "content_hash": str,
+        },
+        pk="id",
+        not_null={"version", "content_hash", "first_seen_at"},
+    )
+    db.table("runner_versions").create(
+        {
+            "runner_id": str,
+            "version": int,
+            "change": str,
+            "changed_fields": str,
+            **text_fields,
+            "content_hash": str,
+            "valid_from": str,
+            "valid_to": str,
+            "sync_id": int,
+        },
+        pk=("runner_id", "version"),
+        not_null={"change", "valid_from", "sync_id"},
+    )
+    db.table("runner_versions").create_index(["sync_id"])
+    db.table("runner_versions").create_index(["valid_from"])
+    db.table("sync_runs").create(
+        {
+            "id": int,
+            "started_at": str,
+            "finished_at": str,
+            "status": str,
+            "base_url": str,
+            "pages": int,
+            "walks": int,
+            "complete": int,
+            "total_reported": int,
+            "runners_seen": int,
+            "created": int,
+            "updated": int,
+            "deleted": int,
+            "restored": int,
+            "unchanged": int,
+            "rejected": int,
+            "warnings": str,
+            "error": str,
+        },
+        pk="id",
+        not_null={"started_at", "status"},
+    )
+    db.table("rejected_records").create(
+        {
+            "id": int,
+            "sync_id": int,
+            "page": int,
+            "position": int,
+            "runner_id": str,
+            "reason": str,
+            "raw_json": str,
+        },
+        pk="id",
+        foreign_keys=[("sync_id", "sync_runs", "id")],
+    )
+
+
+#: Known migrations, in order; the schema version is how many of them a database has.
+SCHEMA_VERSION = len(migrations._migrations)
+
+
+def _connect(path: Path, *, read_only: bool) -> Database:
+    if read_only:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    else:
+        conn = sqlite3.connect(str(path))
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return Database(conn)
+
+
+def schema_version(db: Database) -> int:
+    """The schema version recorded in the database (0 for one comfysync never set up)."""
+    if not db.table(META_TABLE).exists():
+        return 0
+    row = db.execute(f"SELECT value FROM {META_TABLE} WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _check_usable(db: Database, path: Path) -> int:
+    """Refuse, before any write, a file that is not ours or is newer than this code."""
+    try:
+        tables = db.table_names()
+    except sqlite3.DatabaseError as exc:
+        raise DatabaseError(f"{path} is not a SQLite database ({exc}); pass another --db") from exc
+    if tables and META_TABLE not in tables:
+        raise DatabaseError(
+            f"{path} is a SQLite database that comfysync did not create; "
+            "pass a new or comfysync --db path"
+        )
+    version = schema_version(db)
+    if version > SCHEMA_VERSION:
+        raise DatabaseError(
+            f"{path} has schema version {version}, newer than this comfysync knows "
+            f"({SCHEMA_VERSION}); upgrade comfysync (the database was left untouched)"
+        )
+    return version
+
+
+def open_store(path: Path) -> Database:
+    """Open (creating if needed) a comfysync database for writing, migrated to SCHEMA_VERSION.
+
+    Idempotent: safe to call on every sync. Sets WAL mode so readers never block the writer
+    and a busy timeout so a second writer waits instead of failing at once.
+    """
+    if path.is_dir():
+        raise DatabaseError(f"--db {path} is a directory; pass a file path")
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        db = _connect(path, read_only=False)
+        version = _check_usable(db, path)
+        if version < SCHEMA_VERSION:
+            db.enable_wal()
+            migrations.apply(db)
+            db.table(META_TABLE).upsert(
+                {"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key"
+            )
+        elif db.journal_mode != "wal":
+            db.enable_wal()
+    except sqlite3.OperationalError as exc:
+        raise DatabaseError(f"cannot open {path} for writing ({exc})") from exc
+    return db
+
+
+def open_store_read_only(path: Path) -> Database:
+    """Open an existing comfysync database without ever writing to it."""
+    if not path.is_file():
+        raise DatabaseError(
+            f"no database at {path}; create one with `comfysync sync` (or try `comfysync demo`)"
+        )
+    db = _connect(path, read_only=True)
+    version = _check_usable(db, path)
+    if version == 0:
+        raise DatabaseError(f"{path} is empty; create it with `comfysync sync`")
+    return db
+
+
+def read_meta(db: Database, key: str) -> str | None:
+    row = db.execute(f"SELECT value FROM {META_TABLE} WHERE key = ?", [key]).fetchone()
+    return str(row[0]) if row else None
+
+
+def redaction_key(db: Database) -> bytes:
+    """The random per-database key under which header secrets are HMAC-redacted."""
+    value = read_meta(db, "redaction_key")
+    if value is None:
+        raise DatabaseError("the database has no redaction key; it was not made by comfysync")
+    return bytes.fromhex(value)

@@ -1,0 +1,220 @@
+"""The one write path into a comfysync database, and the reads the sync needs.
+
+Invariants this module guarantees:
+
+* ``apply_changes`` writes a sync's runners, versions, rejected records and its run-log row
+  in one transaction: all of it lands or none of it does.
+* Unchanged runners are never rewritten; a quiet re-sync writes only its run-log row.
+* Versions of a runner are numbered 1, 2, 3, ... with ``valid_from``/``valid_to`` intervals
+  that touch end to end; exactly one version, the current one, has ``valid_to`` NULL.
+* A deleted runner keeps its row with ``deleted_at`` set and gets a ``deleted`` version that
+  repeats its last known fields; a runner that comes back gets a ``restored`` version.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import orjson
+from sqlite_utils import Database
+
+from pipeline.changes import ChangeSet, Revision, StoredState
+from pipeline.errors import StorageError
+from pipeline.records import TRACKED_FIELDS, Rejection, RunnerRecord
+
+_FIELDS = ", ".join(TRACKED_FIELDS)
+_MARKS = ", ".join("?" for _ in TRACKED_FIELDS)
+_ASSIGN = ", ".join(f"{name} = ?" for name in TRACKED_FIELDS)
+_ALL_FIELDS_JSON = orjson.dumps(list(TRACKED_FIELDS)).decode()
+_CHUNK = 500
+
+
+def utc_timestamp(moment: datetime | None = None) -> str:
+    """ISO 8601 UTC with microseconds and a ``Z``: sortable as text, exact as a time."""
+    moment = moment or datetime.now(UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """The run-log figures written together with the changes they describe."""
+
+    status: str
+    pages: int
+    walks: int
+    complete: bool
+    total_reported: int
+    runners_seen: int
+    rejected: int
+    warnings: tuple[str, ...]
+
+
+def load_stored_states(db: Database) -> dict[str, StoredState]:
+    """Every runner's hash, deletion flag and version, in one query (no per-row lookups)."""
+    rows = db.execute(
+        "SELECT id, content_hash, deleted_at IS NOT NULL, version FROM runners"
+    ).fetchall()
+    return {row[0]: StoredState(row[1], bool(row[2]), row[3]) for row in rows}
+
+
+def load_stored_fields(db: Database, ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    """The tracked fields of the given runners, for naming what changed."""
+    fields: dict[str, dict[str, str]] = {}
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        marks = ", ".join("?" for _ in chunk)
+        cursor = db.execute(f"SELECT id, {_FIELDS} FROM runners WHERE id IN ({marks})", chunk)
+        for row in cursor:
+            fields[row[0]] = dict(zip(TRACKED_FIELDS, row[1:], strict=True))
+    return fields
+
+
+def begin_run(db: Database, *, base_url: str, started_at: str) -> int:
+    """Record a sync as ``running`` and return its id (committed at once: survives a crash)."""
+    with db.atomic():
+        cursor = db.execute(
+            "INSERT INTO sync_runs (started_at, status, base_url) VALUES (?, 'running', ?)",
+            [started_at, base_url],
+        )
+    return int(cursor.lastrowid or 0)
+
+
+def record_failed_run(db: Database, sync_id: int, *, error: str, finished_at: str) -> None:
+    """Mark a run ``failed``: the only write a failed sync makes."""
+    with db.atomic():
+        db.execute(
+            "UPDATE sync_runs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
+            [finished_at, error, sync_id],
+        )
+
+
+def apply_changes(
+    db: Database,
+    changes: ChangeSet,
+    rejections: Iterable[Rejection],
+    *,
+    sync_id: int,
+    outcome: RunOutcome,
+    applied_at: str,
+) -> None:
+    """Write a sync's changes and close its run-log row, in one transaction.
+
+    Raises StorageError (and leaves the database as it was) if SQLite cannot write.
+    """
+    conn = db.conn
+    try:
+        with db.atomic():
+            _insert_created(conn, changes.created, sync_id, applied_at)
+            _insert_revisions(conn, changes.updated, "updated", sync_id, applied_at)
+            _insert_revisions(conn, changes.restored, "restored", sync_id, applied_at)
+            _mark_deleted(conn, changes.deleted, sync_id, applied_at)
+            conn.executemany(
+                "INSERT INTO rejected_records (sync_id, page, position, runner_id, reason, "
+                "raw_json) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (sync_id, r.page, r.position, r.runner_id, r.reason, r.raw_json)
+                    for r in rejections
+                ],
+            )
+            conn.execute(
+                "UPDATE sync_runs SET finished_at = ?, status = ?, pages = ?, walks = ?, "
+                "complete = ?, total_reported = ?, runners_seen = ?, created = ?, updated = ?, "
+                "deleted = ?, restored = ?, unchanged = ?, rejected = ?, warnings = ? "
+                "WHERE id = ?",
+                [
+                    applied_at,
+                    outcome.status,
+                    outcome.pages,
+                    outcome.walks,
+                    int(outcome.complete),
+                    outcome.total_reported,
+                    outcome.runners_seen,
+                    len(changes.created),
+                    len(changes.updated),
+                    len(changes.deleted),
+                    len(changes.restored),
+                    changes.unchanged,
+                    outcome.rejected,
+                    orjson.dumps(list(outcome.warnings)).decode() if outcome.warnings else None,
+                    sync_id,
+                ],
+            )
+    except sqlite3.OperationalError as exc:
+        raise StorageError(f"could not write the database ({exc}); nothing was applied") from exc
+
+
+def _record_values(record: RunnerRecord) -> tuple[str, ...]:
+    return tuple(getattr(record, name) for name in TRACKED_FIELDS)
+
+
+def _insert_created(
+    conn: sqlite3.Connection, created: Sequence[RunnerRecord], sync_id: int, now: str
+) -> None:
+    conn.executemany(
+        f"INSERT INTO runners (id, {_FIELDS}, first_seen_at, deleted_at, version, content_hash) "
+        f"VALUES (?, {_MARKS}, ?, NULL, 1, ?)",
+        [(r.id, *_record_values(r), now, r.content_hash) for r in created],
+    )
+    conn.executemany(
+        f"INSERT INTO runner_versions (runner_id, version, change, changed_fields, {_FIELDS}, "
+        f"content_hash, valid_from, valid_to, sync_id) "
+        f"VALUES (?, 1, 'created', ?, {_MARKS}, ?, ?, NULL, ?)",
+        [
+            (r.id, _ALL_FIELDS_JSON, *_record_values(r), r.content_hash, now, sync_id)
+            for r in created
+        ],
+    )
+
+
+def _close_current_versions(conn: sqlite3.Connection, ids: Iterable[str], now: str) -> None:
+    conn.executemany(
+        "UPDATE runner_versions SET valid_to = ? WHERE runner_id = ? AND valid_to IS NULL",
+        [(now, runner_id) for runner_id in ids],
+    )
+
+
+def _insert_revisions(
+    conn: sqlite3.Connection,
+    revisions: Sequence[Revision],
+    change: str,
+    sync_id: int,
+    now: str,
+) -> None:
+    if not revisions:
+        return
+    _close_current_versions(conn, (rev.record.id for rev in revisions), now)
+    conn.executemany(
+        f"UPDATE runners SET {_ASSIGN}, content_hash = ?, deleted_at = NULL, "
+        "version = version + 1 WHERE id = ?",
+        [(*_record_values(r.record), r.record.content_hash, r.record.id) for r in revisions],
+    )
+    conn.executemany(
+        f"INSERT INTO runner_versions (runner_id, version, change, changed_fields, {_FIELDS}, "
+        f"content_hash, valid_from, valid_to, sync_id) "
+        f"SELECT id, version, ?, ?, {_FIELDS}, content_hash, ?, NULL, ? "
+        "FROM runners WHERE id = ?",
+        [
+            (change, orjson.dumps(list(rev.changed_fields)).decode(), now, sync_id, rev.record.id)
+            for rev in revisions
+        ],
+    )
+
+
+def _mark_deleted(conn: sqlite3.Connection, deleted: Sequence[str], sync_id: int, now: str) -> None:
+    if not deleted:
+        return
+    _close_current_versions(conn, deleted, now)
+    conn.executemany(
+        "UPDATE runners SET deleted_at = ?, version = version + 1 WHERE id = ?",
+        [(now, runner_id) for runner_id in deleted],
+    )
+    conn.executemany(
+        f"INSERT INTO runner_versions (runner_id, version, change, changed_fields, {_FIELDS}, "
+        f"content_hash, valid_from, valid_to, sync_id) "
+        f"SELECT id, version, 'deleted', '[]', {_FIELDS}, content_hash, ?, NULL, ? "
+        "FROM runners WHERE id = ?",
+        [(now, sync_id, runner_id) for runner_id in deleted],
+    )

@@ -1,0 +1,260 @@
+"""One sync, wired together: walk the API, decide the changes, apply them in one transaction.
+
+This module only composes the parts (``client``/``walk`` fetch, ``records``/``changes``
+decide, ``store`` writes); it contains no HTTP and no SQL. Every entry point (the CLI, the
+scheduler, the Python API) syncs through ``run_sync``, so they all share one behaviour:
+
+* a sync that fails before applying records a ``failed`` run and changes nothing else;
+* a walk that is not proven complete applies creates and updates but no deletion, and the
+  run ends ``partial`` with the reasons in its ``warnings``;
+* a complete walk with no rejected records ends ``success``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from sqlite_utils import Database
+
+from pipeline import schema, store
+from pipeline.changes import ChangeSet, ids_needing_fields, plan_changes
+from pipeline.client import ComfyControlClient, Page
+from pipeline.errors import ComfySyncError
+from pipeline.records import KNOWN_STATUSES, Rejection, RunnerRecord, parse_runner
+from pipeline.settings import Settings
+from pipeline.walk import WalkResult, pages_needed, walk_all_pages
+
+log = logging.getLogger(__name__)
+
+#: Called after each page with (pages read, pages expected in this walk, runners seen).
+ProgressCallback = Callable[[int, int, int], None]
+
+
+@dataclass(frozen=True)
+class SyncSummary:
+    """What a sync did, as the run log records it."""
+
+    sync_id: int
+    status: str
+    complete: bool
+    walks: int
+    pages: int
+    total_reported: int
+    runners_seen: int
+    created: int
+    updated: int
+    deleted: int
+    restored: int
+    unchanged: int
+    rejected: int
+    warnings: tuple[str, ...]
+    seconds: float
+    db_path: str
+
+    @property
+    def changed(self) -> int:
+        return self.created + self.updated + self.deleted + self.restored
+
+
+class _Collector:
+    """Parses each page as it arrives; the latest sighting of a runner wins."""
+
+    def __init__(self, key: bytes, store_header_values: bool, on_progress: ProgressCallback | None):
+        self.key = key
+        self.store_header_values = store_header_values
+        self.on_progress = on_progress
+        self.records: dict[str, tuple[int, RunnerRecord]] = {}
+        self.rejections: list[tuple[int, Rejection]] = []
+        self.pages_in_walk = 0
+        self.walk = 0
+
+    def __call__(self, page: Page, walk: int) -> None:
+        if walk != self.walk:
+            self.walk, self.pages_in_walk = walk, 0
+        for position, raw in enumerate(page.runners):
+            parsed = parse_runner(
+                raw,
+                page=page.number,
+                position=position,
+                redaction_key=self.key,
+                store_header_values=self.store_header_values,
+            )
+            if isinstance(parsed, Rejection):
+                self.rejections.append((walk, parsed))
+            else:
+                self.records[parsed.id] = (walk, parsed)
+        self.pages_in_walk += 1
+        if self.on_progress is not None:
+            expected = pages_needed(page.total, page.per_page)
+            self.on_progress(self.pages_in_walk, expected, len(self.records))
+
+    def final(self, walk: WalkResult) -> tuple[dict[str, RunnerRecord], list[Rejection]]:
+        """What to apply: the last walk's sightings if it is complete, else all sightings."""
+        if walk.complete:
+            records = {i: rec for i, (n, rec) in self.records.items() if n == walk.walks}
+        else:
+            records = {i: rec for i, (_, rec) in self.records.items()}
+        rejections = [rej for n, rej in self.rejections if n == walk.walks]
+        return records, rejections
+
+
+def run_sync(
+    settings: Settings,
+    *,
+    client: ComfyControlClient | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    db: Database | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> SyncSummary:
+    """Mirror the account into the store once. Raises a ComfySyncError subclass on failure.
+
+    ``client``, ``transport`` and ``db`` are seams for tests and embedding: by default the
+    client and database are built from ``settings``.
+    """
+    started = time.monotonic()
+    settings = settings.validated()
+    if db is not None:
+        return _sync_into(db, settings, client, transport, on_progress, started)
+    db = schema.open_store(settings.db_path)
+    try:
+        return _sync_into(db, settings, client, transport, on_progress, started)
+    finally:
+        db.close()
+
+
+def _sync_into(
+    db: Database,
+    settings: Settings,
+    client: ComfyControlClient | None,
+    transport: httpx.AsyncBaseTransport | None,
+    on_progress: ProgressCallback | None,
+    started: float,
+) -> SyncSummary:
+    sync_id = store.begin_run(db, base_url=settings.base_url, started_at=store.utc_timestamp())
+    try:
+        collector = _Collector(schema.redaction_key(db), settings.store_header_values, on_progress)
+        walk = asyncio.run(_walk(settings, client, transport, collector))
+        records, rejections = collector.final(walk)
+        summary = _decide_and_apply(db, settings, sync_id, walk, records, rejections, started)
+    except BaseException as exc:
+        error = exc.message if isinstance(exc, ComfySyncError) else _describe(exc)
+        store.record_failed_run(db, sync_id, error=error, finished_at=store.utc_timestamp())
+        raise
+    return summary
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted before anything was applied"
+    return f"unexpected {type(exc).__name__}; nothing was applied"
+
+
+async def _walk(
+    settings: Settings,
+    client: ComfyControlClient | None,
+    transport: httpx.AsyncBaseTransport | None,
+    collector: _Collector,
+) -> WalkResult:
+    if client is None:
+        client = ComfyControlClient(
+            base_url=settings.base_url,
+            token=settings.token,
+            timeout=settings.timeout,
+            max_retries=settings.max_retries,
+            concurrency=settings.concurrency,
+            retry_wait_initial=settings.retry_wait_initial,
+            retry_wait_max=settings.retry_wait_max,
+            retry_after_cap=settings.retry_after_cap,
+            transport=transport,
+        )
+    async with client:
+        return await walk_all_pages(
+            client,
+            per_page=settings.per_page,
+            concurrency=settings.concurrency,
+            max_walks=settings.max_walks,
+            on_page=collector,
+        )
+
+
+def _decide_and_apply(
+    db: Database,
+    settings: Settings,
+    sync_id: int,
+    walk: WalkResult,
+    records: dict[str, RunnerRecord],
+    rejections: list[Rejection],
+    started: float,
+) -> SyncSummary:
+    complete = walk.complete and not rejections
+    warnings = list(_warnings(walk, rejections, records))
+    stored = store.load_stored_states(db)
+    stored_fields = store.load_stored_fields(db, ids_needing_fields(stored, records.values()))
+    changes = plan_changes(stored, stored_fields, records, deletions_allowed=complete)
+    if changes.deletions_withheld:
+        warnings.append(
+            f"{changes.deletions_withheld} runner(s) missing from the walk were NOT marked "
+            "deleted because the walk was not proven complete"
+        )
+    status = "success" if complete else "partial"
+    outcome = store.RunOutcome(
+        status=status,
+        pages=walk.pages_fetched,
+        walks=walk.walks,
+        complete=complete,
+        total_reported=walk.total_reported,
+        runners_seen=len(records),
+        rejected=len(rejections),
+        warnings=tuple(warnings),
+    )
+    store.apply_changes(
+        db, changes, rejections, sync_id=sync_id, outcome=outcome, applied_at=store.utc_timestamp()
+    )
+    for warning in warnings:
+        log.warning("%s", warning)
+    return _summarise(sync_id, outcome, changes, time.monotonic() - started, settings.db_path)
+
+
+def _warnings(
+    walk: WalkResult, rejections: list[Rejection], records: dict[str, RunnerRecord]
+) -> list[str]:
+    warnings = []
+    if not walk.complete:
+        warnings.append(f"no complete walk in {walk.walks} attempt(s): " + "; ".join(walk.reasons))
+    if rejections:
+        warnings.append(
+            f"{len(rejections)} runner record(s) could not be stored (see rejected_records)"
+        )
+    unknown = sum(1 for record in records.values() if record.status not in KNOWN_STATUSES)
+    if unknown:
+        warnings.append(f"{unknown} runner(s) have a status other than active/disabled")
+    return warnings
+
+
+def _summarise(
+    sync_id: int, outcome: store.RunOutcome, changes: ChangeSet, seconds: float, db_path: Path
+) -> SyncSummary:
+    return SyncSummary(
+        sync_id=sync_id,
+        status=outcome.status,
+        complete=outcome.complete,
+        walks=outcome.walks,
+        pages=outcome.pages,
+        total_reported=outcome.total_reported,
+        runners_seen=outcome.runners_seen,
+        created=len(changes.created),
+        updated=len(changes.updated),
+        deleted=len(changes.deleted),
+        restored=len(changes.restored),
+        unchanged=changes.unchanged,
+        rejected=outcome.rejected,
+        warnings=outcome.warnings,
+        seconds=round(seconds, 3),
+        db_path=str(db_path),
+    )

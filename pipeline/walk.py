@@ -1,0 +1,203 @@
+"""Walk every page of the runner list and prove the walk saw a still picture.
+
+The list is paged by number over a newest-first order, so a runner created mid-walk pushes
+every older one down a place (one is seen twice) and a runner deleted mid-walk pulls them up
+(one is never seen). An absence can only be trusted when the walk proves nothing moved. A walk
+is **complete** when, and only when:
+
+* every page reported the same ``total``;
+* a closing re-read of page 1 shows the same ``total`` and the same ids in the same order;
+* every page but the last was full;
+* no id was seen twice;
+* the number of distinct ids equals ``total``.
+
+An incomplete walk is retried, up to ``max_walks`` times. Every walk ends: it requests at
+most ceil(total / per_page) pages plus the closing re-read, stops early at a short page that
+should have been full, and never takes an error response for an empty page (the client
+raises instead). No more than ``concurrency`` requests are ever in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pipeline.client import Page
+
+
+class PageFetcher(Protocol):
+    async def fetch_page(self, number: int, per_page: int) -> Page: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PageSummary:
+    """What the completeness proof needs of a page: its number, ``total`` and ids in order."""
+
+    number: int
+    total: int
+    ids: tuple[str | None, ...]
+
+    @classmethod
+    def of(cls, page: Page) -> PageSummary:
+        ids = tuple(
+            runner.get("id")
+            if isinstance(runner, dict) and isinstance(runner.get("id"), str)
+            else None
+            for runner in page.runners
+        )
+        return cls(number=page.number, total=page.total, ids=ids)
+
+
+@dataclass(frozen=True, slots=True)
+class WalkVerdict:
+    """Whether a walk proved a still picture, and if not, every reason it did not."""
+
+    complete: bool
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WalkResult:
+    """The outcome of walking the list up to ``max_walks`` times."""
+
+    complete: bool
+    walks: int
+    #: List pages read over all walks; the closing re-reads of page 1 are not counted.
+    pages_fetched: int
+    total_reported: int
+    reasons: tuple[str, ...]
+
+
+def pages_needed(total: int, per_page: int) -> int:
+    """Pages a list of ``total`` runners fills; page 1 is always read, even when empty."""
+    return max(1, math.ceil(total / per_page))
+
+
+def judge_walk(
+    pages: Sequence[PageSummary], closing: PageSummary | None, *, per_page: int
+) -> WalkVerdict:
+    """Decide whether pages 1..n plus a closing re-read of page 1 form a still picture.
+
+    Pure: the whole proof is here, over plain values, so it is tested without a server.
+    """
+    reasons: list[str] = []
+    if not pages or pages[0].number != 1:
+        return WalkVerdict(False, ("page 1 was not read",))
+    total = pages[0].total
+    expected = pages_needed(total, per_page)
+    numbers = [page.number for page in pages]
+    if numbers != list(range(1, expected + 1)):
+        reasons.append(f"read pages {_ranges(numbers)} of the {expected} that total {total} needs")
+    totals = {page.total for page in pages}
+    if len(totals) > 1:
+        reasons.append(f"pages reported different totals: {sorted(totals)}")
+    if closing is None:
+        reasons.append("page 1 was not re-read at the end")
+    else:
+        if closing.total != total:
+            reasons.append(f"total moved from {total} to {closing.total} during the walk")
+        if closing.ids != pages[0].ids:
+            reasons.append("the head of the list changed during the walk")
+    short = [page.number for page in pages[:-1] if len(page.ids) != per_page]
+    if short:
+        reasons.append(f"pages before the last were not full: {_ranges(short)}")
+    counts = Counter(runner_id for page in pages for runner_id in page.ids if runner_id)
+    repeated = sum(1 for seen in counts.values() if seen > 1)
+    if repeated:
+        reasons.append(f"{repeated} runner(s) were seen twice")
+    if len(counts) != total:
+        reasons.append(f"saw {len(counts)} distinct runners but total is {total}")
+    return WalkVerdict(not reasons, tuple(reasons))
+
+
+def _ranges(numbers: Sequence[int]) -> str:
+    shown = ", ".join(str(number) for number in numbers[:8])
+    return shown + (", ..." if len(numbers) > 8 else "")
+
+
+OnPage = Callable[[Page, int], None]
+
+
+async def walk_all_pages(
+    client: PageFetcher,
+    *,
+    per_page: int,
+    concurrency: int,
+    max_walks: int,
+    on_page: OnPage,
+) -> WalkResult:
+    """Walk the list until one walk is complete or ``max_walks`` walks were made.
+
+    Every answered page is handed to ``on_page(page, walk_number)`` as it arrives, so the
+    caller can parse and drop it (a 100,000-runner walk never holds all raw JSON at once).
+    Errors from the client propagate: a walk that cannot read a page has no verdict.
+    """
+    pages_fetched = 0
+    verdict = WalkVerdict(False, ("no walk was made",))
+    total = 0
+    walk_number = 0
+    for walk_number in range(1, max_walks + 1):
+        summaries, closing, fetched = await _walk_once(
+            client, per_page, concurrency, functools.partial(_hand_over, on_page, walk_number)
+        )
+        pages_fetched += fetched
+        total = summaries[0].total
+        verdict = judge_walk(summaries, closing, per_page=per_page)
+        if verdict.complete:
+            break
+    return WalkResult(
+        complete=verdict.complete,
+        walks=walk_number,
+        pages_fetched=pages_fetched,
+        total_reported=total,
+        reasons=verdict.reasons,
+    )
+
+
+def _hand_over(on_page: OnPage, walk_number: int, page: Page) -> None:
+    on_page(page, walk_number)
+
+
+async def _walk_once(
+    client: PageFetcher,
+    per_page: int,
+    concurrency: int,
+    on_page: Callable[[Page], None],
+) -> tuple[list[PageSummary], PageSummary | None, int]:
+    first = await client.fetch_page(1, per_page)
+    on_page(first)
+    summaries = {1: PageSummary.of(first)}
+    last = pages_needed(first.total, per_page)
+    remaining: Iterator[int] = iter(range(2, last + 1))
+    stopped = False
+
+    async def worker() -> None:
+        nonlocal stopped
+        for number in remaining:
+            if stopped:
+                return
+            page = await client.fetch_page(number, per_page)
+            on_page(page)
+            summaries[number] = PageSummary.of(page)
+            if number < last and len(page.runners) < per_page:
+                # The list shrank under us, or `total` lies: the walk is already incomplete,
+                # and reading on could mean thousands of empty pages.
+                stopped = True
+
+    workers = [asyncio.create_task(worker()) for _ in range(min(concurrency, last - 1))]
+    try:
+        await asyncio.gather(*workers)
+    except BaseException:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        raise
+    closing_page = await client.fetch_page(1, per_page)
+    closing = PageSummary.of(closing_page)
+    ordered = [summaries[number] for number in sorted(summaries)]
+    return ordered, closing, len(summaries)

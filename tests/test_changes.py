@@ -1,0 +1,58 @@
+"""The change plan: a pure comparison; deletions only when allowed."""
+
+from __future__ import annotations
+
+from pipeline.changes import Revision, StoredState, ids_needing_fields, plan_changes
+from pipeline.records import RunnerRecord, parse_runner
+
+
+def record(runner_id: str, name: str = "n", **overrides: object) -> RunnerRecord:
+    raw = {
+        "id": runner_id,
+        "user_id": "u",
+        "name": name,
+        "status": "active",
+        "endpoint": "https://e.example.com",
+        "tags": [],
+        "headers": {},
+        "created_at": "2024-01-01T00:00:00Z",
+        "updated_at": "2024-01-01T00:00:00Z",
+        **overrides,
+    }
+    parsed = parse_runner(raw, page=1, position=0, redaction_key=b"k")
+    assert isinstance(parsed, RunnerRecord)
+    return parsed
+
+
+def state(rec: RunnerRecord, deleted: bool = False) -> StoredState:
+    return StoredState(rec.content_hash, deleted, 1)
+
+
+def test_plan_names_created_updated_restored_deleted_and_unchanged():
+    same, old_b, gone, back_old = record("a"), record("b"), record("c"), record("d")
+    new_b = record("b", name="renamed")
+    back = record("d", tags=["x"])
+    stored = {"a": state(same), "b": state(old_b), "c": state(gone), "d": state(back_old, True)}
+    seen = {"a": same, "b": new_b, "d": back, "e": record("e")}
+    assert ids_needing_fields(stored, seen.values()) == ["b", "d"]
+    fields = {"b": old_b.fields(), "d": back_old.fields()}
+
+    plan = plan_changes(stored, fields, seen, deletions_allowed=True)
+    assert plan.created == [seen["e"]]
+    assert plan.updated == [Revision(new_b, ("name",))]
+    assert plan.restored == [Revision(back, ("tags",))]
+    assert plan.deleted == ["c"]
+    assert (plan.unchanged, plan.deletions_withheld) == (1, 0)
+
+
+def test_without_a_proven_walk_nothing_is_deleted_and_the_withheld_count_is_kept():
+    kept = record("a")
+    plan = plan_changes(
+        {"a": state(kept), "z": state(record("z"))}, {}, {"a": kept}, deletions_allowed=False
+    )
+    assert plan.deleted == [] and plan.deletions_withheld == 1 and plan.is_empty
+
+
+def test_an_already_deleted_runner_that_stays_away_is_not_deleted_again():
+    plan = plan_changes({"z": state(record("z"), deleted=True)}, {}, {}, deletions_allowed=True)
+    assert plan.deleted == [] and plan.is_empty

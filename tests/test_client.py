@@ -1,0 +1,125 @@
+"""The client: what each response becomes (httpx.MockTransport; no server needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+
+from pipeline import __version__
+from pipeline.client import ComfyControlClient, Page, parse_retry_after
+from pipeline.errors import ApiResponseError, AuthenticationError, ConfigurationError, UpstreamError
+
+NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
+
+
+def test_retry_after_accepts_seconds_and_http_dates_and_rejects_the_rest():
+    assert parse_retry_after("1") == 1.0
+    assert parse_retry_after(" 2.5 ") == 2.5
+    assert parse_retry_after("Sat, 28 Nov 2026 12:00:30 GMT", now=NOW) == 30.0
+    for useless in (None, "0", "-3", "soon", "nan", "Sat, 28 Nov 2026 11:00:00 GMT", ""):
+        assert parse_retry_after(useless, now=NOW) is None, useless
+
+
+def fetch(handler, **options) -> Page:
+    async def go() -> Page:
+        async with ComfyControlClient(
+            base_url="https://api.example.test",
+            token="tok",
+            transport=httpx.MockTransport(handler),
+            retry_wait_initial=0.01,
+            retry_wait_max=0.02,
+            **options,
+        ) as client:
+            return await client.fetch_page(3, 100)
+
+    return asyncio.run(go())
+
+
+def test_a_page_is_requested_with_auth_user_agent_and_paging_parameters():
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"runners": [{"id": "a"}], "total": 201})
+
+    assert fetch(handler) == Page(3, 100, [{"id": "a"}], 201)
+    [request] = seen
+    assert request.url.path == "/v1/runner"
+    assert dict(request.url.params) == {"page": "3", "per_page": "100"}
+    assert request.headers["Authorization"] == "Bearer tok"
+    assert request.headers["User-Agent"] == f"comfysync/{__version__}"
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_auth_failures_are_not_retried(status):
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(status, json={"error": "unauthorized"})
+
+    with pytest.raises(AuthenticationError, match="COMFYCONTROL_TOKEN") as caught:
+        fetch(handler)
+    assert len(calls) == 1 and "tok" not in str(caught.value).replace("token", "")
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+def test_transient_statuses_are_retried(status):
+    answers = iter([httpx.Response(status), httpx.Response(200, json={"runners": [], "total": 0})])
+    assert fetch(lambda request: next(answers)).total == 0
+
+
+def test_connection_errors_and_timeouts_are_retried_then_reported_as_upstream_failure():
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        raise httpx.ConnectTimeout("slow", request=request)
+
+    with pytest.raises(UpstreamError, match=r"page 3 after 3 attempts .*timed out"):
+        fetch(handler, max_retries=2)
+    assert len(calls) == 3
+
+
+def test_a_body_that_is_not_json_is_an_api_error_naming_the_page():
+    with pytest.raises(ApiResponseError, match=r"page 3 .*not JSON"):
+        fetch(lambda request: httpx.Response(200, text="<html>oops"), max_retries=1)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"items": []},
+        {"runners": [], "total": "3"},
+        {"runners": {}, "total": 1},
+        [1, 2],
+        {"runners": [], "total": True},
+        {"runners": [], "total": -1},
+    ],
+)
+def test_json_of_the_wrong_shape_is_an_api_error_naming_the_page(body):
+    with pytest.raises(ApiResponseError, match="page 3"):
+        fetch(lambda request: httpx.Response(200, json=body))
+
+
+def test_other_statuses_are_errors_not_empty_pages():
+    with pytest.raises(ApiResponseError, match="HTTP 400 on page 3"):
+        fetch(lambda request: httpx.Response(400, json={"error": "bad"}))
+    with pytest.raises(ConfigurationError, match="--base-url"):
+        fetch(lambda request: httpx.Response(404))
+
+
+def test_a_huge_retry_after_is_capped():
+    answers = iter(
+        [
+            httpx.Response(429, headers={"Retry-After": "86400"}),
+            httpx.Response(200, json={"runners": [], "total": 0}),
+        ]
+    )
+    began = time.monotonic()
+    fetch(lambda request: next(answers), retry_after_cap=0.2)
+    assert time.monotonic() - began < 2

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import orjson
-from sqlite_utils import Database
+
+from pipeline.sqlite import Database
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from sqlite_utils import Database
-from sqlite_utils.migrations import Migrations
-
 from pipeline.errors import DatabaseError
 from pipeline.records import TRACKED_FIELDS
+from pipeline.sqlite import Database, Migrations
 
 META_TABLE = "comfysync_meta"
 BUSY_TIMEOUT_MS = 10_000

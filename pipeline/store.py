@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import orjson
-from sqlite_utils import Database
 
 from pipeline.changes import ChangeSet, Revision, StoredState
 from pipeline.errors import StorageError
 from pipeline.records import TRACKED_FIELDS, Rejection, RunnerRecord
+from pipeline.sqlite import Database
 
 _FIELDS = ", ".join(TRACKED_FIELDS)
 _MARKS = ", ".join("?" for _ in TRACKED_FIELDS)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from sqlite_utils import Database
 
 from pipeline import schema, store
 from pipeline.changes import ChangeSet, ids_needing_fields, plan_changes
@@ -28,6 +27,7 @@ from pipeline.client import ComfyControlClient, Page
 from pipeline.errors import ComfySyncError
 from pipeline.records import KNOWN_STATUSES, Rejection, RunnerRecord, parse_runner
 from pipeline.settings import Settings
+from pipeline.sqlite import Database
 from pipeline.walk import WalkResult, pages_needed, walk_all_pages
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,8 @@ async def fetch_all(base_url: str, token: str, concurrency: int, per_page: int) 
         async def worker() -> None:
             nonlocal seen
             for number in pending:
-                seen += len((await page(number))["runners"])  # type: ignore[arg-type]
+                body = await page(number)  # awaited first: `seen += await ...` loses updates
+                seen += len(body["runners"])  # type: ignore[arg-type]
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return seen

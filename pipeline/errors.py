@@ -12,7 +12,8 @@ exactly one place::
     ├── UpstreamError              4  the API failed after retries; nothing was applied
     │   ├── ApiResponseError       4  a page that is not the documented JSON
     │   └── StorageError           4  the local disk failed while applying (nothing applied)
-    └── SyncLockedError            5  another sync holds this database
+    ├── SyncLockedError            5  another sync holds this database; nothing was written
+    └── SyncInterruptedError       6  stopped (SIGINT/SIGTERM) before applying; nothing applied
 
 Messages say what happened and what to do next. They never contain a secret: not the
 API token, not a header value.
@@ -72,3 +73,9 @@ class SyncLockedError(ComfySyncError):
     """Another sync is running on this database; try again when it has finished."""
 
     exit_code = 5
+
+
+class SyncInterruptedError(ComfySyncError):
+    """The sync was stopped (SIGINT or SIGTERM) before applying; nothing was applied."""
+
+    exit_code = 6

@@ -173,6 +173,114 @@ def sync(settings: Settings, as_json: bool, quiet: bool) -> None:
         click.echo(describe_summary(summary))
 
 
+@cli.command()
+@sync_options
+@click.option("--every", metavar="N[s|m|h|d]", help="Sync at this interval: 30s, 15m, 2h, 1d.")
+@click.option(
+    "--cron",
+    metavar="'M H DOM MON DOW'",
+    help="Sync on a standard 5-field crontab, e.g. '*/15 * * * *' (weekday 0 = Sunday).",
+)
+@click.option(
+    "--jitter",
+    type=click.IntRange(0),
+    default=0,
+    metavar="SECONDS",
+    help="Delay each run by a random 0..SECONDS (spreads many mirrors' load).",
+)
+@click.option(
+    "--timezone",
+    "timezone_name",
+    default="UTC",
+    help="Time zone (IANA name) in which --cron is read and next run times are shown.",
+)
+@click.option(
+    "--run-now/--no-run-now", default=True, help="Sync once at start, then on the schedule."
+)
+@click.option(
+    "--max-runs",
+    type=click.IntRange(1),
+    default=None,
+    show_default="never",
+    help="Stop (exit 0) after this many runs; skipped ticks do not count.",
+)
+@click.option(
+    "--max-consecutive-failures",
+    type=click.IntRange(1),
+    default=None,
+    show_default="never",
+    help="Stop with exit 4 after this many failed runs in a row.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="Log lines on stderr: text, or json (one object per line, for log shippers).",
+)
+@debug_option
+def schedule(
+    settings: Settings,
+    every: str | None,
+    cron: str | None,
+    jitter: int,
+    timezone_name: str,
+    run_now: bool,
+    max_runs: int | None,
+    max_consecutive_failures: int | None,
+    log_format: str,
+) -> None:
+    """Sync on a schedule, in the foreground, until SIGINT or SIGTERM.
+
+    Takes every `sync` option, plus exactly one of --every or --cron. Runs never overlap,
+    with each other or with any other sync of the database (a tick that finds one running
+    is skipped). A failed run is logged and recorded, and the schedule goes on. After each
+    run it logs one line: status, counts, duration, next run time. SIGINT or SIGTERM: no
+    new run starts, a run in progress stops before applying (or finishes its apply), exit 0.
+    """
+    from jobs import triggers
+    from jobs.log_format import configure_logging
+    from jobs.scheduler import SchedulePlan, run_schedule
+
+    if (every is None) == (cron is None):
+        raise click.UsageError(
+            f"pass exactly one of --every ({triggers.EVERY_FORMS}) "
+            f"or --cron ({triggers.CRON_FORMS})"
+        )
+    zone = _parsed(triggers.parse_timezone, timezone_name, "--timezone")
+    if every is not None:
+        interval = _parsed(triggers.parse_every, every, "--every")
+        trigger = triggers.interval_trigger(interval, zone, jitter=jitter)
+        description = f"every {every.strip()}"
+    else:
+        assert cron is not None
+        trigger = _parsed(
+            lambda text: triggers.parse_cron(text, zone, jitter=jitter), cron, "--cron"
+        )
+        description = f"cron '{cron}' in {zone.key}"
+    if jitter:
+        description += f", jitter up to {jitter} s"
+    plan = SchedulePlan(
+        trigger=trigger,
+        description=description,
+        timezone=zone,
+        run_now=run_now,
+        max_runs=max_runs,
+        max_consecutive_failures=max_consecutive_failures,
+    )
+    configure_logging(log_format)
+    run_schedule(settings, plan)
+
+
+def _parsed(parse: Callable[[str], Any], value: str, option: str) -> Any:
+    """``parse(value)``, with its ValueError turned into click's usage error for ``option``."""
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(
+            str(exc), ctx=click.get_current_context(), param_hint=f"'{option}'"
+        ) from None
+
+
 def describe_summary(summary: SyncSummary) -> str:
     """The human summary of a sync: what happened, the counts, complete or not, seconds."""
     walk = "complete" if summary.complete else "NOT complete"

@@ -12,6 +12,7 @@ exactly one place::
     ├── UpstreamError              4  the API failed after retries; nothing was applied
     │   ├── ApiResponseError       4  a page that is not the documented JSON
     │   └── StorageError           4  the local disk failed while applying (nothing applied)
+    ├── ScheduleGaveUpError        4  `comfysync schedule`: too many failed runs in a row
     ├── SyncLockedError            5  another sync holds this database; nothing was written
     └── SyncInterruptedError       6  stopped (SIGINT/SIGTERM) before applying; nothing applied
 
@@ -67,6 +68,12 @@ class ApiResponseError(UpstreamError):
 
 class StorageError(UpstreamError):
     """Writing the database failed (disk full or I/O error); nothing was applied."""
+
+
+class ScheduleGaveUpError(ComfySyncError):
+    """The schedule stopped after too many failed runs in a row; see the log and sync_runs."""
+
+    exit_code = 4
 
 
 class SyncLockedError(ComfySyncError):

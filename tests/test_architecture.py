@@ -88,7 +88,7 @@ def test_every_command_and_option_has_help_text():
                 assert param.help, f"{name} {param.opts} has no help"
 
 
-@pytest.mark.parametrize("command", ["sync"])
+@pytest.mark.parametrize("command", ["sync", "schedule"])
 def test_help_starts_without_importing_heavy_libraries(command):
     code = (
         "import sys; from pipeline.cli import main\n"
@@ -102,3 +102,13 @@ def test_help_starts_without_importing_heavy_libraries(command):
     )
     assert result.stdout.splitlines()[-1] == "[]"
 
+
+def test_jobs_import_pipeline_never_the_cli_and_alone_know_apscheduler():
+    for path in sorted((REPO / "jobs").glob("*.py")):
+        assert "pipeline.cli" not in imported_modules(path), path.name
+    users = {
+        path.name
+        for path in sorted(REPO.glob("*/*.py"))
+        if "apscheduler" in {m.split(".")[0] for m in imported_modules(path)}
+    }
+    assert users == {"triggers.py", "scheduler.py"}

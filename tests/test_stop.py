@@ -58,6 +58,25 @@ def test_a_stop_during_the_walk_abandons_it_at_once_and_applies_nothing(serve_ac
     assert run_sync(settings).updated == 1  # the next sync completes
 
 
+def test_a_stop_after_the_walk_but_before_the_apply_still_applies_nothing(serve_account, db_path):
+    upstream = serve_account(runners=30, seed=4)
+    stop = threading.Event()
+    db = schema.open_store(db_path)
+
+    def stop_while_deciding(statement: str) -> None:
+        if statement.startswith("SELECT id, content_hash"):  # reading the store to decide
+            stop.set()
+
+    db.conn.set_trace_callback(stop_while_deciding)
+    try:
+        with pytest.raises(SyncInterruptedError):
+            run_sync(settings_for(upstream, db_path), db=db, stop=stop)
+    finally:
+        db.close()
+    assert rows(db_path, "SELECT count(*) FROM runners") == [(0,)]
+    assert rows(db_path, "SELECT status, error FROM sync_runs") == [("failed", STOPPED)]
+
+
 def test_a_stop_that_comes_during_the_apply_lets_the_transaction_finish(serve_account, db_path):
     upstream = serve_account(runners=40, seed=2)
     stop = threading.Event()

@@ -8,9 +8,11 @@ modules are imported inside the commands so ``comfysync --help`` starts instantl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +20,7 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import ComfySyncError
-from pipeline.settings import DEFAULT_BASE_URL, DEFAULT_DB_PATH, MAX_PER_PAGE
+from pipeline.settings import DEFAULT_BASE_URL, DEFAULT_DB_PATH, MAX_PER_PAGE, Settings
 
 if TYPE_CHECKING:
     from pipeline.sync import SyncSummary
@@ -57,110 +59,226 @@ def cli() -> None:
     """
 
 
+def sync_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options of one sync, shared by `sync` and `schedule`; the command gets `settings`.
+
+    One list of options, so a scheduled run is configured exactly like a one-off one. Every
+    parameter named like a Settings field goes into ``settings``; the others pass through.
+    """
+
+    @functools.wraps(command)
+    def with_settings(**options: Any) -> None:
+        fields = {name: options.pop(name) for name in _SETTINGS_FIELDS if name in options}
+        command(settings=Settings(**fields), **options)
+
+    for option in reversed(_SYNC_OPTIONS):
+        with_settings = option(with_settings)
+    return with_settings
+
+
+_SYNC_OPTIONS = (
+    click.option(
+        "--base-url",
+        envvar="COMFYCONTROL_BASE_URL",
+        default=DEFAULT_BASE_URL,
+        show_envvar=True,
+        help="ComfyControl API root.",
+    ),
+    click.option(
+        "--token",
+        envvar="COMFYCONTROL_TOKEN",
+        show_envvar=True,
+        default=None,
+        show_default=False,
+        help="API token (prefer the environment variable: command lines are visible to others).",
+    ),
+    click.option(
+        "--db",
+        "db_path",
+        type=click.Path(path_type=Path),
+        envvar="COMFYSYNC_DB",
+        default=DEFAULT_DB_PATH,
+        show_envvar=True,
+        help="SQLite database to sync into.",
+    ),
+    click.option(
+        "--per-page",
+        type=click.IntRange(1, MAX_PER_PAGE),
+        default=MAX_PER_PAGE,
+        help="Runners per page request.",
+    ),
+    click.option(
+        "--concurrency",
+        type=click.IntRange(1, 32),
+        default=4,
+        help="Page requests in flight at once.",
+    ),
+    click.option(
+        "--max-walks",
+        type=click.IntRange(1, 20),
+        default=3,
+        help="Walks to try before settling for an incomplete one (no deletions).",
+    ),
+    click.option(
+        "--timeout",
+        type=click.FloatRange(min=0.1),
+        default=30.0,
+        help="Seconds to wait for each response.",
+    ),
+    click.option(
+        "--max-retries",
+        type=click.IntRange(0, 20),
+        default=5,
+        help="Retries per page on connection errors, timeouts, 429 and 5xx.",
+    ),
+    click.option(
+        "--allow-http",
+        is_flag=True,
+        help="Allow plain http:// to a non-loopback host (sends the token unencrypted).",
+    ),
+    click.option(
+        "--store-header-values",
+        is_flag=True,
+        help="Store runner header values in clear instead of redacted (they are secrets).",
+    ),
+)
+_SETTINGS_FIELDS = frozenset(field.name for field in dataclasses.fields(Settings))
+
+
 @cli.command()
-@click.option(
-    "--base-url",
-    envvar="COMFYCONTROL_BASE_URL",
-    default=DEFAULT_BASE_URL,
-    show_envvar=True,
-    help="ComfyControl API root.",
-)
-@click.option(
-    "--token",
-    envvar="COMFYCONTROL_TOKEN",
-    show_envvar=True,
-    default=None,
-    show_default=False,
-    help="API token (prefer the environment variable: command lines are visible to others).",
-)
-@click.option(
-    "--db",
-    "db_path",
-    type=click.Path(path_type=Path),
-    envvar="COMFYSYNC_DB",
-    default=DEFAULT_DB_PATH,
-    show_envvar=True,
-    help="SQLite database to sync into.",
-)
-@click.option(
-    "--per-page",
-    type=click.IntRange(1, MAX_PER_PAGE),
-    default=MAX_PER_PAGE,
-    help="Runners per page request.",
-)
-@click.option(
-    "--concurrency", type=click.IntRange(1, 32), default=4, help="Page requests in flight at once."
-)
-@click.option(
-    "--max-walks",
-    type=click.IntRange(1, 20),
-    default=3,
-    help="Walks to try before settling for an incomplete one (no deletions).",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0.1),
-    default=30.0,
-    help="Seconds to wait for each response.",
-)
-@click.option(
-    "--max-retries",
-    type=click.IntRange(0, 20),
-    default=5,
-    help="Retries per page on connection errors, timeouts, 429 and 5xx.",
-)
-@click.option(
-    "--allow-http",
-    is_flag=True,
-    help="Allow plain http:// to a non-loopback host (sends the token unencrypted).",
-)
-@click.option(
-    "--store-header-values",
-    is_flag=True,
-    help="Store runner header values in clear instead of redacted (they are secrets).",
-)
+@sync_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only errors and warnings (for cron mail).")
 @debug_option
-def sync(
-    base_url: str,
-    token: str | None,
-    db_path: Path,
-    per_page: int,
-    concurrency: int,
-    max_walks: int,
-    timeout: float,
-    max_retries: int,
-    allow_http: bool,
-    store_header_values: bool,
-    as_json: bool,
-) -> None:
+def sync(settings: Settings, as_json: bool, quiet: bool) -> None:
     """Mirror every runner into the database, recording what changed.
 
     Deletions are only recorded when the walk over all pages is proven complete; otherwise
-    the run ends `partial` and says why. Exit codes: 0 success or partial, 2 usage or
-    configuration, 3 authentication, 4 upstream failure (nothing applied), 5 locked.
+    the run ends `partial` and says why. One sync at a time per database. SIGINT or SIGTERM
+    stops it before it applies anything (or lets the apply it is in finish). Exit codes:
+    0 success or partial, 2 usage or configuration, 3 authentication, 4 upstream failure
+    (nothing applied), 5 another sync is running, 6 stopped by a signal (nothing applied).
     """
-    from pipeline.settings import Settings
+    from pipeline.stopping import stop_on_signals
     from pipeline.sync import run_sync
 
-    settings = Settings(
-        base_url=base_url,
-        token=token,
-        db_path=db_path,
-        per_page=per_page,
-        concurrency=concurrency,
-        max_walks=max_walks,
-        timeout=timeout,
-        max_retries=max_retries,
-        allow_http=allow_http,
-        store_header_values=store_header_values,
-    )
-    with _ProgressBar(enabled=sys.stderr.isatty() and not as_json) as progress:
-        summary = run_sync(settings, on_progress=progress.update)
+    if as_json and quiet:
+        raise click.UsageError("--json and --quiet cannot be combined")
+    show_progress = sys.stderr.isatty() and not (as_json or quiet)
+    with stop_on_signals() as stop, _ProgressBar(enabled=show_progress) as progress:
+        summary = run_sync(settings, on_progress=progress.update, stop=stop)
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(summary), sort_keys=True))
-    else:
+    elif not quiet:
         click.echo(describe_summary(summary))
+
+
+@cli.command()
+@sync_options
+@click.option("--every", metavar="N[s|m|h|d]", help="Sync at this interval: 30s, 15m, 2h, 1d.")
+@click.option(
+    "--cron",
+    metavar="'M H DOM MON DOW'",
+    help="Sync on a standard 5-field crontab, e.g. '*/15 * * * *' (weekday 0 = Sunday).",
+)
+@click.option(
+    "--jitter",
+    type=click.IntRange(0),
+    default=0,
+    metavar="SECONDS",
+    help="Delay each run by a random 0..SECONDS (spreads many mirrors' load).",
+)
+@click.option(
+    "--timezone",
+    "timezone_name",
+    default="UTC",
+    help="Time zone (IANA name) in which --cron is read and next run times are shown.",
+)
+@click.option(
+    "--run-now/--no-run-now", default=True, help="Sync once at start, then on the schedule."
+)
+@click.option(
+    "--max-runs",
+    type=click.IntRange(1),
+    default=None,
+    show_default="never",
+    help="Stop (exit 0) after this many runs; skipped ticks do not count.",
+)
+@click.option(
+    "--max-consecutive-failures",
+    type=click.IntRange(1),
+    default=None,
+    show_default="never",
+    help="Stop with exit 4 after this many failed runs in a row.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="Log lines on stderr: text, or json (one object per line, for log shippers).",
+)
+@debug_option
+def schedule(
+    settings: Settings,
+    every: str | None,
+    cron: str | None,
+    jitter: int,
+    timezone_name: str,
+    run_now: bool,
+    max_runs: int | None,
+    max_consecutive_failures: int | None,
+    log_format: str,
+) -> None:
+    """Sync on a schedule, in the foreground, until SIGINT or SIGTERM.
+
+    Takes every `sync` option, plus exactly one of --every or --cron. Runs never overlap,
+    with each other or with any other sync of the database (a tick that finds one running
+    is skipped). A failed run is logged and recorded, and the schedule goes on. After each
+    run it logs one line: status, counts, duration, next run time. SIGINT or SIGTERM: no
+    new run starts, a run in progress stops before applying (or finishes its apply), exit 0.
+    """
+    from jobs import triggers
+    from jobs.log_format import configure_logging
+    from jobs.scheduler import SchedulePlan, run_schedule
+
+    if (every is None) == (cron is None):
+        raise click.UsageError(
+            f"pass exactly one of --every ({triggers.EVERY_FORMS}) "
+            f"or --cron ({triggers.CRON_FORMS})"
+        )
+    zone = _parsed(triggers.parse_timezone, timezone_name, "--timezone")
+    if every is not None:
+        interval = _parsed(triggers.parse_every, every, "--every")
+        trigger = triggers.interval_trigger(interval, zone, jitter=jitter)
+        description = f"every {every.strip()}"
+    else:
+        assert cron is not None
+        trigger = _parsed(
+            lambda text: triggers.parse_cron(text, zone, jitter=jitter), cron, "--cron"
+        )
+        description = f"cron '{cron}' in {zone.key}"
+    if jitter:
+        description += f", jitter up to {jitter} s"
+    plan = SchedulePlan(
+        trigger=trigger,
+        description=description,
+        timezone=zone,
+        run_now=run_now,
+        max_runs=max_runs,
+        max_consecutive_failures=max_consecutive_failures,
+    )
+    configure_logging(log_format)
+    run_schedule(settings, plan)
+
+
+def _parsed(parse: Callable[[str], Any], value: str, option: str) -> Any:
+    """``parse(value)``, with its ValueError turned into click's usage error for ``option``."""
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(
+            str(exc), ctx=click.get_current_context(), param_hint=f"'{option}'"
+        ) from None
 
 
 def describe_summary(summary: SyncSummary) -> str:

@@ -12,7 +12,9 @@ exactly one place::
     ├── UpstreamError              4  the API failed after retries; nothing was applied
     │   ├── ApiResponseError       4  a page that is not the documented JSON
     │   └── StorageError           4  the local disk failed while applying (nothing applied)
-    └── SyncLockedError            5  another sync holds this database
+    ├── ScheduleGaveUpError        4  `comfysync schedule`: too many failed runs in a row
+    ├── SyncLockedError            5  another sync holds this database; nothing was written
+    └── SyncInterruptedError       6  stopped (SIGINT/SIGTERM) before applying; nothing applied
 
 Messages say what happened and what to do next. They never contain a secret: not the
 API token, not a header value.
@@ -68,7 +70,19 @@ class StorageError(UpstreamError):
     """Writing the database failed (disk full or I/O error); nothing was applied."""
 
 
+class ScheduleGaveUpError(ComfySyncError):
+    """The schedule stopped after too many failed runs in a row; see the log and sync_runs."""
+
+    exit_code = 4
+
+
 class SyncLockedError(ComfySyncError):
     """Another sync is running on this database; try again when it has finished."""
 
     exit_code = 5
+
+
+class SyncInterruptedError(ComfySyncError):
+    """The sync was stopped (SIGINT or SIGTERM) before applying; nothing was applied."""
+
+    exit_code = 6

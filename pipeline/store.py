@@ -91,6 +91,27 @@ def record_failed_run(db: Database, sync_id: int, *, error: str, finished_at: st
         )
 
 
+ABANDONED_RUN_ERROR = (
+    "abandoned: the process ended before finishing (killed or power loss); nothing was applied"
+)
+
+
+def close_abandoned_runs(db: Database, *, finished_at: str) -> int:
+    """Mark ``failed`` every run still ``running``, and return how many there were.
+
+    Only call it holding the database's sync lock: then no other sync is live, so a
+    ``running`` row is one whose process died mid-sync (its changes, never committed, were
+    rolled back by SQLite), and the run log should say so rather than "running" forever.
+    """
+    with db.atomic():
+        cursor = db.execute(
+            "UPDATE sync_runs SET status = 'failed', finished_at = ?, error = ? "
+            "WHERE status = 'running'",
+            [finished_at, ABANDONED_RUN_ERROR],
+        )
+    return int(cursor.rowcount)
+
+
 def apply_changes(
     db: Database,
     changes: ChangeSet,

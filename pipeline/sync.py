@@ -7,13 +7,18 @@ scheduler, the Python API) syncs through ``run_sync``, so they all share one beh
 * a sync that fails before applying records a ``failed`` run and changes nothing else;
 * a walk that is not proven complete applies creates and updates but no deletion, and the
   run ends ``partial`` with the reasons in its ``warnings``;
-* a complete walk with no rejected records ends ``success``.
+* a complete walk with no rejected records ends ``success``;
+* only one sync at a time writes a database (``pipeline.lock``): a second one raises
+  ``SyncLockedError`` before it has written anything, not even its run-log row;
+* a sync asked to stop (``stop`` set, e.g. by SIGTERM) is abandoned before it applies
+  anything and raises ``SyncInterruptedError``; once applying has begun, it finishes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +29,8 @@ import httpx
 from pipeline import schema, store
 from pipeline.changes import ChangeSet, ids_needing_fields, plan_changes
 from pipeline.client import ComfyControlClient, Page
-from pipeline.errors import ComfySyncError
+from pipeline.errors import ComfySyncError, SyncInterruptedError
+from pipeline.lock import hold_sync_lock
 from pipeline.records import KNOWN_STATUSES, Rejection, RunnerRecord, parse_runner
 from pipeline.settings import Settings
 from pipeline.sqlite import Database
@@ -34,6 +40,8 @@ log = logging.getLogger(__name__)
 
 #: Called after each page with (pages read, pages expected in this walk, runners seen).
 ProgressCallback = Callable[[int, int, int], None]
+#: How often a walk looks at its stop signal; bounds how long a stop takes to act.
+STOP_POLL_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -111,21 +119,30 @@ def run_sync(
     transport: httpx.AsyncBaseTransport | None = None,
     db: Database | None = None,
     on_progress: ProgressCallback | None = None,
+    stop: threading.Event | None = None,
 ) -> SyncSummary:
     """Mirror the account into the store once. Raises a ComfySyncError subclass on failure.
 
+    The database's sync lock is held from before the database is opened until the sync's
+    last write; SyncLockedError if another sync holds it. ``stop``, once set (from a signal
+    handler or another thread), abandons the sync before it applies anything: the request
+    or retry wait in flight is cancelled, the run is recorded ``failed`` and
+    SyncInterruptedError raised. A stop that comes while applying lets the apply finish.
+
     ``client``, ``transport`` and ``db`` are seams for tests and embedding: by default the
-    client and database are built from ``settings``.
+    client and database are built from ``settings`` (a ``db`` passed in must be the one at
+    ``settings.db_path``: that is the file the lock guards).
     """
     started = time.monotonic()
     settings = settings.validated()
-    if db is not None:
-        return _sync_into(db, settings, client, transport, on_progress, started)
-    db = schema.open_store(settings.db_path)
-    try:
-        return _sync_into(db, settings, client, transport, on_progress, started)
-    finally:
-        db.close()
+    with hold_sync_lock(settings.db_path):
+        if db is not None:
+            return _sync_into(db, settings, client, transport, on_progress, started, stop)
+        db = schema.open_store(settings.db_path)
+        try:
+            return _sync_into(db, settings, client, transport, on_progress, started, stop)
+        finally:
+            db.close()
 
 
 def _sync_into(
@@ -135,13 +152,15 @@ def _sync_into(
     transport: httpx.AsyncBaseTransport | None,
     on_progress: ProgressCallback | None,
     started: float,
+    stop: threading.Event | None,
 ) -> SyncSummary:
+    store.close_abandoned_runs(db, finished_at=store.utc_timestamp())
     sync_id = store.begin_run(db, base_url=settings.base_url, started_at=store.utc_timestamp())
     try:
         collector = _Collector(schema.redaction_key(db), settings.store_header_values, on_progress)
-        walk = asyncio.run(_walk(settings, client, transport, collector))
+        walk = asyncio.run(_walk_unless_stopped(settings, client, transport, collector, stop))
         records, rejections = collector.final(walk)
-        summary = _decide_and_apply(db, settings, sync_id, walk, records, rejections, started)
+        summary = _decide_and_apply(db, settings, sync_id, walk, records, rejections, started, stop)
     except BaseException as exc:
         error = exc.message if isinstance(exc, ComfySyncError) else _describe(exc)
         store.record_failed_run(db, sync_id, error=error, finished_at=store.utc_timestamp())
@@ -153,6 +172,31 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted before anything was applied"
     return f"unexpected {type(exc).__name__}; nothing was applied"
+
+
+async def _walk_unless_stopped(
+    settings: Settings,
+    client: ComfyControlClient | None,
+    transport: httpx.AsyncBaseTransport | None,
+    collector: _Collector,
+    stop: threading.Event | None,
+) -> WalkResult:
+    """The walk, cancelled (request or retry wait in flight included) as soon as ``stop`` is set.
+
+    Cancelling is safe at any point of a walk: it has written nothing yet.
+    """
+    walk = asyncio.ensure_future(_walk(settings, client, transport, collector))
+    if stop is None:
+        return await walk
+    while not stop.is_set():
+        done, _ = await asyncio.wait({walk}, timeout=STOP_POLL_SECONDS)
+        if done:
+            return walk.result()
+    walk.cancel()
+    await asyncio.wait({walk})
+    if not walk.cancelled():
+        walk.exception()  # retrieved and dropped: the stop is the news
+    raise SyncInterruptedError()
 
 
 async def _walk(
@@ -191,6 +235,7 @@ def _decide_and_apply(
     records: dict[str, RunnerRecord],
     rejections: list[Rejection],
     started: float,
+    stop: threading.Event | None,
 ) -> SyncSummary:
     complete = walk.complete and not rejections
     warnings = list(_warnings(walk, rejections, records))
@@ -213,6 +258,8 @@ def _decide_and_apply(
         rejected=len(rejections),
         warnings=tuple(warnings),
     )
+    if stop is not None and stop.is_set():
+        raise SyncInterruptedError()  # the last moment a stop can leave the store untouched
     store.apply_changes(
         db, changes, rejections, sync_id=sync_id, outcome=outcome, applied_at=store.utc_timestamp()
     )

@@ -6,6 +6,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,16 +65,10 @@ def run_cli(tmp_path: Path) -> Callable[..., CliResult]:
     """Run `comfysync` as a real subprocess, in tmp_path, with a clean environment."""
 
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> CliResult:
-        environ = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("COMFYCONTROL_", "COMFYSYNC_"))
-        }
-        environ.update(env or {})
         proc = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", *args],
             cwd=tmp_path,
-            env=environ,
+            env=cli_environment(env),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -81,6 +76,50 @@ def run_cli(tmp_path: Path) -> Callable[..., CliResult]:
         return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
     return run
+
+
+def cli_environment(env: dict[str, str] | None) -> dict[str, str]:
+    """This environment without comfysync's variables, plus ``env``."""
+    environ = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("COMFYCONTROL_", "COMFYSYNC_"))
+    }
+    environ.update(env or {})
+    return environ
+
+
+@pytest.fixture
+def start_cli(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start `comfysync` as a background process in tmp_path; any still running are killed."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            cwd=tmp_path,
+            env=cli_environment(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {condition}")
+        time.sleep(0.02)
 
 
 def dump_except_run_log(path: Path) -> list[str]:

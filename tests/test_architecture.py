@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import click
+import pytest
 
 import pipeline
 from pipeline.cli import cli
@@ -49,6 +50,7 @@ def test_each_heavy_dependency_lives_in_its_own_module():
         "click": {"cli.py"},
         # Through pipeline.sqlite only, which keeps pandas out of every sync.
         "sqlite_utils": {"sqlite.py"},
+        "filelock": {"lock.py"},
     }
     for path in sorted((REPO / "pipeline").glob("*.py")):
         imports = {m.split(".")[0] for m in imported_modules(path)}
@@ -87,11 +89,13 @@ def test_every_command_and_option_has_help_text():
                 assert param.help, f"{name} {param.opts} has no help"
 
 
-def test_help_starts_without_importing_heavy_libraries():
+@pytest.mark.parametrize("command", ["sync", "schedule"])
+def test_help_starts_without_importing_heavy_libraries(command):
     code = (
         "import sys; from pipeline.cli import main\n"
-        "try:\n    main(['sync', '--help'])\nexcept SystemExit:\n    pass\n"
-        "heavy = {'pandas', 'pyarrow', 'apscheduler', 'httpx', 'sqlite_utils', 'starlette'}\n"
+        f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = {'pandas', 'pyarrow', 'apscheduler', 'httpx', 'sqlite_utils', 'starlette',\n"
+        "         'filelock', 'jobs'}\n"
         "print(sorted(heavy & set(sys.modules)))"
     )
     result = subprocess.run(
@@ -105,3 +109,14 @@ def test_a_sync_never_loads_pandas_or_numpy():
     code = "import sys, pipeline.sync, pipeline.cli; print(sorted({'pandas', 'numpy'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_jobs_import_pipeline_never_the_cli_and_alone_know_apscheduler():
+    for path in sorted((REPO / "jobs").glob("*.py")):
+        assert "pipeline.cli" not in imported_modules(path), path.name
+    users = {
+        path.name
+        for path in sorted(REPO.glob("*/*.py"))
+        if "apscheduler" in {m.split(".")[0] for m in imported_modules(path)}
+    }
+    assert users == {"triggers.py", "scheduler.py"}

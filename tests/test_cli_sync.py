@@ -212,3 +212,24 @@ def test_secrets_never_reach_the_database_file_its_wal_or_the_output(
     assert json.loads(str(headers))["Authorization"].startswith("redacted:")
     assert str(endpoint).startswith("https://redacted:") and version == 2  # rotation is a change
     reader.close()
+
+
+def test_quiet_prints_nothing_on_success_and_only_warnings_on_a_partial_run(
+    serve_account, run_cli
+):
+    upstream = serve_account(runners=12, seed=3)
+    args = ("sync", "--quiet", "--base-url", upstream.url, "--token", "test-token")
+    for _ in range(2):  # the first sync, then a re-sync with nothing to change
+        result = run_cli(*args)
+        assert (result.exit_code, result.stdout, result.stderr) == (0, "", "")
+    upstream.account.faults.once("missing_id")
+    result = run_cli(*args, "--max-walks", "1")
+    assert (result.exit_code, result.stdout) == (0, "")
+    lines = result.stderr.splitlines()
+    assert lines and all(line.startswith("comfysync: WARNING: ") for line in lines)
+    assert "1 runner record(s) could not be stored (see rejected_records)" in result.stderr
+
+
+def test_quiet_and_json_together_are_a_usage_error(run_cli):
+    result = run_cli("sync", "--quiet", "--json")
+    assert result.exit_code == 2 and "--json and --quiet cannot be combined" in result.stderr

@@ -1,0 +1,109 @@
+"""When scheduled syncs run: ``--every``, ``--cron`` and ``--timezone`` turned into triggers.
+
+Parsing is kept pure (strings in, values out, ValueError with a message fit for the user) so
+that every accepted and refused form is tested without a scheduler or a clock.
+
+One trap is handled here rather than documented away: APScheduler 3 numbers weekdays from
+Monday = 0, while crontab numbers them from Sunday = 0 (and 7), so ``CronTrigger.from_crontab``
+would run ``0 3 * * 1-5`` ("weekdays at 03:00") from Tuesday to Saturday. ``parse_cron``
+rewrites the weekday field into day names, which both agree on, before handing it over.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+EVERY_FORMS = "a positive whole number and a unit s, m, h or d: 30s, 15m, 2h, 1d"
+CRON_FORMS = (
+    "a standard 5-field crontab 'MINUTE HOUR DAY MONTH WEEKDAY', "
+    "e.g. '*/15 * * * *' or '0 3 * * 1-5'"
+)
+TIMEZONE_FORMS = "an IANA time zone name such as UTC, Europe/Berlin or America/New_York"
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_EVERY = re.compile(r"\s*(\d+)\s*([smhd])\s*", re.IGNORECASE)
+#: Crontab's weekday names, indexed by crontab's numbers (0 and 7 are Sunday).
+_CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+_WEEKDAY_TERM = re.compile(r"(\*|\w+)(?:-(\w+))?(?:/(\d+))?")
+
+
+def parse_every(text: str) -> timedelta:
+    """``30s``, ``15m``, ``2h``, ``1d`` -> a positive timedelta; ValueError otherwise."""
+    match = _EVERY.fullmatch(text)
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"{text!r} is not an interval; use {EVERY_FORMS}")
+    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_timezone(name: str) -> ZoneInfo:
+    """An IANA zone name -> ZoneInfo; ValueError for a name the zone database does not know."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r}; use {TIMEZONE_FORMS}") from None
+
+
+def crontab_weekdays(field: str) -> str:
+    """Crontab's weekday field rewritten with day names (``1-5`` -> ``mon,tue,wed,thu,fri``).
+
+    Accepts what crontab does: ``*``, numbers 0-7, names, ranges, steps and lists.
+    """
+    if field == "*":
+        return field
+    days: set[int] = set()
+    for term in field.lower().split(","):
+        match = _WEEKDAY_TERM.fullmatch(term)
+        if not match:
+            raise ValueError(f"weekday {term!r} is not a crontab weekday (0-7 or sun-sat)")
+        first, last, step = match.groups()
+        if first == "*":
+            if last is not None:
+                raise ValueError(f"weekday {term!r} is not a crontab weekday (0-7 or sun-sat)")
+            start, end = 0, 6
+        else:
+            start = _weekday_number(first)
+            end = _weekday_number(last) if last is not None else (6 if step else start)
+        if start > end or (step is not None and int(step) == 0):
+            raise ValueError(f"weekday range {term!r} is empty")
+        days.update(day % 7 for day in range(start, end + 1, int(step or 1)))
+    return ",".join(_CRON_DAYS[day] for day in sorted(days))
+
+
+def _weekday_number(text: str) -> int:
+    if text in _CRON_DAYS:
+        return _CRON_DAYS.index(text)
+    if text.isdigit() and int(text) <= 7:
+        return int(text)
+    raise ValueError(f"weekday {text!r} is not a crontab weekday (0-7 or sun-sat)")
+
+
+def parse_cron(expression: str, timezone: ZoneInfo, *, jitter: int | None = None) -> Any:
+    """A standard 5-field crontab -> an APScheduler CronTrigger; ValueError otherwise.
+
+    Unlike Vixie cron, a day-of-month and a weekday given together must BOTH match.
+    """
+    fields = expression.split()
+    try:
+        if len(fields) != 5:
+            raise ValueError(f"it has {len(fields)} field(s), not 5")
+        fields[4] = crontab_weekdays(fields[4])
+        trigger = CronTrigger.from_crontab(" ".join(fields), timezone=timezone)
+        if trigger.get_next_fire_time(None, datetime.now(timezone)) is None:
+            raise ValueError("no date ever matches it")
+    except ValueError as exc:
+        raise ValueError(f"{expression!r} is not a crontab ({exc}); use {CRON_FORMS}") from None
+    trigger.jitter = jitter or None
+    return trigger
+
+
+def interval_trigger(every: timedelta, timezone: ZoneInfo, *, jitter: int | None = None) -> Any:
+    """An APScheduler IntervalTrigger firing every ``every``, first one interval from now."""
+    return IntervalTrigger(
+        seconds=int(every.total_seconds()), timezone=timezone, jitter=jitter or None
+    )

@@ -13,6 +13,7 @@ rotated secret still shows up as a change while the secret never reaches the dis
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Mapping
@@ -45,8 +46,14 @@ _TIMESTAMP_FIELDS = ("created_at", "updated_at")
 
 def redact_value(value: str, key: bytes) -> str:
     """``redacted:`` + 12 hex digits of HMAC-SHA256(key, value): stable, comparable, one-way."""
-    digest = hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()
-    return REDACTED_PREFIX + digest[:12]
+    mac = _keyed_hmac(key).copy()  # copying a keyed HMAC is ~3x cheaper than a new one
+    mac.update(value.encode("utf-8"))
+    return REDACTED_PREFIX + mac.hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=8)
+def _keyed_hmac(key: bytes) -> hmac.HMAC:
+    return hmac.new(key, digestmod=hashlib.sha256)
 
 
 def redact_headers(headers: Mapping[str, Any], key: bytes) -> dict[str, str]:

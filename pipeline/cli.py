@@ -18,7 +18,13 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import ComfySyncError
-from pipeline.settings import DEFAULT_BASE_URL, DEFAULT_DB_PATH, MAX_PER_PAGE
+from pipeline.settings import (
+    DEFAULT_BASE_URL,
+    DEFAULT_DB_PATH,
+    DEFAULT_EXPORT_DIR,
+    EXPORT_FORMATS,
+    MAX_PER_PAGE,
+)
 
 if TYPE_CHECKING:
     from pipeline.sync import SyncSummary
@@ -36,6 +42,13 @@ def _enable_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bo
         logging.getLogger("httpx").setLevel(logging.INFO)
     return value
 
+
+csv_safe_option = click.option(
+    "--csv-safe",
+    is_flag=True,
+    help="In CSV, prefix cells starting with = + - @ tab or CR with ' so that spreadsheets "
+    "show them instead of running them (alters the data; see README).",
+)
 
 debug_option = click.option(
     "--debug",
@@ -119,6 +132,31 @@ def cli() -> None:
     is_flag=True,
     help="Store runner header values in clear instead of redacted (they are secrets).",
 )
+@click.option(
+    "--export-dir",
+    type=click.Path(path_type=Path),
+    envvar="COMFYSYNC_EXPORT_DIR",
+    default=DEFAULT_EXPORT_DIR,
+    show_envvar=True,
+    help="Folder for the snapshot files written after each sync.",
+)
+@click.option(
+    "--format",
+    "formats",
+    type=click.Choice(EXPORT_FORMATS),
+    multiple=True,
+    default=EXPORT_FORMATS,
+    help="Snapshot format; repeat for several.",
+)
+@click.option("--no-export", is_flag=True, help="Write no snapshot files after the sync.")
+@click.option(
+    "--keep-snapshots",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Delete the oldest snapshot files beyond the N newest per format (default: keep all).",
+)
+@csv_safe_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @debug_option
 def sync(
@@ -132,13 +170,20 @@ def sync(
     max_retries: int,
     allow_http: bool,
     store_header_values: bool,
+    export_dir: Path,
+    formats: tuple[str, ...],
+    no_export: bool,
+    keep_snapshots: int | None,
+    csv_safe: bool,
     as_json: bool,
 ) -> None:
     """Mirror every runner into the database, recording what changed.
 
     Deletions are only recorded when the walk over all pages is proven complete; otherwise
-    the run ends `partial` and says why. Exit codes: 0 success or partial, 2 usage or
-    configuration, 3 authentication, 4 upstream failure (nothing applied), 5 locked.
+    the run ends `partial` and says why. Then the fleet is written as snapshot files (Parquet
+    and CSV) under --export-dir; a snapshot that fails is a warning, never a failed sync.
+    Exit codes: 0 success or partial, 2 usage or configuration, 3 authentication, 4 upstream
+    failure (nothing applied), 5 locked.
     """
     from pipeline.settings import Settings
     from pipeline.sync import run_sync
@@ -154,6 +199,10 @@ def sync(
         max_retries=max_retries,
         allow_http=allow_http,
         store_header_values=store_header_values,
+        export_dir=None if no_export else export_dir,
+        export_formats=formats,
+        keep_snapshots=keep_snapshots,
+        csv_safe=csv_safe,
     )
     with _ProgressBar(enabled=sys.stderr.isatty() and not as_json) as progress:
         summary = run_sync(settings, on_progress=progress.update)
@@ -166,14 +215,22 @@ def sync(
 def describe_summary(summary: SyncSummary) -> str:
     """The human summary of a sync: what happened, the counts, complete or not, seconds."""
     walk = "complete" if summary.complete else "NOT complete"
-    return (
+    lines = [
         f"sync {summary.sync_id} {summary.status}: {summary.runners_seen} runners in "
-        f"{summary.pages} pages ({summary.walks} walk(s), {walk}) in {summary.seconds:.1f} s\n"
+        f"{summary.pages} pages ({summary.walks} walk(s), {walk}) in {summary.seconds:.1f} s",
         f"  created {summary.created}, updated {summary.updated}, deleted {summary.deleted}, "
         f"restored {summary.restored}, unchanged {summary.unchanged}, "
-        f"rejected {summary.rejected}\n"
-        f"  database: {summary.db_path}"
-    )
+        f"rejected {summary.rejected}",
+        f"  database: {summary.db_path}",
+    ]
+    for snapshot in summary.snapshots:
+        if snapshot.error is None:
+            lines.append(f"  snapshot: {snapshot.path} ({snapshot.rows} rows)")
+        else:
+            lines.append(f"  snapshot {snapshot.format} NOT written: {snapshot.error}")
+    if summary.snapshots_pruned:
+        lines.append(f"  pruned {len(summary.snapshots_pruned)} old snapshot file(s)")
+    return "\n".join(lines)
 
 
 class _ProgressBar:
@@ -296,11 +353,73 @@ def simulate(
 
 @cli.command()
 @click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="File to write; its suffix, .parquet or .csv, sets the format.",
+)
+@click.option(
+    "--as-of",
+    metavar="TIMESTAMP",
+    default=None,
+    help="The fleet as the store knew it at this instant (ISO 8601, UTC unless an offset is "
+    "given; a date alone means its start).",
+)
+@click.option(
+    "--include-deleted", is_flag=True, help="Add runners marked deleted (with deleted_at)."
+)
+@click.option(
+    "--history",
+    "all_versions",
+    is_flag=True,
+    help="Export every version of every runner (change, changed_fields, valid_from, "
+    "valid_to, sync_id) instead of one row per runner.",
+)
+@csv_safe_option
+@click.option(
+    "--db",
+    "db_path",
+    type=click.Path(path_type=Path),
+    envvar="COMFYSYNC_DB",
+    default=DEFAULT_DB_PATH,
+    show_envvar=True,
+    help="SQLite database to export from (opened read-only).",
+)
+@debug_option
+def export(
+    output: Path,
+    as_of: str | None,
+    include_deleted: bool,
+    all_versions: bool,
+    csv_safe: bool,
+    db_path: Path,
+) -> None:
+    """Export runners to one Parquet or CSV file: now, as of an instant, or every version.
+
+    Reads the database read-only, so it is safe while a sync runs. The file is written
+    atomically: it appears complete or not at all.
+    """
+    from pipeline.export import export_file
+
+    result = export_file(
+        db_path,
+        output,
+        as_of=as_of,
+        include_deleted=include_deleted,
+        all_versions=all_versions,
+        csv_safe=csv_safe,
+    )
+    click.echo(f"{result.rows} rows written to {result.path} ({result.description})")
+
+
+@cli.command()
+@click.option(
     "--db",
     "db_path",
     type=click.Path(path_type=Path),
     default=Path("data") / "demo.db",
-    help="Demo database (recreated on each run).",
+    help="Demo database (recreated on each run); its snapshots go to exports/<name> beside it.",
 )
 @debug_option
 def demo(db_path: Path) -> None:

@@ -156,7 +156,9 @@ def test_a_version_1_database_is_upgraded_with_the_snapshots_table_and_keeps_its
     old = Database(path)
     migrations.apply(old, stop_before="m003_snapshots")
     old.table(META_TABLE).upsert({"key": "schema_version", "value": "1"}, pk="key")
-    old.execute("INSERT INTO sync_runs (started_at, status) VALUES ('2026-01-01T00:00:00Z', 'success')")
+    old.execute(
+        "INSERT INTO sync_runs (started_at, status) VALUES ('2026-01-01T00:00:00Z', 'success')"
+    )
     old.conn.commit()
     assert "snapshots" not in old.table_names()
     old.close()

@@ -67,7 +67,8 @@ RUN_COLUMNS: tuple[str, ...] = (
     "warnings",
     "error",
 )
-BATCH_ROWS = 50_000
+#: Rows per batch: Python row tuples cost far more memory than Arrow columns, so keep few.
+BATCH_ROWS = 10_000
 
 Row = tuple[object, ...]
 

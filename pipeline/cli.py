@@ -11,8 +11,9 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from pipeline.sync import SyncSummary
 
 _debug = False
+FC = TypeVar("FC", bound=Callable[..., Any])
 
 
 def _enable_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
@@ -41,6 +43,19 @@ def _enable_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bo
         logging.getLogger("jobs").setLevel(logging.DEBUG)
         logging.getLogger("httpx").setLevel(logging.INFO)
     return value
+
+
+def store_option(help_text: str) -> Callable[[FC], FC]:
+    """``--db`` / COMFYSYNC_DB, the same for every command that works on the store."""
+    return click.option(
+        "--db",
+        "db_path",
+        type=click.Path(path_type=Path),
+        envvar="COMFYSYNC_DB",
+        default=DEFAULT_DB_PATH,
+        show_envvar=True,
+        help=help_text,
+    )
 
 
 csv_safe_option = click.option(
@@ -86,15 +101,7 @@ def cli() -> None:
     show_default=False,
     help="API token (prefer the environment variable: command lines are visible to others).",
 )
-@click.option(
-    "--db",
-    "db_path",
-    type=click.Path(path_type=Path),
-    envvar="COMFYSYNC_DB",
-    default=DEFAULT_DB_PATH,
-    show_envvar=True,
-    help="SQLite database to sync into.",
-)
+@store_option("SQLite database to sync into.")
 @click.option(
     "--per-page",
     type=click.IntRange(1, MAX_PER_PAGE),
@@ -377,15 +384,7 @@ def simulate(
     "valid_to, sync_id) instead of one row per runner.",
 )
 @csv_safe_option
-@click.option(
-    "--db",
-    "db_path",
-    type=click.Path(path_type=Path),
-    envvar="COMFYSYNC_DB",
-    default=DEFAULT_DB_PATH,
-    show_envvar=True,
-    help="SQLite database to export from (opened read-only).",
-)
+@store_option("SQLite database to export from (opened read-only).")
 @debug_option
 def export(
     output: Path,

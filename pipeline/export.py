@@ -46,44 +46,41 @@ TIMESTAMP = pa.timestamp("us", tz="UTC")
 STRINGS = pa.list_(pa.string())
 HEADERS = pa.map_(pa.string(), pa.string())
 
+#: The runner's own fields, in ``records.TRACKED_FIELDS`` order: the part both schemas share.
+_RUNNER_FIELDS = [
+    ("user_id", pa.string()),
+    ("name", pa.string()),
+    ("status", pa.string()),
+    ("endpoint", pa.string()),
+    ("tags", STRINGS),
+    ("headers", HEADERS),
+    ("created_at", TIMESTAMP),
+    ("updated_at", TIMESTAMP),
+    ("extra", pa.string()),
+]
 #: A runner's state in a snapshot or a current/--as-of export. ``sync_id`` and
-#: ``snapshot_at`` say which sync left this state and when it was recorded.
+#: ``snapshot_at`` say which sync left this state and when it was recorded. After them, the
+#: columns follow ``history.FLEET_COLUMNS``, the order the store's rows arrive in.
 FLEET_SCHEMA = pa.schema(
     [
         ("sync_id", pa.int64()),
         ("snapshot_at", TIMESTAMP),
         ("id", pa.string()),
-        ("user_id", pa.string()),
-        ("name", pa.string()),
-        ("status", pa.string()),
-        ("endpoint", pa.string()),
-        ("tags", STRINGS),
-        ("headers", HEADERS),
-        ("created_at", TIMESTAMP),
-        ("updated_at", TIMESTAMP),
-        ("extra", pa.string()),
+        *_RUNNER_FIELDS,
         ("first_seen_at", TIMESTAMP),
         ("deleted_at", TIMESTAMP),
         ("version", pa.int64()),
         ("content_hash", pa.string()),
     ]
 )
-#: Every version of every runner (``--history``), as ``runner_versions`` holds them.
+#: Every version of every runner (``--history``), in ``history.VERSION_COLUMNS`` order.
 HISTORY_SCHEMA = pa.schema(
     [
         ("runner_id", pa.string()),
         ("version", pa.int64()),
         ("change", pa.string()),
         ("changed_fields", STRINGS),
-        ("user_id", pa.string()),
-        ("name", pa.string()),
-        ("status", pa.string()),
-        ("endpoint", pa.string()),
-        ("tags", STRINGS),
-        ("headers", HEADERS),
-        ("created_at", TIMESTAMP),
-        ("updated_at", TIMESTAMP),
-        ("extra", pa.string()),
+        *_RUNNER_FIELDS,
         ("content_hash", pa.string()),
         ("valid_from", TIMESTAMP),
         ("valid_to", TIMESTAMP),

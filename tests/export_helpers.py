@@ -11,10 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import rows
 
-FLEET_ORDER = [
-    "sync_id",
-    "snapshot_at",
-    "id",
+RUNNER_FIELDS = [
     "user_id",
     "name",
     "status",
@@ -24,6 +21,12 @@ FLEET_ORDER = [
     "created_at",
     "updated_at",
     "extra",
+]
+FLEET_ORDER = [
+    "sync_id",
+    "snapshot_at",
+    "id",
+    *RUNNER_FIELDS,
     "first_seen_at",
     "deleted_at",
     "version",
@@ -34,15 +37,7 @@ HISTORY_ORDER = [
     "version",
     "change",
     "changed_fields",
-    "user_id",
-    "name",
-    "status",
-    "endpoint",
-    "tags",
-    "headers",
-    "created_at",
-    "updated_at",
-    "extra",
+    *RUNNER_FIELDS,
     "content_hash",
     "valid_from",
     "valid_to",

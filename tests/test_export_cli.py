@@ -16,6 +16,7 @@ from conftest import rows, run_comfysync
 from export_helpers import (
     FLEET_ORDER,
     HISTORY_ORDER,
+    RUNNER_FIELDS,
     csv_rows,
     finished_at,
     parquet_rows,
@@ -163,21 +164,7 @@ def test_history_exports_every_version_and_csv_round_trips_to_the_parquet_values
     assert csv_rows(tmp_path / "history.csv") == versions
     renamed = [v for v in versions if v["runner_id"] == synced_twice.renamed]
     assert [(v["version"], v["change"], v["changed_fields"]) for v in renamed] == [
-        (
-            1,
-            "created",
-            [
-                "user_id",
-                "name",
-                "status",
-                "endpoint",
-                "tags",
-                "headers",
-                "created_at",
-                "updated_at",
-                "extra",
-            ],
-        ),
+        (1, "created", RUNNER_FIELDS),  # a new runner: every field is new
         (2, "updated", ["name", "updated_at"]),
     ]
     assert renamed[0]["valid_to"] == renamed[1]["valid_from"] and renamed[1]["valid_to"] is None

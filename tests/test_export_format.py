@@ -12,7 +12,13 @@ import pytest
 from export_helpers import FLEET_ORDER
 
 from pipeline.errors import ConfigurationError
-from pipeline.export import FLEET_SCHEMA, ExportRows, format_for_path, write_export_file
+from pipeline.export import (
+    FLEET_SCHEMA,
+    HISTORY_SCHEMA,
+    ExportRows,
+    format_for_path,
+    write_export_file,
+)
 from pipeline.history import instant_text, parse_instant
 
 SNAPSHOT_AT = "2026-02-03T04:05:06.789012Z"
@@ -149,6 +155,13 @@ def test_an_empty_fleet_is_a_valid_file_with_the_schema(tmp_path):
     ]
 
 
+def test_the_schemas_follow_the_order_in_which_the_store_queries_yield_columns():
+    from pipeline.history import FLEET_COLUMNS, VERSION_COLUMNS
+
+    assert FLEET_SCHEMA.names == ["sync_id", "snapshot_at", *FLEET_COLUMNS] == FLEET_ORDER
+    assert HISTORY_SCHEMA.names == list(VERSION_COLUMNS)
+
+
 @pytest.mark.parametrize(
     ("name", "fmt"), [("a.parquet", "parquet"), ("b.csv", "csv"), ("C.PARQUET", "parquet")]
 )
@@ -181,3 +194,19 @@ def test_instants_are_read_as_utc(value, expected):
 def test_an_unreadable_instant_is_a_configuration_error(value):
     with pytest.raises(ConfigurationError, match="as an ISO 8601 timestamp"):
         parse_instant(value)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"export_formats": ("xlsx",)}, "--format must be one or more of parquet, csv, not xlsx"),
+        ({"export_formats": ()}, "--format must be one or more of parquet, csv, not nothing"),
+        ({"keep_snapshots": 0}, "--keep-snapshots must be at least 1"),
+    ],
+)
+def test_export_settings_are_validated_before_anything_runs(options, message):
+    from pipeline.settings import Settings
+
+    with pytest.raises(ConfigurationError) as raised:
+        Settings(base_url="http://127.0.0.1:9", **options).validated()
+    assert raised.value.message == message

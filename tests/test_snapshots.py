@@ -342,3 +342,25 @@ def test_snapshots_never_contain_a_header_secret(serve_account, db_path, tmp_pat
     exported = parquet_rows(next(p for p in files if p.suffix == ".parquet"))
     [headers] = [r["headers"] for r in exported if r["id"] == target]
     assert headers["Authorization"].startswith("redacted:")
+
+
+def test_sync_json_lists_the_snapshot_files(serve_account, run_cli, tmp_path):
+    import json
+
+    upstream = serve_account(runners=7, seed=28)
+    result = run_cli(
+        "sync", "--json", "--base-url", upstream.url, "--token", "test-token", "--format", "parquet"
+    )
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    [snapshot] = summary["snapshots"]
+    day = finished_at(tmp_path / "data" / "comfysync.db", 1)[:10]
+    assert {k: v for k, v in snapshot.items() if k not in ("bytes", "written_at")} == {
+        "sync_id": 1,
+        "format": "parquet",
+        "path": f"data/exports/parquet/runners/snapshot_date={day}/runners-1.parquet",
+        "rows": 7,
+        "error": None,
+    }
+    assert snapshot["bytes"] == (tmp_path / snapshot["path"]).stat().st_size
+    assert summary["snapshots_pruned"] == []

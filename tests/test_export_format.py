@@ -210,3 +210,19 @@ def test_export_settings_are_validated_before_anything_runs(options, message):
     with pytest.raises(ConfigurationError) as raised:
         Settings(base_url="http://127.0.0.1:9", **options).validated()
     assert raised.value.message == message
+
+
+def test_small_read_batches_are_gathered_into_row_groups_without_losing_order(
+    tmp_path, monkeypatch
+):
+    import pipeline.export
+
+    monkeypatch.setattr(pipeline.export, "ROW_GROUP_ROWS", 5)
+    batches = [[fleet_row(f"r{n:02d}") for n in range(start, start + 4)] for start in (0, 4, 8)]
+    fleet = ExportRows(FLEET_SCHEMA, lambda: iter(batches), sync_id=1, snapshot_at=SNAPSHOT_AT)
+    path = tmp_path / "groups.parquet"
+    assert write_export_file(path, "parquet", fleet) == 12
+    parquet = pq.ParquetFile(path)
+    groups = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+    assert groups == [8, 4]
+    assert parquet.read().column("id").to_pylist() == [f"r{n:02d}" for n in range(12)]

@@ -16,12 +16,14 @@ _EXPORTS = {
     "SyncSummary": "pipeline.sync",
     "run_sync": "pipeline.sync",
     "ComfySyncError": "pipeline.errors",
+    "RunnerStore": "pipeline.frames",
 }
 
-__all__ = ["ComfySyncError", "Settings", "SyncSummary", "__version__", "run_sync"]
+__all__ = ["ComfySyncError", "RunnerStore", "Settings", "SyncSummary", "__version__", "run_sync"]
 
 if TYPE_CHECKING:
     from pipeline.errors import ComfySyncError
+    from pipeline.frames import RunnerStore
     from pipeline.settings import Settings
     from pipeline.sync import SyncSummary, run_sync
 

@@ -14,18 +14,26 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from pipeline import __version__
 from pipeline.errors import ComfySyncError
-from pipeline.settings import DEFAULT_BASE_URL, DEFAULT_DB_PATH, MAX_PER_PAGE, Settings
+from pipeline.settings import (
+    DEFAULT_BASE_URL,
+    DEFAULT_DB_PATH,
+    DEFAULT_EXPORT_DIR,
+    EXPORT_FORMATS,
+    MAX_PER_PAGE,
+    Settings,
+)
 
 if TYPE_CHECKING:
     from pipeline.sync import SyncSummary
 
 _debug = False
+FC = TypeVar("FC", bound=Callable[..., Any])
 
 
 def _enable_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
@@ -38,6 +46,26 @@ def _enable_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bo
         logging.getLogger("httpx").setLevel(logging.INFO)
     return value
 
+
+def store_option(help_text: str) -> Callable[[FC], FC]:
+    """``--db`` / COMFYSYNC_DB, the same for every command that works on the store."""
+    return click.option(
+        "--db",
+        "db_path",
+        type=click.Path(path_type=Path),
+        envvar="COMFYSYNC_DB",
+        default=DEFAULT_DB_PATH,
+        show_envvar=True,
+        help=help_text,
+    )
+
+
+csv_safe_option = click.option(
+    "--csv-safe",
+    is_flag=True,
+    help="In CSV, prefix cells starting with = + - @ tab or CR with ' so that spreadsheets "
+    "show them instead of running them (alters the data; see README).",
+)
 
 debug_option = click.option(
     "--debug",
@@ -69,6 +97,8 @@ def sync_options(command: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(command)
     def with_settings(**options: Any) -> None:
         fields = {name: options.pop(name) for name in _SETTINGS_FIELDS if name in options}
+        if options.pop("no_export"):
+            fields["export_dir"] = None
         command(settings=Settings(**fields), **options)
 
     for option in reversed(_SYNC_OPTIONS):
@@ -92,15 +122,7 @@ _SYNC_OPTIONS = (
         show_default=False,
         help="API token (prefer the environment variable: command lines are visible to others).",
     ),
-    click.option(
-        "--db",
-        "db_path",
-        type=click.Path(path_type=Path),
-        envvar="COMFYSYNC_DB",
-        default=DEFAULT_DB_PATH,
-        show_envvar=True,
-        help="SQLite database to sync into.",
-    ),
+    store_option("SQLite database to sync into."),
     click.option(
         "--per-page",
         type=click.IntRange(1, MAX_PER_PAGE),
@@ -141,6 +163,31 @@ _SYNC_OPTIONS = (
         is_flag=True,
         help="Store runner header values in clear instead of redacted (they are secrets).",
     ),
+    click.option(
+        "--export-dir",
+        type=click.Path(path_type=Path),
+        envvar="COMFYSYNC_EXPORT_DIR",
+        default=DEFAULT_EXPORT_DIR,
+        show_envvar=True,
+        help="Folder for the snapshot files written after each sync.",
+    ),
+    click.option(
+        "--format",
+        "export_formats",
+        type=click.Choice(EXPORT_FORMATS),
+        multiple=True,
+        default=EXPORT_FORMATS,
+        help="Snapshot format; repeat for several.",
+    ),
+    click.option("--no-export", is_flag=True, help="Write no snapshot files after the sync."),
+    click.option(
+        "--keep-snapshots",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="Delete the oldest snapshot files beyond the N newest per format (default: keep all).",
+    ),
+    csv_safe_option,
 )
 _SETTINGS_FIELDS = frozenset(field.name for field in dataclasses.fields(Settings))
 
@@ -154,7 +201,9 @@ def sync(settings: Settings, as_json: bool, quiet: bool) -> None:
     """Mirror every runner into the database, recording what changed.
 
     Deletions are only recorded when the walk over all pages is proven complete; otherwise
-    the run ends `partial` and says why. One sync at a time per database. SIGINT or SIGTERM
+    the run ends `partial` and says why. Then the fleet is written as snapshot files (Parquet
+    and CSV) under --export-dir; a snapshot that fails is a warning, never a failed sync.
+    One sync at a time per database. SIGINT or SIGTERM
     stops it before it applies anything (or lets the apply it is in finish). Exit codes:
     0 success or partial, 2 usage or configuration, 3 authentication, 4 upstream failure
     (nothing applied), 5 another sync is running, 6 stopped by a signal (nothing applied).
@@ -284,14 +333,22 @@ def _parsed(parse: Callable[[str], Any], value: str, option: str) -> Any:
 def describe_summary(summary: SyncSummary) -> str:
     """The human summary of a sync: what happened, the counts, complete or not, seconds."""
     walk = "complete" if summary.complete else "NOT complete"
-    return (
+    lines = [
         f"sync {summary.sync_id} {summary.status}: {summary.runners_seen} runners in "
-        f"{summary.pages} pages ({summary.walks} walk(s), {walk}) in {summary.seconds:.1f} s\n"
+        f"{summary.pages} pages ({summary.walks} walk(s), {walk}) in {summary.seconds:.1f} s",
         f"  created {summary.created}, updated {summary.updated}, deleted {summary.deleted}, "
         f"restored {summary.restored}, unchanged {summary.unchanged}, "
-        f"rejected {summary.rejected}\n"
-        f"  database: {summary.db_path}"
-    )
+        f"rejected {summary.rejected}",
+        f"  database: {summary.db_path}",
+    ]
+    for snapshot in summary.snapshots:
+        if snapshot.error is None:
+            lines.append(f"  snapshot: {snapshot.path} ({snapshot.rows} rows)")
+        else:
+            lines.append(f"  snapshot {snapshot.format} NOT written: {snapshot.error}")
+    if summary.snapshots_pruned:
+        lines.append(f"  pruned {len(summary.snapshots_pruned)} old snapshot file(s)")
+    return "\n".join(lines)
 
 
 class _ProgressBar:
@@ -414,11 +471,65 @@ def simulate(
 
 @cli.command()
 @click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="File to write; its suffix, .parquet or .csv, sets the format.",
+)
+@click.option(
+    "--as-of",
+    metavar="TIMESTAMP",
+    default=None,
+    help="The fleet as the store knew it at this instant (ISO 8601, UTC unless an offset is "
+    "given; a date alone means its start).",
+)
+@click.option(
+    "--include-deleted", is_flag=True, help="Add runners marked deleted (with deleted_at)."
+)
+@click.option(
+    "--history",
+    "all_versions",
+    is_flag=True,
+    help="Export every version of every runner (change, changed_fields, valid_from, "
+    "valid_to, sync_id) instead of one row per runner.",
+)
+@csv_safe_option
+@store_option("SQLite database to export from (opened read-only).")
+@debug_option
+def export(
+    output: Path,
+    as_of: str | None,
+    include_deleted: bool,
+    all_versions: bool,
+    csv_safe: bool,
+    db_path: Path,
+) -> None:
+    """Export runners to one Parquet or CSV file: now, as of an instant, or every version.
+
+    Reads the database read-only, so it is safe while a sync runs. The file is written
+    atomically: it appears complete or not at all.
+    """
+    from pipeline.export import export_file
+
+    result = export_file(
+        db_path,
+        output,
+        as_of=as_of,
+        include_deleted=include_deleted,
+        all_versions=all_versions,
+        csv_safe=csv_safe,
+    )
+    click.echo(f"{result.rows} rows written to {result.path} ({result.description})")
+
+
+@cli.command()
+@click.option(
     "--db",
     "db_path",
     type=click.Path(path_type=Path),
     default=Path("data") / "demo.db",
-    help="Demo database (recreated on each run).",
+    help="Demo database (recreated on each run); its snapshots go to exports/<name> beside it.",
 )
 @debug_option
 def demo(db_path: Path) -> None:

@@ -2,17 +2,20 @@
 
 It starts the bundled simulator on a free loopback port, syncs, changes a few runners
 upstream (one created, one renamed, one header secret rotated, one deleted), syncs again and
-shows what the mirror recorded. It goes through ``run_sync`` like every other entry point.
+shows what the mirror recorded. It goes through ``run_sync`` like every other entry point,
+snapshots included: they go to ``exports/<database name>`` beside the database
+(``data/exports/demo``), never into the tree of a real mirror.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import schema
 from pipeline.queries import changes_in_sync
-from pipeline.settings import Settings
+from pipeline.settings import EXPORT_FORMATS, Settings
 from pipeline.simulator import LoopbackServer, SimulatedAccount
 from pipeline.sync import SyncSummary, run_sync
 
@@ -25,6 +28,17 @@ def _remove_database(path: Path) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
+def demo_export_dir(db_path: Path) -> Path:
+    """The demo's own snapshot folder: ``data/demo.db`` -> ``data/exports/demo``."""
+    return db_path.parent / "exports" / db_path.stem
+
+
+def _remove_snapshots(export_dir: Path) -> None:
+    # The series restarts with the database (sync ids restart at 1).
+    for fmt in EXPORT_FORMATS:
+        shutil.rmtree(export_dir / fmt / "runners", ignore_errors=True)
+
+
 def _counts(summary: SyncSummary) -> str:
     return (
         f"{summary.created} created, {summary.updated} updated, {summary.deleted} deleted, "
@@ -35,12 +49,16 @@ def _counts(summary: SyncSummary) -> str:
 
 
 def run_demo(db_path: Path, *, echo: Callable[[str], None] = print) -> None:
-    """Run the demo into ``db_path`` (recreated), printing each step."""
+    """Run the demo into ``db_path`` (recreated, with its snapshots), printing each step."""
+    export_dir = demo_export_dir(db_path)
     _remove_database(db_path)
+    _remove_snapshots(export_dir)
     account = SimulatedAccount(runners=DEMO_RUNNERS, seed=DEMO_SEED, token="demo-token")
     with LoopbackServer(account) as server:
         echo(f"Simulated ComfyControl account: {DEMO_RUNNERS} runners at {server.url}")
-        settings = Settings(base_url=server.url, token=account.token, db_path=db_path)
+        settings = Settings(
+            base_url=server.url, token=account.token, db_path=db_path, export_dir=export_dir
+        )
 
         first = run_sync(settings)
         echo(f"1. first sync:  {_counts(first)}")
@@ -79,3 +97,21 @@ def run_demo(db_path: Path, *, echo: Callable[[str], None] = print) -> None:
     )
     echo("Open it in Datasette:")
     echo(f"  pip install datasette && datasette {db_path}")
+    echo("")
+    echo(f"Each sync also wrote a snapshot of the fleet, in Parquet and CSV, under {export_dir}:")
+    for snapshot in (*first.snapshots, *second.snapshots):
+        done = (
+            f"({snapshot.rows} rows)"
+            if snapshot.error is None
+            else f"NOT written: {snapshot.error}"
+        )
+        echo(f"  {snapshot.path}  {done}")
+    echo("Read the database or the snapshot series with pandas:")
+    echo(
+        '  python -c "from pipeline import RunnerStore; '
+        f"print(RunnerStore('{db_path}').runners())\""
+    )
+    echo(
+        '  python -c "import pandas as pd; '
+        f"print(pd.read_parquet('{export_dir / 'parquet' / 'runners'}'))\""
+    )

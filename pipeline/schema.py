@@ -12,6 +12,7 @@ Tables (see README for every column):
 * ``sync_runs``: one row per sync attempt.
 * ``rejected_records``: runner objects that could not be stored, with the reason.
 * ``comfysync_meta``: schema version and the per-database redaction key.
+* ``snapshots``: one row per snapshot file a sync wrote (or failed to write).
 """
 
 from __future__ import annotations
@@ -105,6 +106,26 @@ def m001_initial(db: Database) -> None:
             "raw_json": str,
         },
         pk="id",
+        foreign_keys=[("sync_id", "sync_runs", "id")],
+    )
+
+
+@migrations()
+def m003_snapshots(db: Database) -> None:
+    """The index of snapshot files: what each sync exported, where, and what failed."""
+    db.table("snapshots").create(
+        {
+            "id": int,
+            "sync_id": int,
+            "format": str,
+            "path": str,
+            "rows": int,
+            "bytes": int,
+            "written_at": str,
+            "error": str,
+        },
+        pk="id",
+        not_null={"sync_id", "format", "path", "written_at"},
         foreign_keys=[("sync_id", "sync_runs", "id")],
     )
 

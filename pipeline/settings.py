@@ -12,6 +12,9 @@ from pipeline.errors import ConfigurationError
 
 DEFAULT_BASE_URL = "https://api.comfycontrol.app"
 DEFAULT_DB_PATH = Path("data") / "comfysync.db"
+DEFAULT_EXPORT_DIR = Path("data") / "exports"
+#: Snapshot and export formats; each is also the file suffix and the snapshot tree's top folder.
+EXPORT_FORMATS: tuple[str, ...] = ("parquet", "csv")
 MAX_PER_PAGE = 100
 
 
@@ -31,7 +34,9 @@ class Settings:
     """Options of one sync. Construct with keywords; ``validated()`` checks them as a whole.
 
     ``token`` is excluded from ``repr`` so a settings object can be logged or shown in a
-    traceback without leaking the credential.
+    traceback without leaking the credential. ``export_dir`` None (the default for the Python
+    API) writes no snapshots; the ``sync`` command sets it to ``data/exports`` unless
+    ``--no-export``.
     """
 
     base_url: str = DEFAULT_BASE_URL
@@ -47,6 +52,10 @@ class Settings:
     retry_wait_initial: float = 0.5
     retry_wait_max: float = 30.0
     retry_after_cap: float = 120.0
+    export_dir: Path | None = None
+    export_formats: tuple[str, ...] = EXPORT_FORMATS
+    keep_snapshots: int | None = None
+    csv_safe: bool = False
 
     def validated(self) -> Settings:
         """Return self after checking every option, or raise ConfigurationError.
@@ -78,6 +87,14 @@ class Settings:
             raise ConfigurationError("--timeout must be a positive number of seconds")
         if self.max_retries < 0:
             raise ConfigurationError("--max-retries must be 0 or more")
+        unknown = sorted(set(self.export_formats) - set(EXPORT_FORMATS))
+        if unknown or not self.export_formats:
+            raise ConfigurationError(
+                f"--format must be one or more of {', '.join(EXPORT_FORMATS)}, "
+                f"not {', '.join(unknown) or 'nothing'}"
+            )
+        if self.keep_snapshots is not None and self.keep_snapshots < 1:
+            raise ConfigurationError("--keep-snapshots must be at least 1")
         return self
 
 

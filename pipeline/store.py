@@ -9,14 +9,18 @@ Invariants this module guarantees:
   that touch end to end; exactly one version, the current one, has ``valid_to`` NULL.
 * A deleted runner keeps its row with ``deleted_at`` set and gets a ``deleted`` version that
   repeats its last known fields; a runner that comes back gets a ``restored`` version.
+* ``record_snapshots`` indexes the snapshot files a sync wrote after its changes were
+  committed; it never touches the sync's own rows.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -24,6 +28,9 @@ from pipeline.changes import ChangeSet, Revision, StoredState
 from pipeline.errors import StorageError
 from pipeline.records import TRACKED_FIELDS, Rejection, RunnerRecord
 from pipeline.sqlite import Database
+
+if TYPE_CHECKING:
+    from pipeline.snapshot import SnapshotFile
 
 _FIELDS = ", ".join(TRACKED_FIELDS)
 _MARKS = ", ".join("?" for _ in TRACKED_FIELDS)
@@ -165,6 +172,34 @@ def apply_changes(
             )
     except sqlite3.OperationalError as exc:
         raise StorageError(f"could not write the database ({exc}); nothing was applied") from exc
+
+
+def record_snapshots(db: Database, files: Iterable[SnapshotFile]) -> None:
+    """Index snapshot files (written or failed) in ``snapshots``, in one transaction.
+
+    Paths are stored absolute, so the index means the same thing whatever directory a later
+    reader runs in. Raises StorageError if SQLite cannot write.
+    """
+    try:
+        with db.atomic():
+            db.conn.executemany(
+                "INSERT INTO snapshots (sync_id, format, path, rows, bytes, written_at, error) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        f.sync_id,
+                        f.format,
+                        os.path.abspath(f.path),
+                        f.rows,
+                        f.bytes,
+                        f.written_at,
+                        f.error,
+                    )
+                    for f in files
+                ],
+            )
+    except sqlite3.OperationalError as exc:
+        raise StorageError(f"could not record the snapshot files ({exc})") from exc
 
 
 def _record_values(record: RunnerRecord) -> tuple[str, ...]:

@@ -11,30 +11,41 @@ scheduler, the Python API) syncs through ``run_sync``, so they all share one beh
 * only one sync at a time writes a database (``pipeline.lock``): a second one raises
   ``SyncLockedError`` before it has written anything, not even its run-log row;
 * a sync asked to stop (``stop`` set, e.g. by SIGTERM) is abandoned before it applies
-  anything and raises ``SyncInterruptedError``; once applying has begun, it finishes.
+  anything and raises ``SyncInterruptedError``; once applying has begun, it finishes;
+* after a ``success`` or ``partial`` sync, when ``settings.export_dir`` is set, the fleet it
+  left is written as snapshot files. That happens after the changes are committed: a failed
+  snapshot is logged as a warning and recorded (``SyncSummary.snapshots``, the ``snapshots``
+  table), and never undoes or fails the sync.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from pipeline import schema, store
 from pipeline.changes import ChangeSet, ids_needing_fields, plan_changes
 from pipeline.client import ComfyControlClient, Page
-from pipeline.errors import ComfySyncError, SyncInterruptedError
+from pipeline.errors import ComfySyncError, StorageError, SyncInterruptedError
 from pipeline.lock import hold_sync_lock
 from pipeline.records import KNOWN_STATUSES, Rejection, RunnerRecord, parse_runner
 from pipeline.settings import Settings
 from pipeline.sqlite import Database
 from pipeline.walk import WalkResult, pages_needed, walk_all_pages
+
+if TYPE_CHECKING:
+    from pipeline.export import FileWriter
+    from pipeline.snapshot import SnapshotFile
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +75,17 @@ class SyncSummary:
     warnings: tuple[str, ...]
     seconds: float
     db_path: str
+    snapshots: tuple[SnapshotFile, ...] = ()
+    snapshots_pruned: tuple[str, ...] = ()
 
     @property
     def changed(self) -> int:
         return self.created + self.updated + self.deleted + self.restored
+
+    @property
+    def snapshot_errors(self) -> tuple[str, ...]:
+        """Why snapshot files could not be written (empty when all were)."""
+        return tuple(f.error for f in self.snapshots if f.error)
 
 
 class _Collector:
@@ -112,6 +130,18 @@ class _Collector:
         return records, rejections
 
 
+@dataclass(frozen=True)
+class _Seams:
+    """The injectable parts of one sync, passed down as one value."""
+
+    client: ComfyControlClient | None
+    transport: httpx.AsyncBaseTransport | None
+    on_progress: ProgressCallback | None
+    write_export_file: FileWriter | None
+    now: Callable[[], str]
+    stop: threading.Event | None
+
+
 def run_sync(
     settings: Settings,
     *,
@@ -120,52 +150,92 @@ def run_sync(
     db: Database | None = None,
     on_progress: ProgressCallback | None = None,
     stop: threading.Event | None = None,
+    write_export_file: FileWriter | None = None,
+    clock: Callable[[], datetime] | None = None,
 ) -> SyncSummary:
     """Mirror the account into the store once. Raises a ComfySyncError subclass on failure.
 
     The database's sync lock is held from before the database is opened until the sync's
-    last write; SyncLockedError if another sync holds it. ``stop``, once set (from a signal
-    handler or another thread), abandons the sync before it applies anything: the request
-    or retry wait in flight is cancelled, the run is recorded ``failed`` and
-    SyncInterruptedError raised. A stop that comes while applying lets the apply finish.
+    last write (snapshots included); SyncLockedError if another sync holds it. ``stop``, once
+    set (from a signal handler or another thread), abandons the sync before it applies
+    anything: the request or retry wait in flight is cancelled, the run is recorded
+    ``failed`` and SyncInterruptedError raised. A stop that comes while applying lets the
+    apply finish.
 
-    ``client``, ``transport`` and ``db`` are seams for tests and embedding: by default the
-    client and database are built from ``settings`` (a ``db`` passed in must be the one at
-    ``settings.db_path``: that is the file the lock guards).
+    ``client``, ``transport``, ``db``, ``write_export_file`` (what writes one snapshot
+    file's content) and ``clock`` (the times recorded in the store; it must never run
+    backwards) are seams for tests and embedding: by default the client and database are
+    built from ``settings``, snapshots are written by ``export.write_export_file`` and the
+    clock is the system's. A ``db`` passed in must be the one at ``settings.db_path``: that
+    is the file the lock guards.
     """
     started = time.monotonic()
     settings = settings.validated()
+    now = (lambda: store.utc_timestamp(clock())) if clock is not None else store.utc_timestamp
+    seams = _Seams(client, transport, on_progress, write_export_file, now, stop)
     with hold_sync_lock(settings.db_path):
         if db is not None:
-            return _sync_into(db, settings, client, transport, on_progress, started, stop)
+            return _sync_into(db, settings, seams, started)
         db = schema.open_store(settings.db_path)
         try:
-            return _sync_into(db, settings, client, transport, on_progress, started, stop)
+            return _sync_into(db, settings, seams, started)
         finally:
             db.close()
 
 
-def _sync_into(
-    db: Database,
-    settings: Settings,
-    client: ComfyControlClient | None,
-    transport: httpx.AsyncBaseTransport | None,
-    on_progress: ProgressCallback | None,
-    started: float,
-    stop: threading.Event | None,
-) -> SyncSummary:
-    store.close_abandoned_runs(db, finished_at=store.utc_timestamp())
-    sync_id = store.begin_run(db, base_url=settings.base_url, started_at=store.utc_timestamp())
+def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) -> SyncSummary:
+    now = seams.now
+    store.close_abandoned_runs(db, finished_at=now())
+    sync_id = store.begin_run(db, base_url=settings.base_url, started_at=now())
     try:
-        collector = _Collector(schema.redaction_key(db), settings.store_header_values, on_progress)
-        walk = asyncio.run(_walk_unless_stopped(settings, client, transport, collector, stop))
+        collector = _Collector(
+            schema.redaction_key(db), settings.store_header_values, seams.on_progress
+        )
+        walk = asyncio.run(_walk_unless_stopped(settings, seams, collector))
         records, rejections = collector.final(walk)
-        summary = _decide_and_apply(db, settings, sync_id, walk, records, rejections, started, stop)
+        summary, applied_at = _decide_and_apply(
+            db, settings, sync_id, walk, records, rejections, seams, started
+        )
     except BaseException as exc:
         error = exc.message if isinstance(exc, ComfySyncError) else _describe(exc)
-        store.record_failed_run(db, sync_id, error=error, finished_at=store.utc_timestamp())
+        store.record_failed_run(db, sync_id, error=error, finished_at=now())
         raise
+    # Committed: from here on nothing may turn the sync into a failure.
+    if settings.export_dir is not None:
+        summary = _write_snapshots(
+            db, settings.export_dir, settings, summary, applied_at, seams.write_export_file
+        )
     return summary
+
+
+def _write_snapshots(
+    db: Database,
+    export_dir: Path,
+    settings: Settings,
+    summary: SyncSummary,
+    applied_at: str,
+    write_export_file: FileWriter | None,
+) -> SyncSummary:
+    """Snapshot the fleet this sync left; report and record failures, never raise them."""
+    from pipeline import export, history  # pyarrow: loaded only by syncs that export
+
+    report = export.export_snapshots(
+        export_dir,
+        sync_id=summary.sync_id,
+        snapshot_at=applied_at,
+        read_fleet=lambda: history.fleet_as_of(db, applied_at),
+        formats=settings.export_formats,
+        csv_safe=settings.csv_safe,
+        keep=settings.keep_snapshots,
+        write=write_export_file or export.write_export_file,
+    )
+    for error in (f.error for f in report.files if f.error):
+        log.warning("snapshot not written (the sync itself succeeded): %s", error)
+    try:
+        store.record_snapshots(db, report.files)
+    except StorageError as exc:
+        log.warning("%s; the snapshot files themselves are in place", exc.message)
+    return dataclasses.replace(summary, snapshots=report.files, snapshots_pruned=report.pruned)
 
 
 def _describe(exc: BaseException) -> str:
@@ -175,17 +245,14 @@ def _describe(exc: BaseException) -> str:
 
 
 async def _walk_unless_stopped(
-    settings: Settings,
-    client: ComfyControlClient | None,
-    transport: httpx.AsyncBaseTransport | None,
-    collector: _Collector,
-    stop: threading.Event | None,
+    settings: Settings, seams: _Seams, collector: _Collector
 ) -> WalkResult:
     """The walk, cancelled (request or retry wait in flight included) as soon as ``stop`` is set.
 
     Cancelling is safe at any point of a walk: it has written nothing yet.
     """
-    walk = asyncio.ensure_future(_walk(settings, client, transport, collector))
+    walk = asyncio.ensure_future(_walk(settings, seams.client, seams.transport, collector))
+    stop = seams.stop
     if stop is None:
         return await walk
     while not stop.is_set():
@@ -234,9 +301,9 @@ def _decide_and_apply(
     walk: WalkResult,
     records: dict[str, RunnerRecord],
     rejections: list[Rejection],
+    seams: _Seams,
     started: float,
-    stop: threading.Event | None,
-) -> SyncSummary:
+) -> tuple[SyncSummary, str]:
     complete = walk.complete and not rejections
     warnings = list(_warnings(walk, rejections, records))
     stored = store.load_stored_states(db)
@@ -258,14 +325,16 @@ def _decide_and_apply(
         rejected=len(rejections),
         warnings=tuple(warnings),
     )
-    if stop is not None and stop.is_set():
+    if seams.stop is not None and seams.stop.is_set():
         raise SyncInterruptedError()  # the last moment a stop can leave the store untouched
+    applied_at = seams.now()
     store.apply_changes(
-        db, changes, rejections, sync_id=sync_id, outcome=outcome, applied_at=store.utc_timestamp()
+        db, changes, rejections, sync_id=sync_id, outcome=outcome, applied_at=applied_at
     )
     for warning in warnings:
         log.warning("%s", warning)
-    return _summarise(sync_id, outcome, changes, time.monotonic() - started, settings.db_path)
+    seconds = time.monotonic() - started
+    return _summarise(sync_id, outcome, changes, seconds, settings.db_path), applied_at
 
 
 def _warnings(

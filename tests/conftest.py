@@ -60,20 +60,27 @@ class CliResult:
     stderr: str
 
 
+def run_comfysync(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> CliResult:
+    """Run `comfysync` as a real subprocess in ``cwd``, with a clean environment."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=cwd,
+        env=cli_environment(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
 @pytest.fixture
 def run_cli(tmp_path: Path) -> Callable[..., CliResult]:
     """Run `comfysync` as a real subprocess, in tmp_path, with a clean environment."""
 
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> CliResult:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", *args],
-            cwd=tmp_path,
-            env=cli_environment(env),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        return CliResult(proc.returncode, proc.stdout, proc.stderr)
+        return run_comfysync(tmp_path, *args, env=env, timeout=timeout)
 
     return run
 

@@ -8,6 +8,8 @@ import sqlite3
 
 from conftest import rows
 
+from pipeline.schema import SCHEMA_VERSION
+
 
 def test_sync_prints_a_summary_and_records_the_run(serve_account, run_cli, tmp_path):
     upstream = serve_account(runners=230, seed=11)
@@ -15,9 +17,14 @@ def test_sync_prints_a_summary_and_records_the_run(serve_account, run_cli, tmp_p
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("sync 1 success: 230 runners in 3 pages (1 walk(s), complete) in ")
+    day = rows(
+        tmp_path / "data" / "comfysync.db", "SELECT substr(finished_at, 1, 10) FROM sync_runs"
+    )[0][0]
     assert lines[1:] == [
         "  created 230, updated 0, deleted 0, restored 0, unchanged 0, rejected 0",
         "  database: data/comfysync.db",
+        f"  snapshot: data/exports/parquet/runners/snapshot_date={day}/runners-1.parquet (230 rows)",
+        f"  snapshot: data/exports/csv/runners/snapshot_date={day}/runners-1.csv (230 rows)",
     ]
     assert result.stderr == ""
     assert rows(tmp_path / "data" / "comfysync.db", "SELECT count(*) FROM runners") == [(230,)]
@@ -148,7 +155,9 @@ def test_a_newer_schema_is_refused_and_the_file_left_byte_for_byte(
 
     result = run_cli("sync", "--base-url", upstream.url, "--token", "test-token", "--db", "m.db")
     assert result.exit_code == 2
-    assert "schema version 999, newer than this comfysync knows (1)" in result.stderr
+    assert (
+        f"schema version 999, newer than this comfysync knows ({SCHEMA_VERSION})" in result.stderr
+    )
     assert hashlib.sha256((tmp_path / "m.db").read_bytes()).hexdigest() == digest
 
 

@@ -91,6 +91,16 @@ CREATE TABLE "rejected_records" (
    "runner_id" TEXT,
    "reason" TEXT,
    "raw_json" TEXT
+);
+CREATE TABLE "snapshots" (
+   "id" INTEGER PRIMARY KEY,
+   "sync_id" INTEGER NOT NULL REFERENCES "sync_runs"("id"),
+   "format" TEXT NOT NULL,
+   "path" TEXT NOT NULL,
+   "rows" INTEGER,
+   "bytes" INTEGER,
+   "written_at" TEXT NOT NULL,
+   "error" TEXT
 );"""
 
 
@@ -98,7 +108,7 @@ def test_a_new_database_has_exactly_the_documented_schema(tmp_path: Path):
     db = open_store(tmp_path / "new.db")
     assert db.schema == EXPECTED_SCHEMA
     assert db.journal_mode == "wal"
-    assert read_meta(db, "schema_version") == str(SCHEMA_VERSION) == "1"
+    assert read_meta(db, "schema_version") == str(SCHEMA_VERSION) == "2"
     assert read_meta(db, "application") == "comfysync"
     assert len(bytes.fromhex(read_meta(db, "redaction_key") or "")) == 32
 
@@ -109,7 +119,7 @@ def test_opening_again_is_idempotent_and_keeps_the_redaction_key(tmp_path: Path)
     first.close()
     again = open_store(tmp_path / "m.db")
     assert again.schema == EXPECTED_SCHEMA and read_meta(again, "redaction_key") == key
-    assert again.execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == (1,)
+    assert again.execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == (2,)
 
 
 def test_each_database_gets_its_own_redaction_key(tmp_path: Path):
@@ -135,3 +145,25 @@ def test_a_foreign_sqlite_database_is_refused_untouched(tmp_path: Path):
         with pytest.raises(DatabaseError, match="did not create"):
             opener(path)
     assert path.read_bytes() == before
+
+
+def test_a_version_1_database_is_upgraded_with_the_snapshots_table_and_keeps_its_rows(
+    tmp_path: Path,
+):
+    from pipeline.schema import META_TABLE, migrations
+
+    path = tmp_path / "old.db"
+    old = Database(path)
+    migrations.apply(old, stop_before="m003_snapshots")
+    old.table(META_TABLE).upsert({"key": "schema_version", "value": "1"}, pk="key")
+    old.execute(
+        "INSERT INTO sync_runs (started_at, status) VALUES ('2026-01-01T00:00:00Z', 'success')"
+    )
+    old.conn.commit()
+    assert "snapshots" not in old.table_names()
+    old.close()
+
+    upgraded = open_store(path)
+    assert upgraded.schema == EXPECTED_SCHEMA
+    assert read_meta(upgraded, "schema_version") == str(SCHEMA_VERSION)
+    assert upgraded.execute("SELECT id, status FROM sync_runs").fetchall() == [(1, "success")]

@@ -1,0 +1,169 @@
+"""Read the store's history: the fleet as of any instant, every version, and the run log.
+
+Read-only questions for the exports and the pandas API; nothing here writes. A version is
+in force at instant T when ``valid_from <= T`` and ``valid_to`` is NULL or later than T.
+Every version a sync writes has ``valid_from`` = that sync's finish time, so the fleet as of
+that time is exactly what the sync left, and it stays so: later syncs only close intervals
+after it. That is why a snapshot or a ``--as-of`` export can be rebuilt, identically, at any
+later time.
+
+Times in the store are ISO 8601 UTC text with microseconds and a ``Z``, which sort as text
+in time order; an instant is formatted the same way before it is compared.
+
+Queries yield rows in batches of ``BATCH_ROWS`` so an export of a large store streams in
+bounded memory; each query is one statement, hence one consistent read of the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+from pipeline.errors import ConfigurationError
+from pipeline.records import TRACKED_FIELDS
+from pipeline.sqlite import Database
+from pipeline.store import utc_timestamp
+
+#: A runner's state, as the ``runners`` table holds it and as a past instant rebuilds it.
+FLEET_COLUMNS: tuple[str, ...] = (
+    "id",
+    *TRACKED_FIELDS,
+    "first_seen_at",
+    "deleted_at",
+    "version",
+    "content_hash",
+)
+#: One version of one runner, as ``runner_versions`` holds it.
+VERSION_COLUMNS: tuple[str, ...] = (
+    "runner_id",
+    "version",
+    "change",
+    "changed_fields",
+    *TRACKED_FIELDS,
+    "content_hash",
+    "valid_from",
+    "valid_to",
+    "sync_id",
+)
+RUN_COLUMNS: tuple[str, ...] = (
+    "id",
+    "started_at",
+    "finished_at",
+    "status",
+    "base_url",
+    "pages",
+    "walks",
+    "complete",
+    "total_reported",
+    "runners_seen",
+    "created",
+    "updated",
+    "deleted",
+    "restored",
+    "unchanged",
+    "rejected",
+    "warnings",
+    "error",
+)
+#: Rows per batch: Python row tuples cost far more memory than Arrow columns, so keep few.
+BATCH_ROWS = 10_000
+
+Row = tuple[object, ...]
+
+_TRACKED = ", ".join(f"v.{name}" for name in TRACKED_FIELDS)
+# first_seen_at is version 1's valid_from (the store sets both from the same clock reading);
+# a deleted version's valid_from is the moment the runner was marked deleted.
+_FLEET_AS_OF = f"""
+SELECT v.runner_id, {_TRACKED}, first.valid_from,
+       CASE WHEN v.change = 'deleted' THEN v.valid_from END,
+       v.version, v.content_hash
+FROM runner_versions AS v
+JOIN runner_versions AS first ON first.runner_id = v.runner_id AND first.version = 1
+WHERE v.valid_from <= :at AND (v.valid_to IS NULL OR v.valid_to > :at) {{deleted}}
+ORDER BY v.runner_id
+"""
+
+
+@dataclass(frozen=True)
+class AppliedSync:
+    """A sync whose changes were committed (``success`` or ``partial``), and when."""
+
+    sync_id: int
+    finished_at: str
+
+
+def parse_instant(value: str | date | datetime) -> datetime:
+    """An instant in UTC from ISO 8601 text, a date or a datetime; ConfigurationError if not.
+
+    A date alone means the start of that day, UTC; a time without an offset is taken as UTC
+    (the store keeps every time in UTC, so that is the only reading that cannot surprise).
+    """
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ConfigurationError(
+                f"cannot read {value!r} as an ISO 8601 timestamp; use e.g. 2026-11-28 or "
+                "2026-11-28T14:30:00Z"
+            ) from None
+    if not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def instant_text(value: str | date | datetime) -> str:
+    """The instant as the store writes times, so that it compares correctly as text."""
+    return utc_timestamp(parse_instant(value))
+
+
+def last_applied_sync(db: Database, at: str | None = None) -> AppliedSync | None:
+    """The latest sync that committed changes, at or before ``at`` (store time text) if given."""
+    sql = "SELECT id, finished_at FROM sync_runs WHERE status IN ('success', 'partial')"
+    params: list[str] = []
+    if at is not None:
+        sql += " AND finished_at <= ?"
+        params.append(at)
+    row = db.execute(sql + " ORDER BY finished_at DESC, id DESC LIMIT 1", params).fetchone()
+    return AppliedSync(int(row[0]), str(row[1])) if row else None
+
+
+def fleet_as_of(db: Database, at: str, *, include_deleted: bool = False) -> Iterator[list[Row]]:
+    """Every runner as the store knew it at ``at`` (store time text), in FLEET_COLUMNS order.
+
+    Present runners only, unless ``include_deleted`` (then deleted ones come with
+    ``deleted_at``). Runners the store had not yet seen at ``at`` are absent. Sorted by id.
+    """
+    deleted = "" if include_deleted else "AND v.change != 'deleted'"
+    yield from _batches(db, _FLEET_AS_OF.format(deleted=deleted), {"at": at})
+
+
+def current_fleet(db: Database, *, include_deleted: bool = False) -> Iterator[list[Row]]:
+    """The ``runners`` table in FLEET_COLUMNS order, sorted by id; present ones unless asked."""
+    where = "" if include_deleted else "WHERE deleted_at IS NULL"
+    yield from _batches(db, f"SELECT {', '.join(FLEET_COLUMNS)} FROM runners {where} ORDER BY id")
+
+
+def all_versions(db: Database, runner_id: str | None = None) -> Iterator[list[Row]]:
+    """Every version (of one runner if given) in VERSION_COLUMNS order, by runner and version."""
+    sql = f"SELECT {', '.join(VERSION_COLUMNS)} FROM runner_versions"
+    params: list[str] = []
+    if runner_id is not None:
+        sql += " WHERE runner_id = ?"
+        params.append(runner_id)
+    yield from _batches(db, sql + " ORDER BY runner_id, version", params)
+
+
+def sync_runs(db: Database) -> list[Row]:
+    """The run log in RUN_COLUMNS order, oldest first."""
+    return db.execute(f"SELECT {', '.join(RUN_COLUMNS)} FROM sync_runs ORDER BY id").fetchall()
+
+
+def _batches(
+    db: Database, sql: str, params: dict[str, str] | list[str] | None = None
+) -> Iterator[list[Row]]:
+    cursor = db.execute(sql, params or [])
+    while batch := cursor.fetchmany(BATCH_ROWS):
+        yield batch

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from mirror_fixture import Mirror, build_mirror
 
 from pipeline.simulator import LoopbackServer, SimulatedAccount
 
@@ -98,3 +99,9 @@ def rows(path: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[ob
         return [tuple(row) for row in conn.execute(sql, params)]
     finally:
         conn.close()
+
+
+@pytest.fixture(scope="session")
+def mirror(tmp_path_factory: pytest.TempPathFactory) -> Mirror:
+    """A database made by real syncs with known changes (see mirror_fixture); do not write to it."""
+    return build_mirror(tmp_path_factory.mktemp("mirror") / "mirror.db")

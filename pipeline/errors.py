@@ -7,7 +7,8 @@ exactly one place::
     ComfySyncError                 1  (never raised directly)
     ├── ConfigurationError         2  bad option, missing token, unsafe URL
     │   ├── DatabaseError          2  --db is not a usable comfysync database
-    │   └── ForeignAccountError    2  the token belongs to another account than the store's
+    │   ├── ForeignAccountError    2  the token belongs to another account than the store's
+    │   └── RunnerLookupError      2  no runner, or more than one, matches what was asked
     ├── AuthenticationError        3  the API answered 401/403
     ├── UpstreamError              4  the API failed after retries; nothing was applied
     │   ├── ApiResponseError       4  a page that is not the documented JSON
@@ -46,6 +47,10 @@ class DatabaseError(ConfigurationError):
 
 class ForeignAccountError(ConfigurationError):
     """These runners belong to another account than the one this database mirrors."""
+
+
+class RunnerLookupError(ConfigurationError):
+    """No runner, or more than one, matches; pass a full runner id."""
 
 
 class AuthenticationError(ComfySyncError):

@@ -12,6 +12,7 @@ from pipeline.errors import ConfigurationError
 
 DEFAULT_BASE_URL = "https://api.comfycontrol.app"
 DEFAULT_DB_PATH = Path("data") / "comfysync.db"
+DEFAULT_EXPORT_DIR = Path("data") / "exports"
 MAX_PER_PAGE = 100
 
 

@@ -77,5 +77,6 @@ def run_demo(db_path: Path, *, echo: Callable[[str], None] = print) -> None:
         '  python -c "import sqlite3, pandas as pd; '
         f"print(pd.read_sql('select * from runner_versions', sqlite3.connect('{db_path}')))\""
     )
-    echo("Open it in Datasette:")
-    echo(f"  pip install datasette && datasette {db_path}")
+    echo("See what changed, or browse it in Datasette (needs the datasette extra):")
+    echo(f"  comfysync changes --db {db_path}")
+    echo(f"  comfysync browse --db {db_path}")

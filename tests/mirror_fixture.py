@@ -9,12 +9,12 @@ the database so tests can still assert outputs exactly.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import rows
 
 from pipeline.errors import UpstreamError
 from pipeline.settings import Settings
@@ -46,20 +46,12 @@ class Mirror:
         return self.runs[sync_id][1]
 
     def stored(self, runner_id: str, column: str, version: int) -> str:
-        [(value,)] = query(
+        [(value,)] = rows(
             self.path,
             f"SELECT {column} FROM runner_versions WHERE runner_id = ? AND version = ?",
             (runner_id, version),
         )
         return str(value)
-
-
-def query(path: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(path)
-    try:
-        return [tuple(row) for row in conn.execute(sql, params)]
-    finally:
-        conn.close()
 
 
 def build_mirror(path: Path) -> Mirror:
@@ -88,7 +80,7 @@ def build_mirror(path: Path) -> Mirror:
         upstream = account.list_runners()
     runs = {
         row[0]: (row[1], row[2])
-        for row in query(path, "SELECT id, started_at, finished_at FROM sync_runs")
+        for row in rows(path, "SELECT id, started_at, finished_at FROM sync_runs")
     }
     return Mirror(
         path=path,

@@ -442,3 +442,64 @@ def test_the_read_commands_never_write_the_database(mirror: Mirror, run_cli, tmp
             assert run_cli(*args, *json_flag, "--db", "copy.db").exit_code == 0
     assert hashlib.sha256(copy.read_bytes()).hexdigest() == before
     assert not Path(f"{copy}-wal").exists() or Path(f"{copy}-wal").stat().st_size == 0
+
+
+# -- restorations and partial runs ----------------------------------------------------------
+
+
+def test_a_restored_runner_and_a_partial_run(serve_account, run_cli, tmp_path):
+    upstream = serve_account(runners=6, seed=3)
+    account = upstream.account
+    sync = ("sync", "--base-url", upstream.url, "--token", "test-token", "--db", "r.db")
+    assert run_cli(*sync).exit_code == 0
+    gone = account.delete_runner(account.runner_ids()[1])
+    assert run_cli(*sync).exit_code == 0
+    account.create_runner(**{**gone, "name": "back-again"})
+    account.faults.once("missing_id")
+    assert run_cli(*sync, "--max-walks", "1").exit_code == 0
+
+    history = run_cli("history", gone["id"][:10], "--db", "r.db")
+    assert history.exit_code == 0, history.stderr
+    [v1, v2, v3] = [
+        shown(str(t[0]))
+        for t in rows(tmp_path / "r.db", "SELECT finished_at FROM sync_runs ORDER BY id")
+    ]
+    assert history.stdout == (
+        f"{gone['id']}  back-again  (present)\n"
+        f"  v1   {v1} UTC  created   sync 1\n"
+        f"  v2   {v2} UTC  deleted   sync 2\n"
+        f"  v3   {v3} UTC  restored  sync 3\n"
+        f'      name: "{gone["name"]}" -> "back-again"\n'
+    )
+
+    started = {
+        run_id: shown(str(at))
+        for run_id, at in rows(tmp_path / "r.db", "SELECT id, started_at FROM sync_runs")
+    }
+    runs = run_cli("runs", "--limit", "1", "--db", "r.db").stdout.splitlines()
+    assert runs[1].startswith(f"    3  {started[3]}  partial ")
+    assert runs[1].split()[5:] == ["5", "0", "0", "0", "1", "1"]
+    assert runs[2:] == [
+        "       warning: no complete walk in 1 attempt(s): the head of the list changed",
+        "         during the walk; saw 5 distinct runners but total is 6",
+        "       warning: 1 runner record(s) could not be stored (see rejected_records)",
+        "       warning: 1 runner(s) missing from the walk were NOT marked deleted",
+        "         because the walk was not proven complete",
+    ]
+    status = run_cli("status", "--db", "r.db").stdout.splitlines()
+    assert status[2].startswith(f"last sync:     #3 partial, {started[3]} UTC (")
+    assert status[2].endswith(" s), walk NOT complete")
+    assert status[3:] == [
+        "               5 runners seen: 0 created, 0 updated, 0 deleted, 1 restored, 4",
+        "               unchanged, 1 rejected",
+        "               warning: no complete walk in 1 attempt(s): the head of the list",
+        "                 changed during the walk; saw 5 distinct runners but total is 6",
+        "               warning: 1 runner record(s) could not be stored (see",
+        "                 rejected_records)",
+        "               warning: 1 runner(s) missing from the walk were NOT marked",
+        "                 deleted because the walk was not proven complete",
+        f"last success:  #2, {started[2]} UTC",
+        "runners:       6 present, 0 deleted",
+        "versions:      8 recorded",
+        "snapshots:     none under data/exports",
+    ]

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -540,6 +541,168 @@ def demo(db_path: Path) -> None:
     from pipeline.demo import run_demo
 
     run_demo(db_path, echo=click.echo)
+
+
+# -- reading the mirror: status, runs, history, changes, browse ------------------------------
+
+read_db_option = click.option(
+    "--db",
+    "db_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="COMFYSYNC_DB",
+    default=DEFAULT_DB_PATH,
+    show_envvar=True,
+    help="SQLite database to read (opened read-only).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+@cli.command()
+@read_db_option
+@click.option(
+    "--export-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    envvar="COMFYSYNC_EXPORT_DIR",
+    default=DEFAULT_EXPORT_DIR,
+    show_envvar=True,
+    help="Where snapshot exports are looked for.",
+)
+@json_option
+@debug_option
+def status(db_path: Path, export_dir: Path, as_json: bool) -> None:
+    """Show the mirror's state: last sync, counts, snapshot files."""
+    from pipeline.overview import read_status
+    from pipeline.report import describe_status
+    from pipeline.schema import open_store_read_only
+
+    with closing(open_store_read_only(db_path)) as db:
+        result = read_status(db, db_path, export_dir)
+    if as_json:
+        _echo_json(dataclasses.asdict(result))
+    else:
+        click.echo(describe_status(result))
+
+
+@cli.command()
+@read_db_option
+@click.option("--limit", type=click.IntRange(1), default=20, help="Runs to show, newest first.")
+@click.option(
+    "--status",
+    "run_status",
+    type=click.Choice(["running", "success", "partial", "failed"]),
+    default=None,
+    help="Only runs that ended with this status.",
+)
+@json_option
+@debug_option
+def runs(db_path: Path, limit: int, run_status: str | None, as_json: bool) -> None:
+    """Show the run log, newest first, with errors and warnings."""
+    from pipeline.overview import list_runs
+    from pipeline.report import describe_runs
+    from pipeline.schema import open_store_read_only
+
+    with closing(open_store_read_only(db_path)) as db:
+        result = list_runs(db, limit=limit, status=run_status)
+    if as_json:
+        _echo_json([dataclasses.asdict(run) for run in result])
+    else:
+        click.echo(describe_runs(result))
+
+
+@cli.command()
+@click.argument("runner")
+@read_db_option
+@json_option
+@debug_option
+def history(runner: str, db_path: Path, as_json: bool) -> None:
+    """Show every version of one runner.
+
+    RUNNER is a full id, a unique id prefix or an exact name; an ambiguous one lists the
+    runners it matches and exits 2. Updates show each changed field as old -> new (header
+    values stay redacted).
+    """
+    from pipeline.changelog import resolve_runner, runner_history
+    from pipeline.report import describe_history
+    from pipeline.schema import open_store_read_only
+
+    with closing(open_store_read_only(db_path)) as db:
+        result = runner_history(db, resolve_runner(db, runner))
+    if as_json:
+        _echo_json(dataclasses.asdict(result))
+    else:
+        click.echo(describe_history(result))
+
+
+@cli.command()
+@click.option(
+    "--since",
+    default="24h",
+    metavar="DURATION|DATE",
+    help="How far back: 90m, 24h, 7d, or an ISO date or date and time (UTC unless it says).",
+)
+@read_db_option
+@json_option
+@debug_option
+def changes(since: str, db_path: Path, as_json: bool) -> None:
+    """Show every change across all runners since a moment.
+
+    Newest first, in the shape of `comfysync history`.
+    """
+    from pipeline.changelog import changes_since, parse_since
+    from pipeline.report import describe_changes
+    from pipeline.schema import open_store_read_only
+
+    cutoff = parse_since(since)
+    with closing(open_store_read_only(db_path)) as db:
+        result = changes_since(db, cutoff)
+    if as_json:
+        _echo_json({"since": cutoff, "changes": [dataclasses.asdict(e) for e in result]})
+    else:
+        click.echo(describe_changes(result, cutoff))
+
+
+@cli.command()
+@read_db_option
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=8001, help="Port to listen on (127.0.0.1)."
+)
+@click.option(
+    "--metadata-out",
+    type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
+    default=None,
+    help="Write the Datasette metadata for --db to this file ('-': stdout) and exit.",
+)
+@debug_option
+def browse(db_path: Path, port: int, metadata_out: Path | None) -> None:
+    """Open the mirror in Datasette on 127.0.0.1.
+
+    With descriptions of every table and column, default facets and canned queries.
+    Needs the datasette extra: pip install 'comfysync[datasette]'. To run Datasette
+    yourself, write the metadata out and pass it:
+
+    \b
+      comfysync browse --metadata-out metadata.json
+      datasette data/comfysync.db --metadata metadata.json
+    """
+    from pipeline.browse import HOST, database_name, metadata_json, serve
+
+    if metadata_out is not None:
+        text = metadata_json(db_path)
+        if str(metadata_out) == "-":
+            click.echo(text, nl=False)
+        else:
+            metadata_out.write_text(text, encoding="utf-8")
+            click.echo(
+                f"wrote {metadata_out}; run: datasette {db_path} --metadata {metadata_out}",
+                err=True,
+            )
+        return
+    url = f"http://{HOST}:{port}/{database_name(db_path)}"
+    serve(db_path, port=port, on_start=lambda: click.echo(f"browse {url} (Ctrl+C stops)", err=True))
 
 
 def main(argv: list[str] | None = None) -> None:

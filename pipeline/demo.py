@@ -95,8 +95,6 @@ def run_demo(db_path: Path, *, echo: Callable[[str], None] = print) -> None:
         '  python -c "import sqlite3, pandas as pd; '
         f"print(pd.read_sql('select * from runner_versions', sqlite3.connect('{db_path}')))\""
     )
-    echo("Open it in Datasette:")
-    echo(f"  pip install datasette && datasette {db_path}")
     echo("")
     echo(f"Each sync also wrote a snapshot of the fleet, in Parquet and CSV, under {export_dir}:")
     for snapshot in (*first.snapshots, *second.snapshots):
@@ -115,3 +113,6 @@ def run_demo(db_path: Path, *, echo: Callable[[str], None] = print) -> None:
         '  python -c "import pandas as pd; '
         f"print(pd.read_parquet('{export_dir / 'parquet' / 'runners'}'))\""
     )
+    echo("See what changed, or browse it in Datasette (needs the datasette extra):")
+    echo(f"  comfysync changes --db {db_path}")
+    echo(f"  comfysync browse --db {db_path}")

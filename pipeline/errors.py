@@ -8,7 +8,8 @@ exactly one place::
     ├── ConfigurationError         2  bad option, missing token, unsafe URL
     │   ├── DatabaseError          2  --db is not a usable comfysync database
     │   ├── ForeignAccountError    2  the token belongs to another account than the store's
-    │   └── ExportError            2  an export file could not be written (nothing left behind)
+    │   ├── ExportError            2  an export file could not be written (nothing left behind)
+    │   └── RunnerLookupError      2  no runner, or more than one, matches what was asked
     ├── AuthenticationError        3  the API answered 401/403
     ├── UpstreamError              4  the API failed after retries; nothing was applied
     │   ├── ApiResponseError       4  a page that is not the documented JSON
@@ -53,6 +54,10 @@ class ForeignAccountError(ConfigurationError):
 
 class ExportError(ConfigurationError):
     """The export could not be written; no file was left under the output path."""
+
+
+class RunnerLookupError(ConfigurationError):
+    """No runner, or more than one, matches; pass a full runner id."""
 
 
 class AuthenticationError(ComfySyncError):

@@ -13,6 +13,16 @@ Tables (see README for every column):
 * ``rejected_records``: runner objects that could not be stored, with the reason.
 * ``comfysync_meta``: schema version and the per-database redaction key.
 * ``snapshots``: one row per snapshot file a sync wrote (or failed to write).
+
+Views and search (``m002_views_and_search``), for people reading the mirror with SQL or
+Datasette:
+
+* ``current_runners``: the runners present upstream (``deleted_at`` IS NULL).
+* ``runner_changes``: one row per changed field per version, with the old and new value.
+* ``runner_tags``: one row per present runner and tag.
+* ``runners_fts``: FTS5 over ``runners.name``, ``endpoint`` and ``tags`` (an external-content
+  index keyed by the rowid of ``runners``), kept current by ``store.apply_changes`` in the
+  same transaction as the changes, not by triggers.
 """
 
 from __future__ import annotations
@@ -108,6 +118,49 @@ def m001_initial(db: Database) -> None:
         pk="id",
         foreign_keys=[("sync_id", "sync_runs", "id")],
     )
+
+
+#: The ``runners`` columns indexed by ``runners_fts``.
+SEARCH_COLUMNS: tuple[str, ...] = ("name", "endpoint", "tags")
+
+
+def _field_named_by_json_each(alias: str) -> str:
+    """A CASE picking the column of ``alias`` that ``f.value`` (a json_each value) names."""
+    whens = "".join(f"\n         WHEN '{name}' THEN {alias}.{name}" for name in TRACKED_FIELDS)
+    return f"CASE f.value{whens}\n       END"
+
+
+_CURRENT_RUNNERS = f"""SELECT id, {", ".join(TRACKED_FIELDS)},
+       first_seen_at, version, content_hash
+  FROM runners
+ WHERE deleted_at IS NULL"""
+
+# A created version names every field (old_value NULL), so the new_value rows of one field
+# are that field's whole history. A deleted version, or a restoration that changed nothing,
+# names no field: the LEFT JOIN keeps it as one row whose field is NULL.
+_RUNNER_CHANGES = f"""SELECT v.runner_id, v.name, v.version, v.change, f.value AS field,
+       {_field_named_by_json_each("p")} AS old_value,
+       {_field_named_by_json_each("v")} AS new_value,
+       v.valid_from AS changed_at, v.sync_id
+  FROM runner_versions AS v
+  LEFT JOIN json_each(v.changed_fields) AS f
+  LEFT JOIN runner_versions AS p
+         ON p.runner_id = v.runner_id AND p.version = v.version - 1"""
+
+_RUNNER_TAGS = """SELECT r.id AS runner_id, r.name, r.status, t.value AS tag
+  FROM runners AS r
+  JOIN json_each(r.tags) AS t
+ WHERE r.deleted_at IS NULL"""
+
+
+@migrations()
+def m002_views_and_search(db: Database) -> None:
+    db.create_view("current_runners", _CURRENT_RUNNERS)
+    db.create_view("runner_changes", _RUNNER_CHANGES)
+    db.create_view("runner_tags", _RUNNER_TAGS)
+    # No triggers: the store re-indexes only the rows a sync changed, set-based, inside the
+    # sync's own transaction. enable_fts also indexes the rows an older database already has.
+    db.table("runners").enable_fts(list(SEARCH_COLUMNS), create_triggers=False)
 
 
 @migrations()

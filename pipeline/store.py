@@ -11,6 +11,8 @@ Invariants this module guarantees:
   repeats its last known fields; a runner that comes back gets a ``restored`` version.
 * ``record_snapshots`` indexes the snapshot files a sync wrote after its changes were
   committed; it never touches the sync's own rows.
+* ``runners_fts`` indexes exactly the current ``name``, ``endpoint`` and ``tags`` of every row
+  of ``runners`` (deleted runners stay searchable), and changes in the same transaction.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import orjson
 from pipeline.changes import ChangeSet, Revision, StoredState
 from pipeline.errors import StorageError
 from pipeline.records import TRACKED_FIELDS, Rejection, RunnerRecord
+from pipeline.schema import SEARCH_COLUMNS
 from pipeline.sqlite import Database
 
 if TYPE_CHECKING:
@@ -37,6 +40,7 @@ _MARKS = ", ".join("?" for _ in TRACKED_FIELDS)
 _ASSIGN = ", ".join(f"{name} = ?" for name in TRACKED_FIELDS)
 _ALL_FIELDS_JSON = orjson.dumps(list(TRACKED_FIELDS)).decode()
 _CHUNK = 500
+_SEARCH = ", ".join(SEARCH_COLUMNS)
 
 
 def utc_timestamp(moment: datetime | None = None) -> str:
@@ -134,10 +138,17 @@ def apply_changes(
     """
     conn = db.conn
     try:
+        reindexed = _ids_to_reindex(changes)
         with db.atomic():
+            last_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM runners").fetchone()
             _insert_created(conn, changes.created, sync_id, applied_at)
+            _index_rows_after(conn, last_rowid[0])
+            # An external-content FTS5 entry is removed by repeating the values it indexed,
+            # so the old entries go before the rows change and the new ones go in after.
+            _update_search_index(conn, reindexed, "remove")
             _insert_revisions(conn, changes.updated, "updated", sync_id, applied_at)
             _insert_revisions(conn, changes.restored, "restored", sync_id, applied_at)
+            _update_search_index(conn, reindexed, "add")
             _mark_deleted(conn, changes.deleted, sync_id, applied_at)
             conn.executemany(
                 "INSERT INTO rejected_records (sync_id, page, position, runner_id, reason, "
@@ -273,4 +284,41 @@ def _mark_deleted(conn: sqlite3.Connection, deleted: Sequence[str], sync_id: int
         f"SELECT id, version, 'deleted', '[]', {_FIELDS}, content_hash, ?, NULL, ? "
         "FROM runners WHERE id = ?",
         [(now, sync_id, runner_id) for runner_id in deleted],
+    )
+
+
+def _ids_to_reindex(changes: ChangeSet) -> list[str]:
+    """Stored runners whose indexed fields this sync changes (a header rotation is not one)."""
+    searched = set(SEARCH_COLUMNS)
+    return [
+        rev.record.id
+        for rev in (*changes.updated, *changes.restored)
+        if searched.intersection(rev.changed_fields)
+    ]
+
+
+def _index_rows_after(conn: sqlite3.Connection, last_rowid: int) -> None:
+    """Index the runners just created: SQLite gives new rows rowids above the previous maximum
+    (runners are never deleted), so one range scan in rowid order finds exactly them."""
+    conn.execute(
+        f"INSERT INTO runners_fts (rowid, {_SEARCH}) "
+        f"SELECT rowid, {_SEARCH} FROM runners WHERE rowid > ? ORDER BY rowid",
+        [last_rowid],
+    )
+
+
+def _update_search_index(conn: sqlite3.Connection, ids: Sequence[str], action: str) -> None:
+    """Add (or remove) the ``runners_fts`` entries of ``ids``, from their current rows.
+
+    One statement for all the ids (passed as one JSON array), in rowid order: FTS5 flushes
+    its pending terms whenever a rowid goes backwards, so random order costs ten times more.
+    """
+    if not ids:
+        return
+    command, target = ("'delete', ", "runners_fts, ") if action == "remove" else ("", "")
+    conn.execute(
+        f"INSERT INTO runners_fts ({target}rowid, {_SEARCH}) "
+        f"SELECT {command}rowid, {_SEARCH} FROM runners "
+        "WHERE id IN (SELECT value FROM json_each(?)) ORDER BY rowid",
+        [orjson.dumps(list(ids)).decode()],
     )

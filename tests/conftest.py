@@ -10,10 +10,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from pipeline.simulator import LoopbackServer, SimulatedAccount
+
+if TYPE_CHECKING:
+    from mirror_fixture import Mirror
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -144,3 +148,11 @@ def rows(path: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[ob
         return [tuple(row) for row in conn.execute(sql, params)]
     finally:
         conn.close()
+
+
+@pytest.fixture(scope="session")
+def mirror(tmp_path_factory: pytest.TempPathFactory) -> Mirror:
+    """A database made by real syncs with known changes (see mirror_fixture); do not write to it."""
+    from mirror_fixture import build_mirror
+
+    return build_mirror(tmp_path_factory.mktemp("mirror") / "mirror.db")

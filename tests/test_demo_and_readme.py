@@ -18,7 +18,7 @@ def test_demo_exits_0_and_shows_what_changed(run_cli, tmp_path):
     assert "1. first sync:  250 created, 0 updated, 0 deleted" in out
     assert "3. second sync: 1 created, 2 updated, 1 deleted, 0 restored, 247 unchanged" in out
     assert "[name, updated_at]" in out and "[headers, updated_at]" in out
-    assert "datasette data/demo.db" in out and "pd.read_sql" in out
+    assert "comfysync browse --db data/demo.db" in out and "pd.read_sql" in out
     db = tmp_path / "data" / "demo.db"
     assert rows(db, "SELECT status FROM sync_runs") == [("success",), ("success",)]
     # Run twice: the demo starts afresh and prints the same thing.

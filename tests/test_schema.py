@@ -92,6 +92,50 @@ CREATE TABLE "rejected_records" (
    "reason" TEXT,
    "raw_json" TEXT
 );
+CREATE VIEW "current_runners" AS SELECT id, user_id, name, status, endpoint, tags, headers, created_at, updated_at, extra,
+       first_seen_at, version, content_hash
+  FROM runners
+ WHERE deleted_at IS NULL;
+CREATE VIEW "runner_changes" AS SELECT v.runner_id, v.name, v.version, v.change, f.value AS field,
+       CASE f.value
+         WHEN 'user_id' THEN p.user_id
+         WHEN 'name' THEN p.name
+         WHEN 'status' THEN p.status
+         WHEN 'endpoint' THEN p.endpoint
+         WHEN 'tags' THEN p.tags
+         WHEN 'headers' THEN p.headers
+         WHEN 'created_at' THEN p.created_at
+         WHEN 'updated_at' THEN p.updated_at
+         WHEN 'extra' THEN p.extra
+       END AS old_value,
+       CASE f.value
+         WHEN 'user_id' THEN v.user_id
+         WHEN 'name' THEN v.name
+         WHEN 'status' THEN v.status
+         WHEN 'endpoint' THEN v.endpoint
+         WHEN 'tags' THEN v.tags
+         WHEN 'headers' THEN v.headers
+         WHEN 'created_at' THEN v.created_at
+         WHEN 'updated_at' THEN v.updated_at
+         WHEN 'extra' THEN v.extra
+       END AS new_value,
+       v.valid_from AS changed_at, v.sync_id
+  FROM runner_versions AS v
+  LEFT JOIN json_each(v.changed_fields) AS f
+  LEFT JOIN runner_versions AS p
+         ON p.runner_id = v.runner_id AND p.version = v.version - 1;
+CREATE VIEW "runner_tags" AS SELECT r.id AS runner_id, r.name, r.status, t.value AS tag
+  FROM runners AS r
+  JOIN json_each(r.tags) AS t
+ WHERE r.deleted_at IS NULL;
+CREATE VIRTUAL TABLE "runners_fts" USING FTS5 (
+    "name", "endpoint", "tags",
+    content="runners"
+);
+CREATE TABLE 'runners_fts_data'(id INTEGER PRIMARY KEY, block BLOB);
+CREATE TABLE 'runners_fts_idx'(segid, term, pgno, PRIMARY KEY(segid, term)) WITHOUT ROWID;
+CREATE TABLE 'runners_fts_docsize'(id INTEGER PRIMARY KEY, sz BLOB);
+CREATE TABLE 'runners_fts_config'(k PRIMARY KEY, v) WITHOUT ROWID;
 CREATE TABLE "snapshots" (
    "id" INTEGER PRIMARY KEY,
    "sync_id" INTEGER NOT NULL REFERENCES "sync_runs"("id"),
@@ -108,7 +152,7 @@ def test_a_new_database_has_exactly_the_documented_schema(tmp_path: Path):
     db = open_store(tmp_path / "new.db")
     assert db.schema == EXPECTED_SCHEMA
     assert db.journal_mode == "wal"
-    assert read_meta(db, "schema_version") == str(SCHEMA_VERSION) == "2"
+    assert read_meta(db, "schema_version") == str(SCHEMA_VERSION) == "3"
     assert read_meta(db, "application") == "comfysync"
     assert len(bytes.fromhex(read_meta(db, "redaction_key") or "")) == 32
 
@@ -119,7 +163,7 @@ def test_opening_again_is_idempotent_and_keeps_the_redaction_key(tmp_path: Path)
     first.close()
     again = open_store(tmp_path / "m.db")
     assert again.schema == EXPECTED_SCHEMA and read_meta(again, "redaction_key") == key
-    assert again.execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == (2,)
+    assert again.execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == (3,)
 
 
 def test_each_database_gets_its_own_redaction_key(tmp_path: Path):

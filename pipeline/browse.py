@@ -1,0 +1,84 @@
+"""``comfysync browse``: Datasette on the mirror, with metadata that explains every column.
+
+The metadata ships inside the package (``datasette_metadata.json``). Datasette keys a
+database's metadata by the database's name, which is its file name without the extension,
+so the bundled section (written for ``comfysync.db``) is re-keyed for the file being served.
+
+Datasette is an optional extra (``pip install 'comfysync[datasette]'``) and the one heavy
+dependency of this module, imported only when a server starts. The server listens on
+127.0.0.1 only: the mirror is the user's own data, not something to publish by accident.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from collections.abc import Callable
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pipeline import schema
+from pipeline.errors import ConfigurationError
+
+HOST = "127.0.0.1"
+METADATA_RESOURCE = "datasette_metadata.json"
+#: The database name the bundled metadata is written for (``data/comfysync.db``).
+BUNDLED_DATABASE = "comfysync"
+#: The tag facet (runner_tags) runs json_each over every runner: give it more than
+#: Datasette's default 200 ms, for large mirrors on slow disks (queries keep their 1 s cap).
+DATASETTE_SETTINGS = {"facet_time_limit_ms": 1000}
+INSTALL_HINT = (
+    "Datasette is not installed; install the extra: pip install 'comfysync[datasette]' "
+    "(from a checkout: pip install '.[datasette]')"
+)
+
+
+@cache
+def _bundled_metadata() -> dict[str, Any]:
+    text = resources.files("pipeline").joinpath(METADATA_RESOURCE).read_text(encoding="utf-8")
+    metadata: dict[str, Any] = json.loads(text)
+    return metadata
+
+
+def database_name(db_path: Path) -> str:
+    """The name Datasette gives the database at ``db_path`` (and its URL path)."""
+    return db_path.stem
+
+
+def metadata_for(db_path: Path) -> dict[str, Any]:
+    """The bundled metadata, keyed for the database at ``db_path``."""
+    metadata = copy.deepcopy(_bundled_metadata())
+    databases = metadata["databases"]
+    databases[database_name(db_path)] = databases.pop(BUNDLED_DATABASE)
+    return metadata
+
+
+def metadata_json(db_path: Path) -> str:
+    """The metadata as the JSON text ``datasette --metadata FILE`` reads."""
+    return json.dumps(metadata_for(db_path), indent=2, ensure_ascii=False) + "\n"
+
+
+def serve(db_path: Path, *, port: int, on_start: Callable[[], None] = lambda: None) -> None:
+    """Serve ``db_path`` read-only with Datasette on 127.0.0.1:``port`` until interrupted.
+
+    Raises DatabaseError if there is no comfysync database there, and ConfigurationError
+    if Datasette is not installed; nothing is started in either case. ``on_start`` is called
+    once both checks have passed.
+    """
+    schema.open_store_read_only(db_path).close()
+    try:
+        import uvicorn
+        from datasette.app import Datasette
+    except ImportError as exc:
+        raise ConfigurationError(INSTALL_HINT) from exc
+
+    datasette = Datasette(
+        [str(db_path)], metadata=metadata_for(db_path), settings=DATASETTE_SETTINGS
+    )
+    # What `datasette serve` does before serving: the plugins' startup hooks.
+    asyncio.run(datasette.invoke_startup())
+    on_start()
+    uvicorn.run(datasette.app(), host=HOST, port=port, log_level="info", lifespan="on")

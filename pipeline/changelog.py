@@ -1,0 +1,188 @@
+"""What changed, as people ask it: the versions of one runner, or every change since a moment.
+
+Read-only: every function takes an open database and only SELECTs. The per-field old and new
+values come from the ``runner_changes`` view, so the commands, Datasette and users' own SQL
+all see one definition of a change. A created or deleted version lists no fields here (a
+creation has no old values; the full record of any version is in ``runner_versions``); an
+update or a restoration lists each changed field with its old and new value as stored
+(header values stay ``redacted:`` unless the mirror was told to store them).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from pipeline.errors import ConfigurationError, RunnerLookupError
+from pipeline.records import TRACKED_FIELDS
+from pipeline.sqlite import Database
+from pipeline.store import utc_timestamp
+
+#: How many candidates an ambiguous runner lookup names.
+MAX_CANDIDATES_SHOWN = 10
+
+_DURATION = re.compile(r"(\d+)\s*([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+@dataclass(frozen=True)
+class FieldChange:
+    """One field of one version: its value before and after, as stored."""
+
+    field: str
+    old_value: str | None
+    new_value: str | None
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    """One version of one runner: when, what kind of change, and the fields it changed."""
+
+    runner_id: str
+    name: str
+    version: int
+    change: str
+    changed_at: str
+    sync_id: int
+    fields: tuple[FieldChange, ...]
+
+
+@dataclass(frozen=True)
+class RunnerHistory:
+    """A runner's current name and state, and every version, oldest first."""
+
+    runner_id: str
+    name: str
+    deleted_at: str | None
+    versions: tuple[VersionEntry, ...]
+
+
+def resolve_runner(db: Database, query: str) -> str:
+    """The id of the one runner ``query`` names: a full id, a unique id prefix or an exact name.
+
+    A full id always wins. Otherwise every runner whose id starts with ``query`` (ignoring
+    case) or whose name is exactly ``query`` is a candidate, deleted runners included; one
+    candidate is the answer, none or several raise RunnerLookupError (naming them).
+    """
+    if not query.strip():
+        raise RunnerLookupError("give a runner id, a unique id prefix or an exact name")
+    exact = db.execute("SELECT id FROM runners WHERE id = ?", [query]).fetchone()
+    if exact is not None:
+        return str(exact[0])
+    candidates = db.execute(
+        "SELECT id, name FROM runners WHERE lower(substr(id, 1, ?)) = lower(?) OR name = ? "
+        "ORDER BY id",
+        [len(query), query, query],
+    ).fetchall()
+    if len(candidates) == 1:
+        return str(candidates[0][0])
+    if not candidates:
+        raise RunnerLookupError(
+            f"no runner has the id, id prefix or exact name {query!r}; "
+            "`comfysync changes --since 30d` lists recent ones"
+        )
+    shown = ", ".join(f"{row[0]} ({row[1]})" for row in candidates[:MAX_CANDIDATES_SHOWN])
+    more = len(candidates) - MAX_CANDIDATES_SHOWN
+    rest = f" and {more} more" if more > 0 else ""
+    raise RunnerLookupError(
+        f"{query!r} matches {len(candidates)} runners: {shown}{rest}; pass more of the id"
+    )
+
+
+def runner_history(db: Database, runner_id: str) -> RunnerHistory:
+    """Every version of one runner (an id ``resolve_runner`` returned), oldest first."""
+    row = db.execute("SELECT name, deleted_at FROM runners WHERE id = ?", [runner_id]).fetchone()
+    if row is None:
+        raise RunnerLookupError(f"no runner has the id {runner_id!r}")
+    versions = _versions(db, runner_id=runner_id)
+    return RunnerHistory(runner_id, row[0], row[1], tuple(versions))
+
+
+def changes_since(db: Database, since: str) -> list[VersionEntry]:
+    """Every version recorded at or after ``since`` (a stored timestamp), newest first.
+
+    Versions of one sync share a time; they are ordered by change kind, then name.
+    """
+    return _versions(db, since=since)
+
+
+def _versions(
+    db: Database, *, runner_id: str | None = None, since: str | None = None
+) -> list[VersionEntry]:
+    """The versions of one runner (oldest first) or since a moment (newest first), with fields.
+
+    Two set-based queries, not one per version: the versions, then the field rows of the
+    same versions from ``runner_changes`` (whose ``changed_at`` is ``valid_from``).
+    """
+    if runner_id is not None:
+        params: list[object] = [runner_id]
+        versions_where, fields_where, order_by = "runner_id = ?", "runner_id = ?", "version"
+    else:
+        params = [since]
+        versions_where, fields_where = "valid_from >= ?", "changed_at >= ?"
+        order_by = "valid_from DESC, change, name, runner_id, version DESC"
+    fields = _changed_fields(db, fields_where, params)
+    rows = db.execute(
+        "SELECT runner_id, name, version, change, valid_from, sync_id FROM runner_versions "
+        f"WHERE {versions_where} ORDER BY {order_by}",
+        params,
+    ).fetchall()
+    return [
+        VersionEntry(
+            runner_id=row[0],
+            name=row[1],
+            version=row[2],
+            change=row[3],
+            changed_at=row[4],
+            sync_id=row[5],
+            fields=tuple(fields.get((row[0], row[2]), ())),
+        )
+        for row in rows
+    ]
+
+
+def _changed_fields(
+    db: Database, where: str, params: Sequence[object]
+) -> dict[tuple[str, int], list[FieldChange]]:
+    cursor = db.execute(
+        "SELECT runner_id, version, field, old_value, new_value FROM runner_changes "
+        f"WHERE {where} AND change IN ('updated', 'restored') AND field IS NOT NULL",
+        list(params),
+    )
+    fields: dict[tuple[str, int], list[FieldChange]] = {}
+    for runner_id, version, field, old, new in cursor:
+        fields.setdefault((runner_id, version), []).append(FieldChange(field, old, new))
+    order = {name: position for position, name in enumerate(TRACKED_FIELDS)}
+    for changes in fields.values():
+        changes.sort(key=lambda change: order.get(change.field, len(order)))
+    return fields
+
+
+def parse_since(text: str, *, now: datetime | None = None) -> str:
+    """The stored-timestamp form of ``--since``: a duration back from now or an ISO moment.
+
+    Durations are a number and a unit: ``90m``, ``24h``, ``7d`` (also ``s`` and ``w``). A
+    date (``2026-11-01``) means its midnight UTC; a date and time without an offset is UTC.
+    """
+    value = text.strip()
+    now = now or datetime.now(UTC)
+    duration = _DURATION.fullmatch(value.lower())
+    try:
+        if duration:
+            seconds = int(duration.group(1)) * _UNIT_SECONDS[duration.group(2)]
+            moment = now - timedelta(seconds=seconds)
+        elif _DATE.fullmatch(value):
+            moment = datetime.fromisoformat(value).replace(tzinfo=UTC)
+        else:
+            moment = datetime.fromisoformat(value)
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise ConfigurationError(
+            f"--since {text!r} is neither a duration (90m, 24h, 7d) nor an ISO date or "
+            "date and time (2026-11-01, 2026-11-01T12:00Z)"
+        ) from exc
+    return utc_timestamp(moment)

@@ -1,0 +1,144 @@
+"""Did the syncs work? The figures ``comfysync status`` and ``comfysync runs`` show.
+
+Read-only: the database is only SELECTed from, and the snapshot files are only listed.
+Snapshots are found by their layout, which ``comfysync export`` writes:
+``<export-dir>/<format>/runners/snapshot_date=YYYY-MM-DD/runners-<sync_id>.<ext>``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipeline.schema import schema_version
+from pipeline.sqlite import Database
+
+_RUN_COLUMNS = (
+    "id, started_at, finished_at, status, base_url, pages, walks, complete, total_reported, "
+    "runners_seen, created, updated, deleted, restored, unchanged, rejected, warnings, error"
+)
+_SNAPSHOT_DIR = re.compile(r"snapshot_date=(\d{4}-\d{2}-\d{2})")
+_SNAPSHOT_FILE = re.compile(r"runners-(\d+)\.[A-Za-z0-9]+(?:\.[A-Za-z0-9]+)?")
+_UNFINISHED_SUFFIXES = (".tmp", ".part", ".partial")
+
+
+@dataclass(frozen=True)
+class SyncRun:
+    """One row of the run log; counts are None for a run that did not get to apply."""
+
+    id: int
+    started_at: str
+    finished_at: str | None
+    seconds: float | None
+    status: str
+    base_url: str | None
+    complete: bool | None
+    pages: int | None
+    walks: int | None
+    total_reported: int | None
+    runners_seen: int | None
+    created: int | None
+    updated: int | None
+    deleted: int | None
+    restored: int | None
+    unchanged: int | None
+    rejected: int | None
+    warnings: tuple[str, ...]
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Snapshots:
+    """The snapshot files under an export directory: how many, the oldest and the newest."""
+
+    export_dir: str
+    files: int
+    oldest: str | None
+    newest: str | None
+
+
+@dataclass(frozen=True)
+class MirrorStatus:
+    """Everything ``comfysync status`` reports."""
+
+    db_path: str
+    size_bytes: int
+    schema_version: int
+    last_sync: SyncRun | None
+    last_success: SyncRun | None
+    runners_present: int
+    runners_deleted: int
+    versions: int
+    snapshots: Snapshots
+
+
+def read_status(db: Database, db_path: Path, export_dir: Path) -> MirrorStatus:
+    """The state of the mirror in ``db`` (opened from ``db_path``) and its snapshot files.
+
+    ``size_bytes`` counts the database file and its write-ahead log, both of which hold data.
+    """
+    present, deleted = db.execute(
+        "SELECT count(*) - count(deleted_at), count(deleted_at) FROM runners"
+    ).fetchone()
+    (versions,) = db.execute("SELECT count(*) FROM runner_versions").fetchone()
+    last = list_runs(db, limit=1)
+    success = list_runs(db, limit=1, status="success")
+    wal = Path(f"{db_path}-wal")
+    return MirrorStatus(
+        db_path=str(db_path),
+        size_bytes=db_path.stat().st_size + (wal.stat().st_size if wal.exists() else 0),
+        schema_version=schema_version(db),
+        last_sync=last[0] if last else None,
+        last_success=success[0] if success else None,
+        runners_present=present,
+        runners_deleted=deleted,
+        versions=versions,
+        snapshots=find_snapshots(export_dir),
+    )
+
+
+def list_runs(db: Database, *, limit: int = 20, status: str | None = None) -> list[SyncRun]:
+    """The most recent ``limit`` runs, newest first, optionally only those with ``status``."""
+    where, params = ("WHERE status = ?", [status]) if status else ("", [])
+    cursor = db.execute(
+        f"SELECT {_RUN_COLUMNS} FROM sync_runs {where} ORDER BY id DESC LIMIT ?",
+        [*params, limit],
+    )
+    return [_run(dict(zip(_RUN_COLUMNS.split(", "), row, strict=True))) for row in cursor]
+
+
+def _run(row: dict[str, Any]) -> SyncRun:
+    seconds = None
+    if row["finished_at"]:
+        elapsed = datetime.fromisoformat(row["finished_at"]) - datetime.fromisoformat(
+            row["started_at"]
+        )
+        seconds = round(elapsed.total_seconds(), 3)
+    complete = None if row["complete"] is None else bool(row["complete"])
+    warnings = tuple(orjson.loads(row["warnings"])) if row["warnings"] else ()
+    return SyncRun(**{**row, "complete": complete, "warnings": warnings, "seconds": seconds})
+
+
+def find_snapshots(export_dir: Path) -> Snapshots:
+    """The snapshot files of every format, ordered by snapshot date, then sync id, then path.
+
+    Files that do not follow the layout (or look unfinished) are not snapshots and are ignored.
+    """
+    found: list[tuple[str, int, str]] = []
+    for path in export_dir.glob("*/runners/snapshot_date=*/runners-*"):
+        day = _SNAPSHOT_DIR.fullmatch(path.parent.name)
+        name = _SNAPSHOT_FILE.fullmatch(path.name)
+        if day and name and path.is_file() and not path.name.endswith(_UNFINISHED_SUFFIXES):
+            found.append((day.group(1), int(name.group(1)), str(path)))
+    found.sort()
+    return Snapshots(
+        export_dir=str(export_dir),
+        files=len(found),
+        oldest=found[0][2] if found else None,
+        newest=found[-1][2] if found else None,
+    )

@@ -1,0 +1,193 @@
+"""The text that ``status``, ``runs``, ``history`` and ``changes`` print, from their values.
+
+Plain functions from the read modules' dataclasses to strings (no click, no SQL), so each
+output is tested exactly. Lines fit an 80-column terminal, except a single value (a path, a
+long endpoint) that is itself wider: values are never cut. Times are shown to the second in
+UTC; ``--json`` carries them in full.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Sequence
+
+from pipeline.changelog import FieldChange, RunnerHistory, VersionEntry
+from pipeline.overview import MirrorStatus, SyncRun
+
+WIDTH = 80
+#: Columns that hold JSON text: shown as stored (compact), not quoted again.
+JSON_FIELDS = frozenset(("tags", "headers", "extra"))
+_LABEL = 15
+_FIELD_INDENT = " " * 6
+_RUN_ROW = "{:>5}  {:<19}  {:<7} {:>6} {:>7} {:>5} {:>5} {:>5} {:>4} {:>4}"
+
+
+def show_time(timestamp: str | None) -> str:
+    """``2026-11-28T19:05:12.123456Z`` as ``2026-11-28 19:05:12``."""
+    return timestamp[:19].replace("T", " ") if timestamp else "-"
+
+
+def human_size(size: int) -> str:
+    """Bytes in decimal units, with one decimal above 1000 bytes: ``196.6 kB``."""
+    if size < 1000:
+        return f"{size} B"
+    value, units = size / 1000, ["kB", "MB", "GB", "TB"]
+    while value >= 1000 and len(units) > 1:
+        value, units = value / 1000, units[1:]
+    return f"{value:.1f} {units[0]}"
+
+
+def _wrap(text: str, indent: str, first_indent: str | None = None) -> list[str]:
+    return textwrap.wrap(
+        text,
+        WIDTH,
+        initial_indent=indent if first_indent is None else first_indent,
+        subsequent_indent=indent,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+
+
+def _labelled(label: str, lines: Sequence[str]) -> list[str]:
+    pad = " " * _LABEL
+    return [f"{label + ':':<{_LABEL}}{lines[0]}", *(pad + line for line in lines[1:])]
+
+
+def _counts(run: SyncRun) -> str:
+    return (
+        f"{run.runners_seen} runners seen: {run.created} created, {run.updated} updated, "
+        f"{run.deleted} deleted, {run.restored} restored, {run.unchanged} unchanged, "
+        f"{run.rejected} rejected"
+    )
+
+
+def _run_notes(run: SyncRun, indent: str) -> list[str]:
+    """The error of a failed run and the warnings of a partial one, wrapped."""
+    notes = [f"error: {run.error}"] if run.error else []
+    notes += [f"warning: {warning}" for warning in run.warnings]
+    return [line for note in notes for line in _wrap(note, indent + "  ", indent)]
+
+
+def describe_status(status: MirrorStatus) -> str:
+    """The ``comfysync status`` report."""
+    pad = " " * _LABEL
+    lines = _labelled("database", [f"{status.db_path} ({human_size(status.size_bytes)})"])
+    lines += _labelled("schema", [f"version {status.schema_version}"])
+    last = status.last_sync
+    if last is None:
+        lines += _labelled("last sync", ["none yet; run `comfysync sync`"])
+    else:
+        took = f" ({last.seconds:.1f} s)" if last.seconds is not None else ""
+        head = f"#{last.id} {last.status}, {show_time(last.started_at)} UTC{took}"
+        if last.complete is not None:
+            head += ", walk complete" if last.complete else ", walk NOT complete"
+        body = [head]
+        if last.runners_seen is not None:
+            body += [line.strip() for line in _wrap(_counts(last), pad)]
+        lines += _labelled("last sync", body)
+        lines += _run_notes(last, pad)
+        if status.last_success is None:
+            lines += _labelled("last success", ["never"])
+        elif status.last_success.id != last.id:
+            success = status.last_success
+            lines += _labelled(
+                "last success", [f"#{success.id}, {show_time(success.started_at)} UTC"]
+            )
+    lines += _labelled(
+        "runners", [f"{status.runners_present} present, {status.runners_deleted} deleted"]
+    )
+    lines += _labelled("versions", [f"{status.versions} recorded"])
+    snapshots = status.snapshots
+    if snapshots.files == 0:
+        lines += _labelled("snapshots", [f"none under {snapshots.export_dir}"])
+    else:
+        lines += _labelled(
+            "snapshots",
+            [
+                f"{snapshots.files} file(s) under {snapshots.export_dir}",
+                f"oldest {snapshots.oldest}",
+                f"newest {snapshots.newest}",
+            ],
+        )
+    return "\n".join(lines)
+
+
+def describe_runs(runs: Sequence[SyncRun]) -> str:
+    """The run log as a table, newest first, with each run's error or warnings under it."""
+    if not runs:
+        return "no runs recorded"
+    header = _RUN_ROW.format(
+        "run", "started (UTC)", "status", "secs", "seen", "new", "upd", "del", "res", "rej"
+    )
+    lines = [header]
+    for run in runs:
+        counts = (
+            run.runners_seen,
+            run.created,
+            run.updated,
+            run.deleted,
+            run.restored,
+            run.rejected,
+        )
+        seconds = f"{run.seconds:.1f}" if run.seconds is not None else "-"
+        lines.append(
+            _RUN_ROW.format(
+                run.id,
+                show_time(run.started_at),
+                run.status,
+                seconds,
+                *("-" if count is None else count for count in counts),
+            ).rstrip()
+        )
+        lines += _run_notes(run, " " * 7)
+    return "\n".join(lines)
+
+
+def show_value(field: str, value: str | None) -> str:
+    """A stored value as one token: JSON columns as their compact JSON, text quoted."""
+    if value is None:
+        return "null"
+    if field in JSON_FIELDS:
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _field_lines(change: FieldChange) -> list[str]:
+    old = show_value(change.field, change.old_value)
+    new = show_value(change.field, change.new_value)
+    line = f"{_FIELD_INDENT}{change.field}: {old} -> {new}"
+    if len(line) <= WIDTH:
+        return [line]
+    return [f"{_FIELD_INDENT}{change.field}: {old}", f"{_FIELD_INDENT}  -> {new}"]
+
+
+def _version_lines(head: str, entry: VersionEntry) -> list[str]:
+    return [head, *(line for change in entry.fields for line in _field_lines(change))]
+
+
+def describe_history(history: RunnerHistory) -> str:
+    """Every version of one runner, oldest first, with each changed field as old -> new."""
+    state = f"deleted {show_time(history.deleted_at)} UTC" if history.deleted_at else "present"
+    lines = [f"{history.runner_id}  {history.name}  ({state})"]
+    for entry in history.versions:
+        head = (
+            f"  v{entry.version:<3} {show_time(entry.changed_at)} UTC  "
+            f"{entry.change:<8}  sync {entry.sync_id}"
+        )
+        lines += _version_lines(head, entry)
+    return "\n".join(lines)
+
+
+def describe_changes(entries: Sequence[VersionEntry], since: str) -> str:
+    """Every version since a moment, newest first, in the shape of ``describe_history``."""
+    if not entries:
+        return f"no changes since {show_time(since)} UTC"
+    lines = [f"{len(entries)} change(s) since {show_time(since)} UTC, newest first"]
+    for entry in entries:
+        head = (
+            f"{show_time(entry.changed_at)} UTC  {entry.change:<8}  "
+            f"{entry.runner_id[:8]}  v{entry.version:<3} {entry.name}"
+        )
+        lines += _version_lines(head, entry)
+    return "\n".join(lines)

@@ -262,7 +262,12 @@ def simulate(
     malformed: float,
     churn: float,
 ) -> None:
-    """Serve a simulated ComfyControl API on loopback (for demos, tests and benchmarks)."""
+    """Serve a simulated ComfyControl API on loopback (for demos, tests and benchmarks).
+
+    Every random fault is drawn from --seed: the same seed and the same request sequence (a
+    sync with --concurrency 1) replay the same faults; --debug logs each request and what it
+    got. --port 0 picks a free port and prints it.
+    """
     from pipeline.faults import FaultPlan, parse_latency
     from pipeline.simulator import SimulatedAccount, serve
 
@@ -283,15 +288,21 @@ def simulate(
         churn=churn,
     )
     account = SimulatedAccount(runners=runners, seed=seed, token=token or None, faults=faults)
-    click.echo(
-        f"simulating {runners} runners on http://{host}:{port}/v1/runner "
-        f"(token {'required' if token else 'not required'}); Ctrl+C stops",
-        err=True,
-    )
+
+    def announce(base_url: str) -> None:
+        # The real URL, so `--port 0` tells the caller which free port it got.
+        click.echo(
+            f"simulating {runners} runners on {base_url}/v1/runner "
+            f"(token {'required' if token else 'not required'}); Ctrl+C stops",
+            err=True,
+        )
+
     try:
-        serve(account, host=host, port=port)
+        serve(account, host=host, port=port, on_ready=announce)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--host") from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port} ({exc.strerror})") from exc
 
 
 @cli.command()
@@ -319,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr, level=logging.WARNING, format="comfysync: %(levelname)s: %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # stamina logs a bare "stamina.retry_scheduled" warning per retry; the client logs its own.
+    logging.getLogger("stamina").setLevel(logging.ERROR)
     try:
         cli.main(args=argv, prog_name="comfysync", standalone_mode=False)
     except click.exceptions.Exit as exc:

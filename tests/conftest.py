@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,28 +62,130 @@ class CliResult:
     stderr: str
 
 
+def clean_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without any comfysync setting, plus ``extra``."""
+    environ = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("COMFYCONTROL_", "COMFYSYNC_"))
+    }
+    environ.update(extra or {})
+    return environ
+
+
+def run_comfysync(
+    folder: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> CliResult:
+    """Run `comfysync *args` as a real subprocess in ``folder``, with a clean environment."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=folder,
+        env=clean_environment(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
 @pytest.fixture
 def run_cli(tmp_path: Path) -> Callable[..., CliResult]:
     """Run `comfysync` as a real subprocess, in tmp_path, with a clean environment."""
 
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> CliResult:
-        environ = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("COMFYCONTROL_", "COMFYSYNC_"))
-        }
-        environ.update(env or {})
-        proc = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", *args],
-            cwd=tmp_path,
-            env=environ,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        return CliResult(proc.returncode, proc.stdout, proc.stderr)
+        return run_comfysync(tmp_path, *args, env=env, timeout=timeout)
 
     return run
+
+
+_ANNOUNCED_URL = re.compile(r"simulating \d+ runners on (http://\S+)/v1/runner")
+
+
+@dataclass
+class SimulatorProcess:
+    """`comfysync simulate --port 0` running as a real process; its output goes to files."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    stdout_path: Path
+    stderr_path: Path
+
+    def stop(self) -> CliResult:
+        """Ctrl+C it (SIGINT), wait for it, and return everything it printed (idempotent)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return CliResult(
+            self.process.returncode, self.stdout_path.read_text(), self.stderr_path.read_text()
+        )
+
+    def wait_until_listening(self, timeout: float = 30) -> str:
+        """Wait for the line announcing the URL (with the real port) and return the URL."""
+        deadline = time.monotonic() + timeout
+        while not (found := _ANNOUNCED_URL.search(self.stderr_path.read_text())):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"simulate did not start: {self.stderr_path.read_text()}")
+            time.sleep(0.02)
+        self.url = found.group(1)
+        return self.url
+
+    def trace(self) -> list[str]:
+        """The request lines `--debug` logged so far: what each request got, in order."""
+        return [
+            line.split(": DEBUG: ", 1)[1]
+            for line in self.stderr_path.read_text().splitlines()
+            if ": DEBUG: GET /v1/runner" in line
+        ]
+
+
+def spawn_simulator(
+    folder: Path, *flags: str, env: dict[str, str] | None = None
+) -> SimulatorProcess:
+    """Start `comfysync simulate --port 0 *flags` in ``folder`` without waiting for it.
+
+    Call ``wait_until_listening()`` before using ``url``; the caller must ``stop()`` it.
+    """
+    number = len(list(folder.glob("simulate-*.err")))
+    stdout_path = folder / f"simulate-{number}.out"
+    stderr_path = folder / f"simulate-{number}.err"
+    with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "simulate", "--port", "0", *flags],
+            cwd=folder,
+            env=clean_environment(env),
+            stdout=stdout,
+            stderr=stderr,
+        )
+    return SimulatorProcess(process, "", stdout_path, stderr_path)
+
+
+def start_simulator(
+    folder: Path, *flags: str, env: dict[str, str] | None = None
+) -> SimulatorProcess:
+    """`spawn_simulator`, then wait until it listens."""
+    simulator = spawn_simulator(folder, *flags, env=env)
+    simulator.wait_until_listening()
+    return simulator
+
+
+@pytest.fixture
+def run_simulator(tmp_path: Path) -> Iterator[Callable[..., SimulatorProcess]]:
+    """Start `comfysync simulate --port 0 *flags` processes; every one is stopped after the test."""
+    started: list[SimulatorProcess] = []
+
+    def start(*flags: str, env: dict[str, str] | None = None) -> SimulatorProcess:
+        simulator = start_simulator(tmp_path, *flags, env=env)
+        started.append(simulator)
+        return simulator
+
+    yield start
+    for simulator in started:
+        simulator.stop()
 
 
 def dump_except_run_log(path: Path) -> list[str]:

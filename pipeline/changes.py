@@ -46,6 +46,17 @@ class ChangeSet:
     def is_empty(self) -> bool:
         return not (self.created or self.updated or self.restored or self.deleted)
 
+    def without_deletions(self) -> ChangeSet:
+        """The same changes with every deletion withheld (counted in ``deletions_withheld``)."""
+        return ChangeSet(
+            created=self.created,
+            updated=self.updated,
+            restored=self.restored,
+            deleted=[],
+            unchanged=self.unchanged,
+            deletions_withheld=self.deletions_withheld + len(self.deleted),
+        )
+
 
 def ids_needing_fields(
     stored: Mapping[str, StoredState], seen: Iterable[RunnerRecord]

@@ -119,6 +119,18 @@ def cli() -> None:
     is_flag=True,
     help="Store runner header values in clear instead of redacted (they are secrets).",
 )
+@click.option(
+    "--max-delete-ratio",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    help="Withhold all deletions (run ends partial) if more than this share of the present "
+    "runners would be marked deleted; an empty listing always counts.",
+)
+@click.option(
+    "--allow-mass-delete",
+    is_flag=True,
+    help="Apply deletions this once even beyond --max-delete-ratio.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @debug_option
 def sync(
@@ -132,13 +144,17 @@ def sync(
     max_retries: int,
     allow_http: bool,
     store_header_values: bool,
+    max_delete_ratio: float,
+    allow_mass_delete: bool,
     as_json: bool,
 ) -> None:
     """Mirror every runner into the database, recording what changed.
 
-    Deletions are only recorded when the walk over all pages is proven complete; otherwise
-    the run ends `partial` and says why. Exit codes: 0 success or partial, 2 usage or
-    configuration, 3 authentication, 4 upstream failure (nothing applied), 5 locked.
+    Deletions are only recorded when the walk over all pages is proven complete and would not
+    delete a mass of the fleet (--max-delete-ratio); otherwise the run ends `partial` and says
+    why. Runners that all belong to another account than the database's are refused. Exit
+    codes: 0 success or partial, 2 usage or configuration, 3 authentication, 4 upstream
+    failure (nothing applied), 5 locked.
     """
     from pipeline.settings import Settings
     from pipeline.sync import run_sync
@@ -154,6 +170,8 @@ def sync(
         max_retries=max_retries,
         allow_http=allow_http,
         store_header_values=store_header_values,
+        max_delete_ratio=max_delete_ratio,
+        allow_mass_delete=allow_mass_delete,
     )
     with _ProgressBar(enabled=sys.stderr.isatty() and not as_json) as progress:
         summary = run_sync(settings, on_progress=progress.update)

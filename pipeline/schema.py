@@ -12,6 +12,8 @@ Tables (see README for every column):
 * ``sync_runs``: one row per sync attempt.
 * ``rejected_records``: runner objects that could not be stored, with the reason.
 * ``comfysync_meta``: schema version and the per-database redaction key.
+* ``account_owners``: every runner owner (``user_id``) the mirror has seen, so a token for
+  another account is noticed (m004).
 """
 
 from __future__ import annotations
@@ -108,6 +110,25 @@ def m001_initial(db: Database) -> None:
         },
         pk="id",
         foreign_keys=[("sync_id", "sync_runs", "id")],
+    )
+
+
+@migrations()
+def m004_account_owners(db: Database) -> None:
+    """Remember which account the store mirrors: the owners of the runners it has seen.
+
+    Filled from the versions already stored, so an upgraded database is protected from its
+    first sync on.
+    """
+    db.table("account_owners").create(
+        {"user_id": str, "first_seen_at": str, "first_sync_id": int},
+        pk="user_id",
+        not_null={"first_seen_at", "first_sync_id"},
+    )
+    db.execute(
+        "INSERT INTO account_owners (user_id, first_seen_at, first_sync_id) "
+        "SELECT user_id, min(valid_from), min(sync_id) FROM runner_versions "
+        "WHERE user_id IS NOT NULL GROUP BY user_id"
     )
 
 

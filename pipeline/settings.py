@@ -44,6 +44,10 @@ class Settings:
     max_retries: int = 5
     allow_http: bool = False
     store_header_values: bool = False
+    #: A complete walk that would mark more than this share of the present fleet deleted
+    #: applies no deletion (see pipeline.guardrails), unless ``allow_mass_delete``.
+    max_delete_ratio: float = 0.5
+    allow_mass_delete: bool = False
     retry_wait_initial: float = 0.5
     retry_wait_max: float = 30.0
     retry_after_cap: float = 120.0
@@ -78,6 +82,8 @@ class Settings:
             raise ConfigurationError("--timeout must be a positive number of seconds")
         if self.max_retries < 0:
             raise ConfigurationError("--max-retries must be 0 or more")
+        if not 0.0 <= self.max_delete_ratio <= 1.0:
+            raise ConfigurationError("--max-delete-ratio must be between 0 and 1")
         return self
 
 

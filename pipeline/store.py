@@ -72,6 +72,11 @@ def load_stored_fields(db: Database, ids: Sequence[str]) -> dict[str, dict[str, 
     return fields
 
 
+def load_known_owners(db: Database) -> set[str]:
+    """The owners (``user_id``) of every runner this store has ever mirrored."""
+    return {row[0] for row in db.execute("SELECT user_id FROM account_owners")}
+
+
 def begin_run(db: Database, *, base_url: str, started_at: str) -> int:
     """Record a sync as ``running`` and return its id (committed at once: survives a crash)."""
     with db.atomic():
@@ -99,14 +104,22 @@ def apply_changes(
     sync_id: int,
     outcome: RunOutcome,
     applied_at: str,
+    owners: Iterable[str] = (),
 ) -> None:
     """Write a sync's changes and close its run-log row, in one transaction.
 
-    Raises StorageError (and leaves the database as it was) if SQLite cannot write.
+    ``owners`` are the ``user_id``s of the runners the sync saw; new ones are remembered in
+    ``account_owners``. Raises StorageError (and leaves the database as it was) if SQLite
+    cannot write.
     """
     conn = db.conn
     try:
         with db.atomic():
+            conn.executemany(
+                "INSERT OR IGNORE INTO account_owners (user_id, first_seen_at, first_sync_id) "
+                "VALUES (?, ?, ?)",
+                [(owner, applied_at, sync_id) for owner in sorted(set(owners))],
+            )
             _insert_created(conn, changes.created, sync_id, applied_at)
             _insert_revisions(conn, changes.updated, "updated", sync_id, applied_at)
             _insert_revisions(conn, changes.restored, "restored", sync_id, applied_at)

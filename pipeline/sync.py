@@ -7,6 +7,9 @@ scheduler, the Python API) syncs through ``run_sync``, so they all share one beh
 * a sync that fails before applying records a ``failed`` run and changes nothing else;
 * a walk that is not proven complete applies creates and updates but no deletion, and the
   run ends ``partial`` with the reasons in its ``warnings``;
+* so does a complete walk that would delete a mass of the fleet (``pipeline.guardrails``);
+* runners that all belong to owners the store has never mirrored are refused
+  (ForeignAccountError) and nothing is applied;
 * a complete walk with no rejected records ends ``success``.
 """
 
@@ -22,10 +25,10 @@ from pathlib import Path
 import httpx
 from sqlite_utils import Database
 
-from pipeline import schema, store
+from pipeline import guardrails, schema, store
 from pipeline.changes import ChangeSet, ids_needing_fields, plan_changes
 from pipeline.client import ComfyControlClient, Page
-from pipeline.errors import ComfySyncError
+from pipeline.errors import ComfySyncError, ForeignAccountError
 from pipeline.records import KNOWN_STATUSES, Rejection, RunnerRecord, parse_runner
 from pipeline.settings import Settings
 from pipeline.walk import WalkResult, pages_needed, walk_all_pages
@@ -192,17 +195,31 @@ def _decide_and_apply(
     rejections: list[Rejection],
     started: float,
 ) -> SyncSummary:
+    owners = {record.user_id for record in records.values()}
+    known_owners = store.load_known_owners(db)
+    if guardrails.is_foreign_account(known_owners, owners):
+        raise ForeignAccountError(guardrails.foreign_account_message(owners, known_owners))
     complete = walk.complete and not rejections
     warnings = list(_warnings(walk, rejections, records))
     stored = store.load_stored_states(db)
     stored_fields = store.load_stored_fields(db, ids_needing_fields(stored, records.values()))
     changes = plan_changes(stored, stored_fields, records, deletions_allowed=complete)
-    if changes.deletions_withheld:
+    mass_deletion = guardrails.mass_deletion_reason(
+        len(changes.deleted),
+        sum(1 for state in stored.values() if not state.deleted),
+        len(records),
+        max_ratio=settings.max_delete_ratio,
+        allowed=settings.allow_mass_delete,
+    )
+    if mass_deletion is not None:
+        changes = changes.without_deletions()
+        warnings.append(mass_deletion)
+    elif changes.deletions_withheld:
         warnings.append(
             f"{changes.deletions_withheld} runner(s) missing from the walk were NOT marked "
             "deleted because the walk was not proven complete"
         )
-    status = "success" if complete else "partial"
+    status = "success" if complete and mass_deletion is None else "partial"
     outcome = store.RunOutcome(
         status=status,
         pages=walk.pages_fetched,
@@ -214,7 +231,13 @@ def _decide_and_apply(
         warnings=tuple(warnings),
     )
     store.apply_changes(
-        db, changes, rejections, sync_id=sync_id, outcome=outcome, applied_at=store.utc_timestamp()
+        db,
+        changes,
+        rejections,
+        sync_id=sync_id,
+        outcome=outcome,
+        applied_at=store.utc_timestamp(),
+        owners=owners,
     )
     for warning in warnings:
         log.warning("%s", warning)

@@ -8,6 +8,8 @@ import sqlite3
 
 from conftest import rows
 
+from pipeline.schema import SCHEMA_VERSION
+
 
 def test_sync_prints_a_summary_and_records_the_run(serve_account, run_cli, tmp_path):
     upstream = serve_account(runners=230, seed=11)
@@ -148,7 +150,7 @@ def test_a_newer_schema_is_refused_and_the_file_left_byte_for_byte(
 
     result = run_cli("sync", "--base-url", upstream.url, "--token", "test-token", "--db", "m.db")
     assert result.exit_code == 2
-    assert "schema version 999, newer than this comfysync knows (1)" in result.stderr
+    assert f"schema version 999, newer than this comfysync knows ({SCHEMA_VERSION})" in result.stderr
     assert hashlib.sha256((tmp_path / "m.db").read_bytes()).hexdigest() == digest
 
 

@@ -26,7 +26,7 @@ import httpx
 from sqlite_utils import Database
 
 from pipeline import guardrails, schema, store
-from pipeline.changes import ChangeSet, ids_needing_fields, plan_changes
+from pipeline.changes import ChangeSet, StoredState, ids_needing_fields, plan_changes
 from pipeline.client import ComfyControlClient, Page
 from pipeline.errors import ComfySyncError, ForeignAccountError
 from pipeline.records import KNOWN_STATUSES, Rejection, RunnerRecord, parse_runner
@@ -97,14 +97,23 @@ class _Collector:
             expected = pages_needed(page.total, page.per_page)
             self.on_progress(self.pages_in_walk, expected, len(self.records))
 
-    def final(self, walk: WalkResult) -> tuple[dict[str, RunnerRecord], list[Rejection]]:
-        """What to apply: the last walk's sightings if it is complete, else all sightings."""
+    def seen_in(self, walk: int) -> set[str]:
+        """Ids last seen in walk number ``walk`` (all of that walk's, while it is the latest)."""
+        return {runner_id for runner_id, (n, _) in self.records.items() if n == walk}
+
+    def final(self, walk: WalkResult) -> tuple[dict[str, RunnerRecord], list[Rejection], set[str]]:
+        """What to apply: the last walk's sightings if it is complete, else all sightings.
+
+        The third value holds the ids a confirmed walk spares: seen by the complete walk
+        before the last, missed by the last, so not proven gone.
+        """
         if walk.complete:
             records = {i: rec for i, (n, rec) in self.records.items() if n == walk.walks}
         else:
             records = {i: rec for i, (_, rec) in self.records.items()}
         rejections = [rej for n, rej in self.rejections if n == walk.walks]
-        return records, rejections
+        spared = self.seen_in(walk.walks - 1) if walk.confirmed else set()
+        return records, rejections, spared
 
 
 def run_sync(
@@ -141,10 +150,22 @@ def _sync_into(
 ) -> SyncSummary:
     sync_id = store.begin_run(db, base_url=settings.base_url, started_at=store.utc_timestamp())
     try:
+        stored = store.load_stored_states(db)
+        present = {runner_id for runner_id, state in stored.items() if not state.deleted}
         collector = _Collector(schema.redaction_key(db), settings.store_header_values, on_progress)
-        walk = asyncio.run(_walk(settings, client, transport, collector))
-        records, rejections = collector.final(walk)
-        summary = _decide_and_apply(db, settings, sync_id, walk, records, rejections, started)
+
+        def needs_confirmation(walk_number: int) -> bool:
+            # Would this complete walk delete anything (that the mass-deletion guard allows)?
+            seen = collector.seen_in(walk_number)
+            missing = len(present - seen)
+            mass = _mass_deletion(settings, missing, len(present), len(seen))
+            return missing > 0 and mass is None
+
+        walk = asyncio.run(_walk(settings, client, transport, collector, needs_confirmation))
+        records, rejections, spared = collector.final(walk)
+        summary = _decide_and_apply(
+            db, settings, sync_id, walk, stored, records, rejections, spared, started
+        )
     except BaseException as exc:
         error = exc.message if isinstance(exc, ComfySyncError) else _describe(exc)
         store.record_failed_run(db, sync_id, error=error, finished_at=store.utc_timestamp())
@@ -163,6 +184,7 @@ async def _walk(
     client: ComfyControlClient | None,
     transport: httpx.AsyncBaseTransport | None,
     collector: _Collector,
+    needs_confirmation: Callable[[int], bool],
 ) -> WalkResult:
     if client is None:
         client = ComfyControlClient(
@@ -183,6 +205,7 @@ async def _walk(
             concurrency=settings.concurrency,
             max_walks=settings.max_walks,
             on_page=collector,
+            needs_confirmation=needs_confirmation,
         )
 
 
@@ -191,8 +214,10 @@ def _decide_and_apply(
     settings: Settings,
     sync_id: int,
     walk: WalkResult,
+    stored: dict[str, StoredState],
     records: dict[str, RunnerRecord],
     rejections: list[Rejection],
+    spared: set[str],
     started: float,
 ) -> SyncSummary:
     owners = {record.user_id for record in records.values()}
@@ -201,25 +226,26 @@ def _decide_and_apply(
         raise ForeignAccountError(guardrails.foreign_account_message(owners, known_owners))
     complete = walk.complete and not rejections
     warnings = list(_warnings(walk, rejections, records))
-    stored = store.load_stored_states(db)
     stored_fields = store.load_stored_fields(db, ids_needing_fields(stored, records.values()))
-    changes = plan_changes(stored, stored_fields, records, deletions_allowed=complete)
-    mass_deletion = guardrails.mass_deletion_reason(
-        len(changes.deleted),
-        sum(1 for state in stored.values() if not state.deleted),
-        len(records),
-        max_ratio=settings.max_delete_ratio,
-        allowed=settings.allow_mass_delete,
+    changes = plan_changes(
+        stored, stored_fields, records, deletions_allowed=complete, spared=spared
     )
+    present = sum(1 for state in stored.values() if not state.deleted)
+    mass_deletion = _mass_deletion(settings, len(changes.deleted), present, len(records))
     if mass_deletion is not None:
         changes = changes.without_deletions()
         warnings.append(mass_deletion)
     elif changes.deletions_withheld:
+        because = (
+            "the walk before the last one still saw them (the next sync decides)"
+            if complete
+            else "the walk was not proven complete"
+        )
         warnings.append(
             f"{changes.deletions_withheld} runner(s) missing from the walk were NOT marked "
-            "deleted because the walk was not proven complete"
+            f"deleted because {because}"
         )
-    status = "success" if complete and mass_deletion is None else "partial"
+    status = "success" if complete and not changes.deletions_withheld else "partial"
     outcome = store.RunOutcome(
         status=status,
         pages=walk.pages_fetched,
@@ -242,6 +268,16 @@ def _decide_and_apply(
     for warning in warnings:
         log.warning("%s", warning)
     return _summarise(sync_id, outcome, changes, time.monotonic() - started, settings.db_path)
+
+
+def _mass_deletion(settings: Settings, would_delete: int, present: int, seen: int) -> str | None:
+    return guardrails.mass_deletion_reason(
+        would_delete,
+        present,
+        seen,
+        max_ratio=settings.max_delete_ratio,
+        allowed=settings.allow_mass_delete,
+    )
 
 
 def _warnings(

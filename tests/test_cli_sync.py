@@ -150,7 +150,9 @@ def test_a_newer_schema_is_refused_and_the_file_left_byte_for_byte(
 
     result = run_cli("sync", "--base-url", upstream.url, "--token", "test-token", "--db", "m.db")
     assert result.exit_code == 2
-    assert f"schema version 999, newer than this comfysync knows ({SCHEMA_VERSION})" in result.stderr
+    assert (
+        f"schema version 999, newer than this comfysync knows ({SCHEMA_VERSION})" in result.stderr
+    )
     assert hashlib.sha256((tmp_path / "m.db").read_bytes()).hexdigest() == digest
 
 

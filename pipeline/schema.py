@@ -18,6 +18,7 @@ Tables (see README for every column):
 
 from __future__ import annotations
 
+import os
 import secrets
 import sqlite3
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-from pipeline.errors import DatabaseError
+from pipeline.errors import ComfySyncError, DatabaseError, StorageError
 from pipeline.records import TRACKED_FIELDS
 
 META_TABLE = "comfysync_meta"
@@ -153,12 +154,43 @@ def schema_version(db: Database) -> int:
     return int(row[0]) if row else 0
 
 
+def sqlite_failure(path: Path, exc: sqlite3.Error) -> ComfySyncError:
+    """The error to show for a SQLite failure on ``path``: the disk's fault or the file's.
+
+    A full or failing disk is a StorageError (exit 4: try again once there is room); a file
+    that is not a database, is damaged or cannot be written is a DatabaseError (exit 2).
+    """
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR"):
+        return StorageError(f"cannot use {path} ({exc}; is the disk full?); nothing was applied")
+    if name == "SQLITE_NOTADB":
+        return DatabaseError(f"{path} is not a SQLite database ({exc}); pass another --db")
+    if name == "SQLITE_CORRUPT":
+        return DatabaseError(
+            f"{path} is damaged ({exc}); restore it from a backup or pass another --db"
+        )
+    return DatabaseError(f"cannot open {path} for writing ({exc})")
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse a write-protected --db before SQLite quietly opens it read-only.
+
+    SQLite keeps its ``-wal`` and ``-shm`` files beside the database, so the folder must be
+    writable too. ``os.access`` answers for the real user, root included (an immutable file
+    or a read-only filesystem is not writable even for root).
+    """
+    if path.exists() and not os.access(path, os.W_OK):
+        raise DatabaseError(f"--db {path} is not writable; fix that or pass another --db")
+    if path.parent.exists() and not os.access(path.parent, os.W_OK):
+        raise DatabaseError(
+            f"--db {path} is in a folder that is not writable ({path.parent}; SQLite keeps "
+            "its -wal and -shm files there); fix that or pass another --db"
+        )
+
+
 def _check_usable(db: Database, path: Path) -> int:
     """Refuse, before any write, a file that is not ours or is newer than this code."""
-    try:
-        tables = db.table_names()
-    except sqlite3.DatabaseError as exc:
-        raise DatabaseError(f"{path} is not a SQLite database ({exc}); pass another --db") from exc
+    tables = db.table_names()
     if tables and META_TABLE not in tables:
         raise DatabaseError(
             f"{path} is a SQLite database that comfysync did not create; "
@@ -181,10 +213,15 @@ def open_store(path: Path) -> Database:
     """
     if path.is_dir():
         raise DatabaseError(f"--db {path} is a directory; pass a file path")
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+    _check_writable(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         db = _connect(path, read_only=False)
+    except OSError as exc:
+        raise DatabaseError(f"cannot create the folder of --db {path} ({exc.strerror})") from exc
+    except sqlite3.Error as exc:
+        raise sqlite_failure(path, exc) from exc
+    try:
         version = _check_usable(db, path)
         if version < SCHEMA_VERSION:
             db.enable_wal()
@@ -194,8 +231,12 @@ def open_store(path: Path) -> Database:
             )
         elif db.journal_mode != "wal":
             db.enable_wal()
-    except sqlite3.OperationalError as exc:
-        raise DatabaseError(f"cannot open {path} for writing ({exc})") from exc
+    except sqlite3.Error as exc:
+        db.close()
+        raise sqlite_failure(path, exc) from exc
+    except BaseException:
+        db.close()
+        raise
     return db
 
 
@@ -205,9 +246,20 @@ def open_store_read_only(path: Path) -> Database:
         raise DatabaseError(
             f"no database at {path}; create one with `comfysync sync` (or try `comfysync demo`)"
         )
-    db = _connect(path, read_only=True)
-    version = _check_usable(db, path)
+    try:
+        db = _connect(path, read_only=True)
+    except sqlite3.Error as exc:
+        raise sqlite_failure(path, exc) from exc
+    try:
+        version = _check_usable(db, path)
+    except sqlite3.Error as exc:
+        db.close()
+        raise sqlite_failure(path, exc) from exc
+    except BaseException:
+        db.close()
+        raise
     if version == 0:
+        db.close()
         raise DatabaseError(f"{path} is empty; create it with `comfysync sync`")
     return db
 

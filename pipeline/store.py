@@ -78,22 +78,31 @@ def load_known_owners(db: Database) -> set[str]:
 
 
 def begin_run(db: Database, *, base_url: str, started_at: str) -> int:
-    """Record a sync as ``running`` and return its id (committed at once: survives a crash)."""
-    with db.atomic():
-        cursor = db.execute(
-            "INSERT INTO sync_runs (started_at, status, base_url) VALUES (?, 'running', ?)",
-            [started_at, base_url],
-        )
+    """Record a sync as ``running`` and return its id (committed at once: survives a crash).
+
+    Raises StorageError if SQLite cannot write (a full disk), before anything else happened.
+    """
+    try:
+        with db.atomic():
+            cursor = db.execute(
+                "INSERT INTO sync_runs (started_at, status, base_url) VALUES (?, 'running', ?)",
+                [started_at, base_url],
+            )
+    except sqlite3.OperationalError as exc:
+        raise StorageError(f"could not write the database ({exc}); nothing was applied") from exc
     return int(cursor.lastrowid or 0)
 
 
 def record_failed_run(db: Database, sync_id: int, *, error: str, finished_at: str) -> None:
-    """Mark a run ``failed``: the only write a failed sync makes."""
-    with db.atomic():
-        db.execute(
-            "UPDATE sync_runs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
-            [finished_at, error, sync_id],
-        )
+    """Mark a run ``failed``: the only write a failed sync makes (StorageError if it cannot)."""
+    try:
+        with db.atomic():
+            db.execute(
+                "UPDATE sync_runs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
+                [finished_at, error, sync_id],
+            )
+    except sqlite3.OperationalError as exc:
+        raise StorageError(f"could not record the failed run ({exc})") from exc
 
 
 def apply_changes(

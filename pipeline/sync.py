@@ -28,7 +28,7 @@ from sqlite_utils import Database
 from pipeline import guardrails, schema, store
 from pipeline.changes import ChangeSet, StoredState, ids_needing_fields, plan_changes
 from pipeline.client import ComfyControlClient, Page
-from pipeline.errors import ComfySyncError, ForeignAccountError
+from pipeline.errors import ComfySyncError, ForeignAccountError, StorageError
 from pipeline.records import KNOWN_STATUSES, Rejection, RunnerRecord, parse_runner
 from pipeline.settings import Settings
 from pipeline.walk import WalkResult, pages_needed, walk_all_pages
@@ -168,7 +168,10 @@ def _sync_into(
         )
     except BaseException as exc:
         error = exc.message if isinstance(exc, ComfySyncError) else _describe(exc)
-        store.record_failed_run(db, sync_id, error=error, finished_at=store.utc_timestamp())
+        try:
+            store.record_failed_run(db, sync_id, error=error, finished_at=store.utc_timestamp())
+        except StorageError as unrecorded:  # a full disk: the first failure is the news
+            log.warning("%s", unrecorded)
         raise
     return summary
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,7 +96,8 @@ def cli() -> None:
     "--max-walks",
     type=click.IntRange(1, 20),
     default=3,
-    help="Walks to try before settling for an incomplete one (no deletions).",
+    help="Walks to try before settling for an incomplete one (no deletions); a walk "
+    "confirming deletions comes on top.",
 )
 @click.option(
     "--timeout",
@@ -364,8 +366,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("comfysync: interrupted; nothing half-applied", err=True)
         sys.exit(130)
     except ComfySyncError as exc:
-        if _debug:
-            raise
+        if _debug:  # the traceback too, but still the documented exit code
+            traceback.print_exc()
         click.echo(f"comfysync: error: {exc.message}", err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 # `pytest --hypothesis-profile=thorough tests/test_properties.py` runs the long search.
 settings.register_profile(
     "ci",
-    max_examples=60,
+    max_examples=200,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

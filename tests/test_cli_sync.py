@@ -104,7 +104,11 @@ def test_a_permanent_503_exits_4_with_nothing_applied(serve_account, run_cli, tm
 def test_debug_shows_the_traceback(serve_account, run_cli):
     upstream = serve_account(runners=5)
     result = run_cli("sync", "--debug", "--base-url", upstream.url, "--token", "nope")
-    assert result.exit_code != 0 and "Traceback" in result.stderr
+    assert result.exit_code == 3 and "Traceback" in result.stderr
+    assert result.stderr.endswith(
+        "comfysync: error: " + "ComfyControl answered 401 on page 1: "
+        "the token was rejected; check COMFYCONTROL_TOKEN (or --token)\n"
+    )
 
 
 def test_a_db_path_that_is_a_directory_is_a_usage_error(run_cli, tmp_path):

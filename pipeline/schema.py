@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 import secrets
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -138,12 +140,28 @@ SCHEMA_VERSION = len(migrations._migrations)
 
 
 def _connect(path: Path, *, read_only: bool) -> Database:
-    if read_only:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    else:
-        conn = sqlite3.connect(str(path))
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    try:
+        if read_only:
+            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        else:
+            conn = sqlite3.connect(str(path))
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    except sqlite3.Error as exc:
+        raise sqlite_failure(path, exc) from exc
     return Database(conn)
+
+
+@contextmanager
+def _closed_on_failure(db: Database, path: Path) -> Iterator[None]:
+    """Close ``db`` when opening it fails, telling SQLite's failure as one of ours."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        db.close()
+        raise sqlite_failure(path, exc) from exc
+    except BaseException:
+        db.close()
+        raise
 
 
 def schema_version(db: Database) -> int:
@@ -216,12 +234,10 @@ def open_store(path: Path) -> Database:
     _check_writable(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = _connect(path, read_only=False)
     except OSError as exc:
         raise DatabaseError(f"cannot create the folder of --db {path} ({exc.strerror})") from exc
-    except sqlite3.Error as exc:
-        raise sqlite_failure(path, exc) from exc
-    try:
+    db = _connect(path, read_only=False)
+    with _closed_on_failure(db, path):
         version = _check_usable(db, path)
         if version < SCHEMA_VERSION:
             db.enable_wal()
@@ -231,12 +247,6 @@ def open_store(path: Path) -> Database:
             )
         elif db.journal_mode != "wal":
             db.enable_wal()
-    except sqlite3.Error as exc:
-        db.close()
-        raise sqlite_failure(path, exc) from exc
-    except BaseException:
-        db.close()
-        raise
     return db
 
 
@@ -246,21 +256,10 @@ def open_store_read_only(path: Path) -> Database:
         raise DatabaseError(
             f"no database at {path}; create one with `comfysync sync` (or try `comfysync demo`)"
         )
-    try:
-        db = _connect(path, read_only=True)
-    except sqlite3.Error as exc:
-        raise sqlite_failure(path, exc) from exc
-    try:
-        version = _check_usable(db, path)
-    except sqlite3.Error as exc:
-        db.close()
-        raise sqlite_failure(path, exc) from exc
-    except BaseException:
-        db.close()
-        raise
-    if version == 0:
-        db.close()
-        raise DatabaseError(f"{path} is empty; create it with `comfysync sync`")
+    db = _connect(path, read_only=True)
+    with _closed_on_failure(db, path):
+        if _check_usable(db, path) == 0:
+            raise DatabaseError(f"{path} is empty; create it with `comfysync sync`")
     return db
 
 

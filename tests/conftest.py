@@ -22,20 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Property tests (tests/test_properties.py). "ci" is the default, sized for a minute or two;
 # `pytest --hypothesis-profile=thorough tests/test_properties.py` runs the long search.
-settings.register_profile(
-    "ci",
-    max_examples=200,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.register_profile(
-    "thorough",
-    max_examples=1000,
-    stateful_step_count=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+_UNHURRIED = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+settings.register_profile("ci", max_examples=200, stateful_step_count=30, **_UNHURRIED)
+settings.register_profile("thorough", max_examples=1000, stateful_step_count=60, **_UNHURRIED)
 settings.load_profile("ci")
 
 

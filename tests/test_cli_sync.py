@@ -96,7 +96,8 @@ def test_a_permanent_503_exits_4_with_nothing_applied(serve_account, run_cli, tm
     )
     assert result.exit_code == 4, result.stderr
     assert "after 2 attempts (HTTP 503); nothing was applied" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "stamina" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1
     assert rows(tmp_path / "x.db", "SELECT count(*) FROM runners") == [(0,)]
     assert rows(tmp_path / "x.db", "SELECT status FROM sync_runs") == [("failed",)]
 

@@ -43,14 +43,17 @@ HARNESS = REPO / "tests" / "crash_harness.py"
 
 @dataclass(frozen=True)
 class Phase:
-    """Where to aim: the function whose run is the phase, and how to make it last.
+    """Where to aim: the function whose run is the phase, how to make it last, what it leaves.
 
     The kill comes a seeded delay after the harness's ``begins`` line (or, with
     ``aim_after``, after its ``ends`` line, inside a pause the harness adds there).
+    ``leaves`` is the state a kill there must leave: "before" the sync (nothing committed
+    yet) or "after" it (the one transaction committed).
     """
 
     target: str  # module:function, where the CLI looks it up
     harness_flags: tuple[str, ...] = ()
+    leaves: str = "before"
     latency_ms: float = 0.0  # the simulator's, so the walk lasts long enough to be hit
     aim_after: bool = False
     command: tuple[str, ...] = ("sync", "--base-url", "{url}", "--token", "t", "--db", "{db}")
@@ -60,7 +63,7 @@ class Phase:
 PHASES = {
     "walk": Phase("pipeline.sync:walk_all_pages", latency_ms=40),
     "apply": Phase("pipeline.store:apply_changes", ("--slow-sqlite",)),
-    "after-apply": Phase("pipeline.store:apply_changes", ("--pause-after", "1"), aim_after=True, trials=2),
+    "after-apply": Phase("pipeline.store:apply_changes", ("--pause-after", "1"), "after", aim_after=True, trials=2),
 }  # fmt: skip
 
 
@@ -194,11 +197,11 @@ def test_a_sync_killed_at_a_random_moment_leaves_the_store_before_or_after(
     [(status,)] = rows(db, "SELECT status FROM sync_runs ORDER BY id DESC LIMIT 1")
     if dump_except_run_log(db) == stores.before_dump:
         assert status == "running"  # the process died before its one transaction committed
-        assert not spec.aim_after
+        assert spec.leaves == "before"
     else:
         assert mirror_state(db) == stores.after_state, "the store is neither before nor after"
         assert status == "success"  # the run log committed with the changes, not apart
-        assert spec.aim_after
+        assert spec.leaves == "after"
     check_history(db)
 
     summary = run_sync(Settings(base_url=stores.server.url, token="t", db_path=db))

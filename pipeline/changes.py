@@ -7,7 +7,7 @@ lets the deletion rule (never delete unless the walk proved itself complete) be 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pipeline.records import TRACKED_FIELDS, RunnerRecord
@@ -46,6 +46,17 @@ class ChangeSet:
     def is_empty(self) -> bool:
         return not (self.created or self.updated or self.restored or self.deleted)
 
+    def without_deletions(self) -> ChangeSet:
+        """The same changes with every deletion withheld (counted in ``deletions_withheld``)."""
+        return ChangeSet(
+            created=self.created,
+            updated=self.updated,
+            restored=self.restored,
+            deleted=[],
+            unchanged=self.unchanged,
+            deletions_withheld=self.deletions_withheld + len(self.deleted),
+        )
+
 
 def ids_needing_fields(
     stored: Mapping[str, StoredState], seen: Iterable[RunnerRecord]
@@ -70,13 +81,15 @@ def plan_changes(
     seen: Mapping[str, RunnerRecord],
     *,
     deletions_allowed: bool,
+    spared: Collection[str] = (),
 ) -> ChangeSet:
     """Compare the walk with the store.
 
     ``stored_fields`` must hold the fields of every id ``ids_needing_fields`` named.
     Guarantees: a runner the walk saw is never deleted; an unchanged runner produces no
     change; runners absent from the walk are deleted only when ``deletions_allowed``
-    (which the caller grants only for a complete walk).
+    (which the caller grants only for a complete walk), and never when ``spared`` (ids an
+    earlier complete walk of the same sync saw); each one not deleted counts as withheld.
     """
     changes = ChangeSet()
     unchanged = 0
@@ -98,10 +111,9 @@ def plan_changes(
         if not state.deleted and runner_id not in seen
     ]
     if deletions_allowed:
-        changes.deleted.extend(missing)
-        withheld = 0
-    else:
-        withheld = len(missing)
+        spared = set(spared)
+        changes.deleted.extend(runner_id for runner_id in missing if runner_id not in spared)
+    withheld = len(missing) - len(changes.deleted)
     return ChangeSet(
         created=changes.created,
         updated=changes.updated,

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -140,7 +141,8 @@ _SYNC_OPTIONS = (
         "--max-walks",
         type=click.IntRange(1, 20),
         default=3,
-        help="Walks to try before settling for an incomplete one (no deletions).",
+        help="Walks to try before settling for an incomplete one (no deletions); a walk "
+        "confirming deletions comes on top.",
     ),
     click.option(
         "--timeout",
@@ -189,6 +191,18 @@ _SYNC_OPTIONS = (
         help="Delete the oldest snapshot files beyond the N newest per format (default: keep all).",
     ),
     csv_safe_option,
+    click.option(
+        "--max-delete-ratio",
+        type=click.FloatRange(0, 1),
+        default=0.5,
+        help="Withhold all deletions (run ends partial) if more than this share of the present "
+        "runners would be marked deleted; an empty listing always counts.",
+    ),
+    click.option(
+        "--allow-mass-delete",
+        is_flag=True,
+        help="Apply deletions this once even beyond --max-delete-ratio.",
+    ),
 )
 _SETTINGS_FIELDS = frozenset(field.name for field in dataclasses.fields(Settings))
 
@@ -201,13 +215,16 @@ _SETTINGS_FIELDS = frozenset(field.name for field in dataclasses.fields(Settings
 def sync(settings: Settings, as_json: bool, quiet: bool) -> None:
     """Mirror every runner into the database, recording what changed.
 
-    Deletions are only recorded when the walk over all pages is proven complete; otherwise
-    the run ends `partial` and says why. Then the fleet is written as snapshot files (Parquet
-    and CSV) under --export-dir; a snapshot that fails is a warning, never a failed sync.
-    One sync at a time per database. SIGINT or SIGTERM
-    stops it before it applies anything (or lets the apply it is in finish). Exit codes:
-    0 success or partial, 2 usage or configuration, 3 authentication, 4 upstream failure
-    (nothing applied), 5 another sync is running, 6 stopped by a signal (nothing applied).
+    Deletions are only recorded when the walk over all pages is proven complete and would not
+    delete a mass of the fleet (--max-delete-ratio); otherwise the run ends `partial` and says
+    why. Runners that all belong to another account than the database's are refused. Then
+    the fleet is written as snapshot files (Parquet and CSV) under --export-dir; a snapshot
+    that fails is a warning, never a failed sync. One sync at a time per database. SIGINT or
+    SIGTERM stops it before it applies anything (or lets the apply it is in finish).
+
+    Exit codes: 0 success or partial, 2 usage or configuration, 3 authentication, 4 upstream
+    failure or full disk (nothing applied), 5 another sync is running, 6 stopped by a signal
+    (nothing applied).
     """
     from pipeline.stopping import stop_on_signals
     from pipeline.sync import run_sync
@@ -438,7 +455,12 @@ def simulate(
     malformed: float,
     churn: float,
 ) -> None:
-    """Serve a simulated ComfyControl API on loopback (for demos, tests and benchmarks)."""
+    """Serve a simulated ComfyControl API on loopback (for demos, tests and benchmarks).
+
+    Every random fault is drawn from --seed: the same seed and the same request sequence (a
+    sync with --concurrency 1) replay the same faults; --debug logs each request and what it
+    got. --port 0 picks a free port and prints it.
+    """
     from pipeline.faults import FaultPlan, parse_latency
     from pipeline.simulator import SimulatedAccount, serve
 
@@ -459,15 +481,21 @@ def simulate(
         churn=churn,
     )
     account = SimulatedAccount(runners=runners, seed=seed, token=token or None, faults=faults)
-    click.echo(
-        f"simulating {runners} runners on http://{host}:{port}/v1/runner "
-        f"(token {'required' if token else 'not required'}); Ctrl+C stops",
-        err=True,
-    )
+
+    def announce(base_url: str) -> None:
+        # The real URL, so `--port 0` tells the caller which free port it got.
+        click.echo(
+            f"simulating {runners} runners on {base_url}/v1/runner "
+            f"(token {'required' if token else 'not required'}); Ctrl+C stops",
+            err=True,
+        )
+
     try:
-        serve(account, host=host, port=port)
+        serve(account, host=host, port=port, on_ready=announce)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--host") from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port} ({exc.strerror})") from exc
 
 
 @cli.command()
@@ -711,6 +739,8 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr, level=logging.WARNING, format="comfysync: %(levelname)s: %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # stamina logs a bare "stamina.retry_scheduled" warning per retry; the client logs its own.
+    logging.getLogger("stamina").setLevel(logging.ERROR)
     try:
         cli.main(args=argv, prog_name="comfysync", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -725,8 +755,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("comfysync: interrupted; nothing half-applied", err=True)
         sys.exit(130)
     except ComfySyncError as exc:
-        if _debug:
-            raise
+        if _debug:  # the traceback too, but still the documented exit code
+            traceback.print_exc()
         click.echo(f"comfysync: error: {exc.message}", err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:

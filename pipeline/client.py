@@ -157,6 +157,7 @@ class ComfyControlClient:
         """stamina's hook: retry our transient failures, waiting ``Retry-After`` when given."""
         if not isinstance(exc, _RetryableFailure):
             return False
+        log.info("retrying a page request after: %s", exc)
         if exc.retry_after is not None:
             return min(exc.retry_after, self._retry_after_cap)
         return True

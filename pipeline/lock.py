@@ -21,6 +21,7 @@ is in WAL mode, so they never wait for a sync.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from pipeline.errors import DatabaseError, SyncLockedError
+from pipeline.errors import DatabaseError, StorageError, SyncLockedError
 
 LOCK_SUFFIX = ".lock"
 #: How long a locked-out sync waits for the holder's details, which the holder writes within
@@ -101,9 +102,15 @@ def hold_sync_lock(db_path: Path) -> Iterator[LockHolder]:
     except Timeout:
         raise SyncLockedError(_locked_message(db_path)) from None
     except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            # The disk's fault, not the configuration's: exit 4, try again once there is room.
+            raise StorageError(
+                f"cannot take the sync lock {path} ({reason}; is the disk full?); "
+                "nothing was applied"
+            ) from exc
         raise DatabaseError(
-            f"cannot take the sync lock {path} ({exc.strerror or type(exc).__name__}); "
-            "check that its folder is writable"
+            f"cannot take the sync lock {path} ({reason}); check that its folder is writable"
         ) from exc
     try:
         yield me

@@ -13,6 +13,8 @@ Tables (see README for every column):
 * ``rejected_records``: runner objects that could not be stored, with the reason.
 * ``comfysync_meta``: schema version and the per-database redaction key.
 * ``snapshots``: one row per snapshot file a sync wrote (or failed to write).
+* ``account_owners``: every runner owner (``user_id``) the mirror has seen, so a token for
+  another account is noticed (m004).
 
 Views and search (``m002_views_and_search``), for people reading the mirror with SQL or
 Datasette:
@@ -27,12 +29,15 @@ Datasette:
 
 from __future__ import annotations
 
+import os
 import secrets
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DatabaseError
+from pipeline.errors import ComfySyncError, DatabaseError, StorageError
 from pipeline.records import TRACKED_FIELDS
 from pipeline.sqlite import Database, Migrations
 
@@ -183,17 +188,52 @@ def m003_snapshots(db: Database) -> None:
     )
 
 
+@migrations()
+def m004_account_owners(db: Database) -> None:
+    """Remember which account the store mirrors: the owners of the runners it has seen.
+
+    Filled from the versions already stored, so an upgraded database is protected from its
+    first sync on.
+    """
+    db.table("account_owners").create(
+        {"user_id": str, "first_seen_at": str, "first_sync_id": int},
+        pk="user_id",
+        not_null={"first_seen_at", "first_sync_id"},
+    )
+    db.execute(
+        "INSERT INTO account_owners (user_id, first_seen_at, first_sync_id) "
+        "SELECT user_id, min(valid_from), min(sync_id) FROM runner_versions "
+        "WHERE user_id IS NOT NULL GROUP BY user_id"
+    )
+
+
 #: Known migrations, in order; the schema version is how many of them a database has.
 SCHEMA_VERSION = len(migrations._migrations)
 
 
 def _connect(path: Path, *, read_only: bool) -> Database:
-    if read_only:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    else:
-        conn = sqlite3.connect(str(path))
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    try:
+        if read_only:
+            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        else:
+            conn = sqlite3.connect(str(path))
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    except sqlite3.Error as exc:
+        raise sqlite_failure(path, exc) from exc
     return Database(conn)
+
+
+@contextmanager
+def _closed_on_failure(db: Database, path: Path) -> Iterator[None]:
+    """Close ``db`` when opening it fails, telling SQLite's failure as one of ours."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        db.close()
+        raise sqlite_failure(path, exc) from exc
+    except BaseException:
+        db.close()
+        raise
 
 
 def schema_version(db: Database) -> int:
@@ -204,12 +244,43 @@ def schema_version(db: Database) -> int:
     return int(row[0]) if row else 0
 
 
+def sqlite_failure(path: Path, exc: sqlite3.Error) -> ComfySyncError:
+    """The error to show for a SQLite failure on ``path``: the disk's fault or the file's.
+
+    A full or failing disk is a StorageError (exit 4: try again once there is room); a file
+    that is not a database, is damaged or cannot be written is a DatabaseError (exit 2).
+    """
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR"):
+        return StorageError(f"cannot use {path} ({exc}; is the disk full?); nothing was applied")
+    if name == "SQLITE_NOTADB":
+        return DatabaseError(f"{path} is not a SQLite database ({exc}); pass another --db")
+    if name == "SQLITE_CORRUPT":
+        return DatabaseError(
+            f"{path} is damaged ({exc}); restore it from a backup or pass another --db"
+        )
+    return DatabaseError(f"cannot open {path} for writing ({exc})")
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse a write-protected --db before SQLite quietly opens it read-only.
+
+    SQLite keeps its ``-wal`` and ``-shm`` files beside the database, so the folder must be
+    writable too. ``os.access`` answers for the real user, root included (an immutable file
+    or a read-only filesystem is not writable even for root).
+    """
+    if path.exists() and not os.access(path, os.W_OK):
+        raise DatabaseError(f"--db {path} is not writable; fix that or pass another --db")
+    if path.parent.exists() and not os.access(path.parent, os.W_OK):
+        raise DatabaseError(
+            f"--db {path} is in a folder that is not writable ({path.parent}; SQLite keeps "
+            "its -wal and -shm files there); fix that or pass another --db"
+        )
+
+
 def _check_usable(db: Database, path: Path) -> int:
     """Refuse, before any write, a file that is not ours or is newer than this code."""
-    try:
-        tables = db.table_names()
-    except sqlite3.DatabaseError as exc:
-        raise DatabaseError(f"{path} is not a SQLite database ({exc}); pass another --db") from exc
+    tables = db.table_names()
     if tables and META_TABLE not in tables:
         raise DatabaseError(
             f"{path} is a SQLite database that comfysync did not create; "
@@ -224,18 +295,30 @@ def _check_usable(db: Database, path: Path) -> int:
     return version
 
 
+def prepare_db_path(path: Path) -> None:
+    """Check that ``path`` can hold a database comfysync writes, creating its folder if needed.
+
+    Called before anything is written beside the database (the sync lock, the database
+    itself), so a bad --db is refused with its own message and leaves no file behind.
+    """
+    if path.is_dir():
+        raise DatabaseError(f"--db {path} is a directory; pass a file path")
+    _check_writable(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatabaseError(f"cannot create the folder of --db {path} ({exc.strerror})") from exc
+
+
 def open_store(path: Path) -> Database:
     """Open (creating if needed) a comfysync database for writing, migrated to SCHEMA_VERSION.
 
     Idempotent: safe to call on every sync. Sets WAL mode so readers never block the writer
     and a busy timeout so a second writer waits instead of failing at once.
     """
-    if path.is_dir():
-        raise DatabaseError(f"--db {path} is a directory; pass a file path")
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        db = _connect(path, read_only=False)
+    prepare_db_path(path)
+    db = _connect(path, read_only=False)
+    with _closed_on_failure(db, path):
         version = _check_usable(db, path)
         if version < SCHEMA_VERSION:
             db.enable_wal()
@@ -245,8 +328,6 @@ def open_store(path: Path) -> Database:
             )
         elif db.journal_mode != "wal":
             db.enable_wal()
-    except sqlite3.OperationalError as exc:
-        raise DatabaseError(f"cannot open {path} for writing ({exc})") from exc
     return db
 
 
@@ -257,9 +338,9 @@ def open_store_read_only(path: Path) -> Database:
             f"no database at {path}; create one with `comfysync sync` (or try `comfysync demo`)"
         )
     db = _connect(path, read_only=True)
-    version = _check_usable(db, path)
-    if version == 0:
-        raise DatabaseError(f"{path} is empty; create it with `comfysync sync`")
+    with _closed_on_failure(db, path):
+        if _check_usable(db, path) == 0:
+            raise DatabaseError(f"{path} is empty; create it with `comfysync sync`")
     return db
 
 

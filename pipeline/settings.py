@@ -49,6 +49,10 @@ class Settings:
     max_retries: int = 5
     allow_http: bool = False
     store_header_values: bool = False
+    #: A complete walk that would mark more than this share of the present fleet deleted
+    #: applies no deletion (see pipeline.guardrails), unless ``allow_mass_delete``.
+    max_delete_ratio: float = 0.5
+    allow_mass_delete: bool = False
     retry_wait_initial: float = 0.5
     retry_wait_max: float = 30.0
     retry_after_cap: float = 120.0
@@ -95,6 +99,8 @@ class Settings:
             )
         if self.keep_snapshots is not None and self.keep_snapshots < 1:
             raise ConfigurationError("--keep-snapshots must be at least 1")
+        if not 0.0 <= self.max_delete_ratio <= 1.0:
+            raise ConfigurationError("--max-delete-ratio must be between 0 and 1")
         return self
 
 

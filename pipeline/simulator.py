@@ -49,6 +49,8 @@ from starlette.types import Receive, Scope, Send
 
 from pipeline.faults import UNAUTHORIZED_BODY, FaultPlan, Gate, apply_churn, render_page
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "ConnectionDropped",
     "LoopbackServer",
@@ -398,6 +400,28 @@ def _parse_param(request: Request, name: str, default: int, upper: int | None) -
     return value
 
 
+def _trace_line(
+    page: int | None,
+    per_page: int | None,
+    status: int,
+    faults: tuple[str, ...],
+    gate: Gate | None,
+) -> str:
+    """One request as ``comfysync simulate --debug`` logs it: enough to replay a seeded run.
+
+    Names only what the fault plan decided (status, faults, delay, churn); never a header, a
+    token or a runner, so the trace can be shared in a bug report.
+    """
+    line = f"GET /v1/runner page={page} per_page={per_page} -> {status}"
+    if faults:
+        line += f" [{', '.join(faults)}]"
+    if gate is not None and gate.delay_s:
+        line += f" delay {gate.delay_s * 1000:.1f} ms"
+    if gate is not None and gate.churn:
+        line += f" churn {gate.churn}"
+    return line
+
+
 def _authorised(request: Request, token: str | None) -> bool:
     if token is None:
         return True
@@ -426,9 +450,13 @@ def create_app(account: SimulatedAccount) -> Starlette:
     page faults. Unknown paths are 404 JSON, other methods 405 JSON.
     """
 
-    def record(page: int | None, per_page: int | None, status: int, *faults: str) -> None:
+    def record(
+        page: int | None, per_page: int | None, status: int, *faults: str, gate: Gate | None = None
+    ) -> None:
         names = tuple(name for name in faults if name)
         account.requests.append(RequestRecord(page, per_page, status, names))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s", _trace_line(page, per_page, status, names, gate))
 
     async def list_runners(request: Request) -> Response:
         page = _parse_param(request, "page", 1, None)
@@ -442,14 +470,14 @@ def create_app(account: SimulatedAccount) -> Starlette:
         if gate.churn:
             apply_churn(account, gate.churn, gate.churn_seed)
         if gate.status is not None:
-            record(page_no, per_page_no, gate.status, gate.fault)
+            record(page_no, per_page_no, gate.status, gate.fault, gate=gate)
             return _json(gate.status, dict(gate.body), dict(gate.headers))
         if not _authorised(request, account.token):
-            record(page_no, per_page_no, 401)
+            record(page_no, per_page_no, 401, gate=gate)
             return _json(401, UNAUTHORIZED_BODY, {"WWW-Authenticate": "Bearer"})
         for problem in (page, per_page):
             if isinstance(problem, str):
-                record(page_no, per_page_no, 400)
+                record(page_no, per_page_no, 400, gate=gate)
                 return _json(400, {"error": "invalid_parameter", "message": problem})
         assert page_no is not None and per_page_no is not None
         for hook in list(account.before_page):
@@ -457,7 +485,7 @@ def create_app(account: SimulatedAccount) -> Starlette:
 
         shape = account.faults.shape_page(gate, page_no)
         body, media_type = render_page(account._page_view(page_no, per_page_no), shape)
-        record(page_no, per_page_no, 200, *shape.names)
+        record(page_no, per_page_no, 200, *shape.names, gate=gate)
         if shape.drop:
             return _DroppedResponse(body)
         return Response(body, 200, media_type=media_type)
@@ -500,6 +528,30 @@ def _require_loopback(host: str) -> None:
         raise ValueError(f"the simulator only listens on loopback (127.0.0.1, ::1), not {host!r}")
 
 
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on a loopback address; ``port=0`` picks a free port.
+
+    Bound here rather than by uvicorn so the caller learns the real port before serving.
+    Raises ValueError for a non-loopback host and OSError when the port cannot be bound.
+    """
+    _require_loopback(host)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _base_url(host: str, port: int) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}"
+
+
 def _uvicorn_config(account: SimulatedAccount, **options: Any) -> uvicorn.Config:
     config = uvicorn.Config(
         create_app(account),
@@ -529,15 +581,10 @@ class LoopbackServer:
     def __init__(
         self, account: SimulatedAccount, *, host: str = "127.0.0.1", port: int = 0
     ) -> None:
-        _require_loopback(host)
         self.account = account
         self.host = host
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock = _listening_socket(host, port)
         try:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._sock.bind((host, port))
-            self._sock.listen(128)
             self.port: int = self._sock.getsockname()[1]
             self._server = uvicorn.Server(_uvicorn_config(self.account))
             self._thread = threading.Thread(
@@ -559,8 +606,7 @@ class LoopbackServer:
     @property
     def url(self) -> str:
         """Base URL of the server, e.g. "http://127.0.0.1:54321"."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return _base_url(self.host, self.port)
 
     def stop(self) -> None:
         """Shut down and join the server thread (idempotent)."""
@@ -581,7 +627,22 @@ class LoopbackServer:
         self.stop()
 
 
-def serve(account: SimulatedAccount, *, host: str = "127.0.0.1", port: int = 8188) -> None:
-    """Serve the simulator until interrupted (the `comfysync simulate` command); loopback only."""
-    _require_loopback(host)
-    uvicorn.Server(_uvicorn_config(account, host=host, port=port)).run()
+def serve(
+    account: SimulatedAccount,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8188,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve the simulator until interrupted (the `comfysync simulate` command); loopback only.
+
+    ``on_ready(base_url)`` is called once the socket listens, with the real port (so
+    ``port=0`` is usable: the caller learns which port was picked).
+    """
+    sock = _listening_socket(host, port)
+    try:
+        if on_ready is not None:
+            on_ready(_base_url(host, sock.getsockname()[1]))
+        uvicorn.Server(_uvicorn_config(account)).run(sockets=[sock])
+    finally:
+        sock.close()

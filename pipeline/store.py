@@ -83,23 +83,37 @@ def load_stored_fields(db: Database, ids: Sequence[str]) -> dict[str, dict[str, 
     return fields
 
 
+def load_known_owners(db: Database) -> set[str]:
+    """The owners (``user_id``) of every runner this store has ever mirrored."""
+    return {row[0] for row in db.execute("SELECT user_id FROM account_owners")}
+
+
 def begin_run(db: Database, *, base_url: str, started_at: str) -> int:
-    """Record a sync as ``running`` and return its id (committed at once: survives a crash)."""
-    with db.atomic():
-        cursor = db.execute(
-            "INSERT INTO sync_runs (started_at, status, base_url) VALUES (?, 'running', ?)",
-            [started_at, base_url],
-        )
+    """Record a sync as ``running`` and return its id (committed at once: survives a crash).
+
+    Raises StorageError if SQLite cannot write (a full disk), before anything else happened.
+    """
+    try:
+        with db.atomic():
+            cursor = db.execute(
+                "INSERT INTO sync_runs (started_at, status, base_url) VALUES (?, 'running', ?)",
+                [started_at, base_url],
+            )
+    except sqlite3.OperationalError as exc:
+        raise StorageError(f"could not write the database ({exc}); nothing was applied") from exc
     return int(cursor.lastrowid or 0)
 
 
 def record_failed_run(db: Database, sync_id: int, *, error: str, finished_at: str) -> None:
-    """Mark a run ``failed``: the only write a failed sync makes."""
-    with db.atomic():
-        db.execute(
-            "UPDATE sync_runs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
-            [finished_at, error, sync_id],
-        )
+    """Mark a run ``failed``: the only write a failed sync makes (StorageError if it cannot)."""
+    try:
+        with db.atomic():
+            db.execute(
+                "UPDATE sync_runs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
+                [finished_at, error, sync_id],
+            )
+    except sqlite3.OperationalError as exc:
+        raise StorageError(f"could not record the failed run ({exc})") from exc
 
 
 ABANDONED_RUN_ERROR = (
@@ -131,15 +145,23 @@ def apply_changes(
     sync_id: int,
     outcome: RunOutcome,
     applied_at: str,
+    owners: Iterable[str] = (),
 ) -> None:
     """Write a sync's changes and close its run-log row, in one transaction.
 
-    Raises StorageError (and leaves the database as it was) if SQLite cannot write.
+    ``owners`` are the ``user_id``s of the runners the sync saw; new ones are remembered in
+    ``account_owners``. Raises StorageError (and leaves the database as it was) if SQLite
+    cannot write.
     """
     conn = db.conn
     try:
         reindexed = _ids_to_reindex(changes)
         with db.atomic():
+            conn.executemany(
+                "INSERT OR IGNORE INTO account_owners (user_id, first_seen_at, first_sync_id) "
+                "VALUES (?, ?, ?)",
+                [(owner, applied_at, sync_id) for owner in sorted(set(owners))],
+            )
             last_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM runners").fetchone()
             _insert_created(conn, changes.created, sync_id, applied_at)
             _index_rows_after(conn, last_rowid[0])

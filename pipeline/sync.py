@@ -7,6 +7,9 @@ scheduler, the Python API) syncs through ``run_sync``, so they all share one beh
 * a sync that fails before applying records a ``failed`` run and changes nothing else;
 * a walk that is not proven complete applies creates and updates but no deletion, and the
   run ends ``partial`` with the reasons in its ``warnings``;
+* so does a complete walk that would delete a mass of the fleet (``pipeline.guardrails``);
+* runners that all belong to owners the store has never mirrored are refused
+  (ForeignAccountError) and nothing is applied;
 * a complete walk with no rejected records ends ``success``;
 * only one sync at a time writes a database (``pipeline.lock``): a second one raises
   ``SyncLockedError`` before it has written anything, not even its run-log row;
@@ -33,10 +36,15 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from pipeline import schema, store
-from pipeline.changes import ChangeSet, ids_needing_fields, plan_changes
+from pipeline import guardrails, schema, store
+from pipeline.changes import ChangeSet, StoredState, ids_needing_fields, plan_changes
 from pipeline.client import ComfyControlClient, Page
-from pipeline.errors import ComfySyncError, StorageError, SyncInterruptedError
+from pipeline.errors import (
+    ComfySyncError,
+    ForeignAccountError,
+    StorageError,
+    SyncInterruptedError,
+)
 from pipeline.lock import hold_sync_lock
 from pipeline.records import KNOWN_STATUSES, Rejection, RunnerRecord, parse_runner
 from pipeline.settings import Settings
@@ -120,14 +128,23 @@ class _Collector:
             expected = pages_needed(page.total, page.per_page)
             self.on_progress(self.pages_in_walk, expected, len(self.records))
 
-    def final(self, walk: WalkResult) -> tuple[dict[str, RunnerRecord], list[Rejection]]:
-        """What to apply: the last walk's sightings if it is complete, else all sightings."""
+    def seen_in(self, walk: int) -> set[str]:
+        """Ids last seen in walk number ``walk`` (all of that walk's, while it is the latest)."""
+        return {runner_id for runner_id, (n, _) in self.records.items() if n == walk}
+
+    def final(self, walk: WalkResult) -> tuple[dict[str, RunnerRecord], list[Rejection], set[str]]:
+        """What to apply: the last walk's sightings if it is complete, else all sightings.
+
+        The third value holds the ids a confirmed walk spares: seen by the complete walk
+        before the last, missed by the last, so not proven gone.
+        """
         if walk.complete:
             records = {i: rec for i, (n, rec) in self.records.items() if n == walk.walks}
         else:
             records = {i: rec for i, (_, rec) in self.records.items()}
         rejections = [rej for n, rej in self.rejections if n == walk.walks]
-        return records, rejections
+        spared = self.seen_in(walk.walks - 1) if walk.confirmed else set()
+        return records, rejections, spared
 
 
 @dataclass(frozen=True)
@@ -173,6 +190,7 @@ def run_sync(
     settings = settings.validated()
     now = (lambda: store.utc_timestamp(clock())) if clock is not None else store.utc_timestamp
     seams = _Seams(client, transport, on_progress, write_export_file, now, stop)
+    schema.prepare_db_path(settings.db_path)  # a bad --db is refused before the lock file
     with hold_sync_lock(settings.db_path):
         if db is not None:
             return _sync_into(db, settings, seams, started)
@@ -188,17 +206,30 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
     store.close_abandoned_runs(db, finished_at=now())
     sync_id = store.begin_run(db, base_url=settings.base_url, started_at=now())
     try:
+        stored = store.load_stored_states(db)
+        present = {runner_id for runner_id, state in stored.items() if not state.deleted}
         collector = _Collector(
             schema.redaction_key(db), settings.store_header_values, seams.on_progress
         )
-        walk = asyncio.run(_walk_unless_stopped(settings, seams, collector))
-        records, rejections = collector.final(walk)
+
+        def needs_confirmation(walk_number: int) -> bool:
+            # Would this complete walk delete anything (that the mass-deletion guard allows)?
+            seen = collector.seen_in(walk_number)
+            missing = len(present - seen)
+            mass = _mass_deletion(settings, missing, len(present), len(seen))
+            return missing > 0 and mass is None
+
+        walk = asyncio.run(_walk_unless_stopped(settings, seams, collector, needs_confirmation))
+        records, rejections, spared = collector.final(walk)
         summary, applied_at = _decide_and_apply(
-            db, settings, sync_id, walk, records, rejections, seams, started
+            db, settings, sync_id, walk, stored, records, rejections, spared, seams, started
         )
     except BaseException as exc:
         error = exc.message if isinstance(exc, ComfySyncError) else _describe(exc)
-        store.record_failed_run(db, sync_id, error=error, finished_at=now())
+        try:
+            store.record_failed_run(db, sync_id, error=error, finished_at=now())
+        except StorageError as unrecorded:  # a full disk: the first failure is the news
+            log.warning("%s", unrecorded)
         raise
     # Committed: from here on nothing may turn the sync into a failure.
     if settings.export_dir is not None:
@@ -245,13 +276,18 @@ def _describe(exc: BaseException) -> str:
 
 
 async def _walk_unless_stopped(
-    settings: Settings, seams: _Seams, collector: _Collector
+    settings: Settings,
+    seams: _Seams,
+    collector: _Collector,
+    needs_confirmation: Callable[[int], bool],
 ) -> WalkResult:
     """The walk, cancelled (request or retry wait in flight included) as soon as ``stop`` is set.
 
     Cancelling is safe at any point of a walk: it has written nothing yet.
     """
-    walk = asyncio.ensure_future(_walk(settings, seams.client, seams.transport, collector))
+    walk = asyncio.ensure_future(
+        _walk(settings, seams.client, seams.transport, collector, needs_confirmation)
+    )
     stop = seams.stop
     if stop is None:
         return await walk
@@ -271,6 +307,7 @@ async def _walk(
     client: ComfyControlClient | None,
     transport: httpx.AsyncBaseTransport | None,
     collector: _Collector,
+    needs_confirmation: Callable[[int], bool],
 ) -> WalkResult:
     if client is None:
         client = ComfyControlClient(
@@ -291,6 +328,7 @@ async def _walk(
             concurrency=settings.concurrency,
             max_walks=settings.max_walks,
             on_page=collector,
+            needs_confirmation=needs_confirmation,
         )
 
 
@@ -299,22 +337,39 @@ def _decide_and_apply(
     settings: Settings,
     sync_id: int,
     walk: WalkResult,
+    stored: dict[str, StoredState],
     records: dict[str, RunnerRecord],
     rejections: list[Rejection],
+    spared: set[str],
     seams: _Seams,
     started: float,
 ) -> tuple[SyncSummary, str]:
+    owners = {record.user_id for record in records.values()}
+    known_owners = store.load_known_owners(db)
+    if guardrails.is_foreign_account(known_owners, owners):
+        raise ForeignAccountError(guardrails.foreign_account_message(owners, known_owners))
     complete = walk.complete and not rejections
     warnings = list(_warnings(walk, rejections, records))
-    stored = store.load_stored_states(db)
     stored_fields = store.load_stored_fields(db, ids_needing_fields(stored, records.values()))
-    changes = plan_changes(stored, stored_fields, records, deletions_allowed=complete)
-    if changes.deletions_withheld:
+    changes = plan_changes(
+        stored, stored_fields, records, deletions_allowed=complete, spared=spared
+    )
+    present = sum(1 for state in stored.values() if not state.deleted)
+    mass_deletion = _mass_deletion(settings, len(changes.deleted), present, len(records))
+    if mass_deletion is not None:
+        changes = changes.without_deletions()
+        warnings.append(mass_deletion)
+    elif changes.deletions_withheld:
+        because = (
+            "the walk before the last one still saw them (the next sync decides)"
+            if complete
+            else "the walk was not proven complete"
+        )
         warnings.append(
             f"{changes.deletions_withheld} runner(s) missing from the walk were NOT marked "
-            "deleted because the walk was not proven complete"
+            f"deleted because {because}"
         )
-    status = "success" if complete else "partial"
+    status = "success" if complete and not changes.deletions_withheld else "partial"
     outcome = store.RunOutcome(
         status=status,
         pages=walk.pages_fetched,
@@ -329,12 +384,28 @@ def _decide_and_apply(
         raise SyncInterruptedError()  # the last moment a stop can leave the store untouched
     applied_at = seams.now()
     store.apply_changes(
-        db, changes, rejections, sync_id=sync_id, outcome=outcome, applied_at=applied_at
+        db,
+        changes,
+        rejections,
+        sync_id=sync_id,
+        outcome=outcome,
+        applied_at=applied_at,
+        owners=owners,
     )
     for warning in warnings:
         log.warning("%s", warning)
     seconds = time.monotonic() - started
     return _summarise(sync_id, outcome, changes, seconds, settings.db_path), applied_at
+
+
+def _mass_deletion(settings: Settings, would_delete: int, present: int, seen: int) -> str | None:
+    return guardrails.mass_deletion_reason(
+        would_delete,
+        present,
+        seen,
+        max_ratio=settings.max_delete_ratio,
+        allowed=settings.allow_mass_delete,
+    )
 
 
 def _warnings(

@@ -15,6 +15,16 @@ An incomplete walk is retried, up to ``max_walks`` times. Every walk ends: it re
 most ceil(total / per_page) pages plus the closing re-read, stops early at a short page that
 should have been full, and never takes an error response for an empty page (the client
 raises instead). No more than ``concurrency`` requests are ever in flight.
+
+**Confirmation.** These checks are a proof against the changes the API makes by itself
+(a new runner goes to the head of the list; deletes and updates happen anywhere). They are
+not a proof against a runner that reappears in the *middle* of the list (restored under its
+old ``created_at``) at the same moment as another runner on an already-read page is deleted:
+the total, the head and the id count all still agree, and the runner that slid across the
+page boundary is missed. So a complete walk whose picture would delete runners is confirmed
+by one more walk (even past ``max_walks``), and the caller deletes only what both complete
+walks missed (``WalkResult.confirmed``). A burst of changes at one moment can hide a runner
+from one walk, not from two.
 """
 
 from __future__ import annotations
@@ -71,6 +81,9 @@ class WalkResult:
     pages_fetched: int
     total_reported: int
     reasons: tuple[str, ...]
+    #: The last walk confirmed a complete walk before it (see the module docstring): only
+    #: runners both walks missed may be deleted.
+    confirmed: bool = False
 
 
 def pages_needed(total: int, per_page: int) -> int:
@@ -121,6 +134,8 @@ def _ranges(numbers: Sequence[int]) -> str:
 
 
 OnPage = Callable[[Page, int], None]
+#: Asked after a complete walk (by number): would its picture delete runners?
+NeedsConfirmation = Callable[[int], bool]
 
 
 async def walk_all_pages(
@@ -130,25 +145,36 @@ async def walk_all_pages(
     concurrency: int,
     max_walks: int,
     on_page: OnPage,
+    needs_confirmation: NeedsConfirmation | None = None,
 ) -> WalkResult:
     """Walk the list until one walk is complete or ``max_walks`` walks were made.
 
     Every answered page is handed to ``on_page(page, walk_number)`` as it arrives, so the
     caller can parse and drop it (a 100,000-runner walk never holds all raw JSON at once).
-    Errors from the client propagate: a walk that cannot read a page has no verdict.
+    When a walk is complete and ``needs_confirmation(walk_number)`` is true, exactly one more
+    walk is made; the result is then complete only if that walk is complete too, and
+    ``confirmed``. Errors from the client propagate: a walk that cannot read a page has no
+    verdict.
     """
     pages_fetched = 0
-    verdict = WalkVerdict(False, ("no walk was made",))
-    total = 0
     walk_number = 0
-    for walk_number in range(1, max_walks + 1):
+    confirming = False
+    while True:
+        walk_number += 1
         summaries, closing, fetched = await _walk_once(
             client, per_page, concurrency, functools.partial(_hand_over, on_page, walk_number)
         )
         pages_fetched += fetched
         total = summaries[0].total
         verdict = judge_walk(summaries, closing, per_page=per_page)
-        if verdict.complete:
+        if confirming:
+            if not verdict.complete:
+                reason = "the walk confirming a complete one was not complete"
+                verdict = WalkVerdict(False, (reason, *verdict.reasons))
+            break
+        if verdict.complete and needs_confirmation and needs_confirmation(walk_number):
+            confirming = True
+        elif verdict.complete or walk_number >= max_walks:
             break
     return WalkResult(
         complete=verdict.complete,
@@ -156,6 +182,7 @@ async def walk_all_pages(
         pages_fetched=pages_fetched,
         total_reported=total,
         reasons=verdict.reasons,
+        confirmed=confirming and verdict.complete,
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from pipeline.simulator import LoopbackServer, SimulatedAccount
 
@@ -20,6 +23,13 @@ if TYPE_CHECKING:
     from mirror_fixture import Mirror
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Property tests (tests/test_properties.py). "ci" is the default, sized for a minute or two;
+# `pytest --hypothesis-profile=thorough tests/test_properties.py` runs the long search.
+_UNHURRIED = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+settings.register_profile("ci", max_examples=200, stateful_step_count=30, **_UNHURRIED)
+settings.register_profile("thorough", max_examples=1000, stateful_step_count=60, **_UNHURRIED)
+settings.load_profile("ci")
 
 
 @dataclass
@@ -64,13 +74,24 @@ class CliResult:
     stderr: str
 
 
+def cli_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without any comfysync setting, plus ``extra``."""
+    environ = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("COMFYCONTROL_", "COMFYSYNC_"))
+    }
+    environ.update(extra or {})
+    return environ
+
+
 def run_comfysync(
-    cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+    folder: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> CliResult:
-    """Run `comfysync` as a real subprocess in ``cwd``, with a clean environment."""
+    """Run `comfysync *args` as a real subprocess in ``folder``, with a clean environment."""
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args],
-        cwd=cwd,
+        cwd=folder,
         env=cli_environment(env),
         capture_output=True,
         text=True,
@@ -87,17 +108,6 @@ def run_cli(tmp_path: Path) -> Callable[..., CliResult]:
         return run_comfysync(tmp_path, *args, env=env, timeout=timeout)
 
     return run
-
-
-def cli_environment(env: dict[str, str] | None) -> dict[str, str]:
-    """This environment without comfysync's variables, plus ``env``."""
-    environ = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("COMFYCONTROL_", "COMFYSYNC_"))
-    }
-    environ.update(env or {})
-    return environ
 
 
 @pytest.fixture
@@ -131,6 +141,96 @@ def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {condition}")
         time.sleep(0.02)
+
+
+_ANNOUNCED_URL = re.compile(r"simulating \d+ runners on (http://\S+)/v1/runner")
+
+
+@dataclass
+class SimulatorProcess:
+    """`comfysync simulate --port 0` running as a real process; its output goes to files."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    stdout_path: Path
+    stderr_path: Path
+
+    def stop(self) -> CliResult:
+        """Ctrl+C it (SIGINT), wait for it, and return everything it printed (idempotent)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return CliResult(
+            self.process.returncode, self.stdout_path.read_text(), self.stderr_path.read_text()
+        )
+
+    def wait_until_listening(self, timeout: float = 30) -> str:
+        """Wait for the line announcing the URL (with the real port) and return the URL."""
+        deadline = time.monotonic() + timeout
+        while not (found := _ANNOUNCED_URL.search(self.stderr_path.read_text())):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"simulate did not start: {self.stderr_path.read_text()}")
+            time.sleep(0.02)
+        self.url = found.group(1)
+        return self.url
+
+    def trace(self) -> list[str]:
+        """The request lines `--debug` logged so far: what each request got, in order."""
+        return [
+            line.split(": DEBUG: ", 1)[1]
+            for line in self.stderr_path.read_text().splitlines()
+            if ": DEBUG: GET /v1/runner" in line
+        ]
+
+
+def spawn_simulator(
+    folder: Path, *flags: str, env: dict[str, str] | None = None
+) -> SimulatorProcess:
+    """Start `comfysync simulate --port 0 *flags` in ``folder`` without waiting for it.
+
+    Call ``wait_until_listening()`` before using ``url``; the caller must ``stop()`` it.
+    """
+    number = len(list(folder.glob("simulate-*.err")))
+    stdout_path = folder / f"simulate-{number}.out"
+    stderr_path = folder / f"simulate-{number}.err"
+    with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "simulate", "--port", "0", *flags],
+            cwd=folder,
+            env=cli_environment(env),
+            stdout=stdout,
+            stderr=stderr,
+        )
+    return SimulatorProcess(process, "", stdout_path, stderr_path)
+
+
+def start_simulator(
+    folder: Path, *flags: str, env: dict[str, str] | None = None
+) -> SimulatorProcess:
+    """`spawn_simulator`, then wait until it listens."""
+    simulator = spawn_simulator(folder, *flags, env=env)
+    simulator.wait_until_listening()
+    return simulator
+
+
+@pytest.fixture
+def run_simulator(tmp_path: Path) -> Iterator[Callable[..., SimulatorProcess]]:
+    """Start `comfysync simulate --port 0 *flags` processes; every one is stopped after the test."""
+    started: list[SimulatorProcess] = []
+
+    def start(*flags: str, env: dict[str, str] | None = None) -> SimulatorProcess:
+        simulator = start_simulator(tmp_path, *flags, env=env)
+        started.append(simulator)
+        return simulator
+
+    yield start
+    for simulator in started:
+        simulator.stop()
 
 
 def dump_except_run_log(path: Path) -> list[str]:

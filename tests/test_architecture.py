@@ -45,6 +45,12 @@ def test_sync_orchestration_contains_no_http_and_no_sql():
         assert sql not in source, sql
 
 
+def test_the_decisions_are_pure_functions_of_plain_values():
+    for name in ("changes.py", "guardrails.py", "records.py"):
+        imports = {m.split(".")[0] for m in imported_modules(REPO / "pipeline" / name)}
+        assert not imports & {"sqlite3", "sqlite_utils", "httpx", "os", "asyncio"}, name
+
+
 def test_each_heavy_dependency_lives_in_its_own_module():
     homes = {
         "click": {"cli.py"},

@@ -56,3 +56,17 @@ def test_without_a_proven_walk_nothing_is_deleted_and_the_withheld_count_is_kept
 def test_an_already_deleted_runner_that_stays_away_is_not_deleted_again():
     plan = plan_changes({"z": state(record("z"), deleted=True)}, {}, {}, deletions_allowed=True)
     assert plan.deleted == [] and plan.is_empty
+
+
+def test_a_spared_runner_is_not_deleted_but_counted_as_withheld():
+    kept = record("a")
+    stored = {"a": state(kept), "y": state(record("y")), "z": state(record("z"))}
+    plan = plan_changes(stored, {}, {"a": kept}, deletions_allowed=True, spared={"y"})
+    assert plan.deleted == ["z"] and plan.deletions_withheld == 1
+
+
+def test_without_deletions_moves_every_deletion_to_withheld():
+    kept = record("a")
+    stored = {"a": state(kept), "y": state(record("y")), "z": state(record("z"))}
+    plan = plan_changes(stored, {}, {"a": kept}, deletions_allowed=True).without_deletions()
+    assert (plan.deleted, plan.deletions_withheld, plan.unchanged) == ([], 2, 1)

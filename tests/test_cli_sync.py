@@ -101,7 +101,8 @@ def test_a_permanent_503_exits_4_with_nothing_applied(serve_account, run_cli, tm
     )
     assert result.exit_code == 4, result.stderr
     assert "after 2 attempts (HTTP 503); nothing was applied" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "stamina" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1
     assert rows(tmp_path / "x.db", "SELECT count(*) FROM runners") == [(0,)]
     assert rows(tmp_path / "x.db", "SELECT status FROM sync_runs") == [("failed",)]
 
@@ -109,7 +110,11 @@ def test_a_permanent_503_exits_4_with_nothing_applied(serve_account, run_cli, tm
 def test_debug_shows_the_traceback(serve_account, run_cli):
     upstream = serve_account(runners=5)
     result = run_cli("sync", "--debug", "--base-url", upstream.url, "--token", "nope")
-    assert result.exit_code != 0 and "Traceback" in result.stderr
+    assert result.exit_code == 3 and "Traceback" in result.stderr
+    assert result.stderr.endswith(
+        "comfysync: error: " + "ComfyControl answered 401 on page 1: "
+        "the token was rejected; check COMFYCONTROL_TOKEN (or --token)\n"
+    )
 
 
 def test_a_db_path_that_is_a_directory_is_a_usage_error(run_cli, tmp_path):

@@ -545,3 +545,26 @@ def test_100000_runners_generate_quickly_and_pages_stay_cheap() -> None:
     response = get(account, page=1000, per_page=100)
     assert response.json()["total"] == 100_000
     assert ids_of(response) == account.runner_ids()[-100:]
+
+
+def test_simulate_port_0_announces_the_port_it_got_and_a_busy_port_is_one_line(
+    run_simulator, run_cli
+) -> None:
+    simulator = run_simulator("--runners", "3", "--token", "")
+    port = int(simulator.url.rsplit(":", 1)[1])
+    assert port > 0
+    assert httpx.get(f"{simulator.url}/v1/runner").json()["total"] == 3
+
+    busy = run_cli("simulate", "--port", str(port))
+    assert busy.exit_code == 1
+    assert busy.stderr == f"Error: cannot listen on 127.0.0.1:{port} (Address already in use)\n"
+
+
+def test_simulate_debug_traces_each_request_and_the_faults_it_got(run_simulator) -> None:
+    simulator = run_simulator("--runners", "30", "--seed", "3", "--fail-rate", "0.5", "--debug")
+    with httpx.Client(base_url=simulator.url, headers=AUTH) as client:
+        answered = [client.get("/v1/runner", params={"page": 2}).status_code for _ in range(6)]
+    trace = simulator.trace()
+    assert [int(line.split(" -> ")[1][:3]) for line in trace] == answered
+    assert all(line.startswith("GET /v1/runner page=2 per_page=10 -> ") for line in trace)
+    assert any(line.endswith(" [fail_rate]") for line in trace) and 200 in answered

@@ -136,3 +136,64 @@ def test_the_walk_never_has_more_requests_in_flight_than_its_concurrency():
 
     assert asyncio.run(walk())
     assert peak == 3
+
+
+class ScriptedList:
+    """A list that shows one fixed picture per walk (walk n reads pictures[n-1])."""
+
+    def __init__(self, *pictures: list[str]) -> None:
+        self.pictures = pictures
+        self.walk = 0
+        self.page_one_reads = 0
+
+    async def fetch_page(self, number: int, per_page: int) -> Page:
+        if number == 1:
+            self.page_one_reads += 1
+            self.walk = (self.page_one_reads + 1) // 2
+        ids = self.pictures[min(self.walk, len(self.pictures)) - 1]
+        chunk = ids[(number - 1) * per_page : number * per_page]
+        return Page(number, per_page, [{"id": i} for i in chunk], total=len(ids))
+
+
+def walk_scripted(api: ScriptedList, confirm_after: set[int], max_walks: int = 3):
+    asked: list[int] = []
+
+    def needs_confirmation(walk_number: int) -> bool:
+        asked.append(walk_number)
+        return walk_number in confirm_after
+
+    result = asyncio.run(
+        walk_all_pages(
+            api,
+            per_page=2,
+            concurrency=2,
+            max_walks=max_walks,
+            on_page=lambda p, w: None,
+            needs_confirmation=needs_confirmation,
+        )
+    )
+    return result, asked
+
+
+def test_a_complete_walk_that_would_delete_is_confirmed_by_one_more_walk():
+    still = ["a", "b", "c"]
+    result, asked = walk_scripted(ScriptedList(still, still), confirm_after={1})
+    assert (result.complete, result.confirmed, result.walks, asked) == (True, True, 2, [1])
+
+
+def test_a_complete_walk_with_nothing_to_delete_is_not_walked_again():
+    result, asked = walk_scripted(ScriptedList(["a", "b"]), confirm_after=set())
+    assert (result.complete, result.confirmed, result.walks, asked) == (True, False, 1, [1])
+
+
+def test_confirmation_goes_past_max_walks_and_an_incomplete_one_makes_the_result_incomplete():
+    class MovesDuringWalkTwo(ScriptedList):
+        async def fetch_page(self, number: int, per_page: int) -> Page:
+            page = await super().fetch_page(number, per_page)
+            if self.walk == 2 and number == 2:  # a runner arrives at the head mid-walk
+                self.pictures = (*self.pictures, ["new", "a", "b", "c"])
+            return page
+
+    result, asked = walk_scripted(MovesDuringWalkTwo(["a", "b", "c"]), {1}, max_walks=1)
+    assert (result.complete, result.confirmed, result.walks, asked) == (False, False, 2, [1])
+    assert result.reasons[0] == "the walk confirming a complete one was not complete"

@@ -19,7 +19,7 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -88,12 +88,13 @@ def _json_text(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
-@dataclass(frozen=True, slots=True)
-class RunnerRecord:
+class RunnerRecord(NamedTuple):
     """One runner as stored: strings, with ``tags``/``headers``/``extra`` as JSON text.
 
     The JSON columns are serialised canonically (sorted keys) so equal content always has
-    equal text, which makes ``content_hash`` and per-field change detection exact.
+    equal text, which makes ``content_hash`` and per-field change detection exact. A
+    NamedTuple rather than a frozen dataclass: just as immutable, and several times cheaper
+    to build, which matters at 100,000 runners a sync.
     """
 
     id: str
@@ -107,10 +108,17 @@ class RunnerRecord:
     updated_at: str
     extra: str
     content_hash: str
+    #: Keyed digest of the raw object as sent (see ``raw_fingerprint``); "" when not computed.
+    fingerprint: str = ""
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        """The tracked fields' values in TRACKED_FIELDS order, as stored."""
+        return self[1:10]
 
     def fields(self) -> dict[str, str]:
         """The tracked fields by name, as stored."""
-        return {name: getattr(self, name) for name in TRACKED_FIELDS}
+        return dict(zip(TRACKED_FIELDS, self.values, strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +137,25 @@ def content_hash(values: tuple[str, ...]) -> str:
     return hashlib.sha256(orjson.dumps(values)).hexdigest()
 
 
+def raw_fingerprint(raw: Any, key: bytes, *, store_header_values: bool = False) -> str | None:
+    """A keyed BLAKE2b digest of a raw runner object exactly as the API sent it.
+
+    Why: an unchanged runner sends the same bytes sync after sync, and comparing this digest
+    with the stored one lets a sync skip validating, redacting and hashing it (most of a
+    quiet sync's CPU). It is keyed with the database's redaction key because the raw object
+    holds header secrets; and it covers the redaction mode, so switching
+    ``--store-header-values`` re-parses every runner. A differing fingerprint only means
+    "parse it": the content hash still decides whether anything changed. None for an object
+    that cannot be serialised (it will be parsed, and rejected, the slow way).
+    """
+    try:
+        body = orjson.dumps(raw)
+    except TypeError:
+        return None
+    person = b"clear-headers" if store_header_values else b"redacted"
+    return hashlib.blake2b(body, key=key[:64], person=person, digest_size=16).hexdigest()
+
+
 def parse_runner(
     raw: Any,
     *,
@@ -136,8 +163,12 @@ def parse_runner(
     position: int,
     redaction_key: bytes,
     store_header_values: bool = False,
+    fingerprint: str | None = None,
 ) -> RunnerRecord | Rejection:
-    """Validate one raw runner object and return the record to store, or why it cannot be."""
+    """Validate one raw runner object and return the record to store, or why it cannot be.
+
+    ``fingerprint`` is the object's ``raw_fingerprint`` when the caller has it already.
+    """
     problem = _find_problem(raw)
     if problem is not None:
         runner_id = raw.get("id") if isinstance(raw, dict) else None
@@ -165,7 +196,14 @@ def parse_runner(
         raw["updated_at"],
         _json_text(extra),
     )
-    return RunnerRecord(raw["id"], *values, content_hash=content_hash(values))
+    return RunnerRecord(
+        raw["id"],
+        *values,
+        content_hash=content_hash(values),
+        fingerprint=fingerprint
+        or raw_fingerprint(raw, redaction_key, store_header_values=store_header_values)
+        or "",
+    )
 
 
 def _find_problem(raw: Any) -> str | None:

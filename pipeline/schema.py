@@ -13,6 +13,7 @@ Tables (see README for every column):
 * ``rejected_records``: runner objects that could not be stored, with the reason.
 * ``comfysync_meta``: schema version and the per-database redaction key.
 * ``snapshots``: one row per snapshot file a sync wrote (or failed to write).
+* ``runners.raw_fingerprint`` (m005): a keyed digest of each runner as the API last sent it.
 * ``account_owners``: every runner owner (``user_id``) the mirror has seen, so a token for
   another account is noticed (m004).
 
@@ -205,6 +206,15 @@ def m004_account_owners(db: Database) -> None:
         "SELECT user_id, min(valid_from), min(sync_id) FROM runner_versions "
         "WHERE user_id IS NOT NULL GROUP BY user_id"
     )
+
+
+@migrations()
+def m005_raw_fingerprints(db: Database) -> None:
+    """``runners.raw_fingerprint``: lets a sync skip parsing runners sent exactly as before.
+
+    NULL for rows stored before it; the next sync fills it in for unchanged runners.
+    """
+    db.table("runners").add_column("raw_fingerprint", str)
 
 
 #: Known migrations, in order; the schema version is how many of them a database has.

@@ -64,11 +64,12 @@ class RunOutcome:
 
 
 def load_stored_states(db: Database) -> dict[str, StoredState]:
-    """Every runner's hash, deletion flag and version, in one query (no per-row lookups)."""
+    """What the sync compares against, for every runner, in one query (no per-row lookups)."""
     rows = db.execute(
-        "SELECT id, content_hash, deleted_at IS NOT NULL, version FROM runners"
+        "SELECT id, content_hash, deleted_at IS NOT NULL, version, raw_fingerprint, user_id, "
+        "status FROM runners"
     ).fetchall()
-    return {row[0]: StoredState(row[1], bool(row[2]), row[3]) for row in rows}
+    return {row[0]: StoredState(row[1], bool(row[2]), *row[3:]) for row in rows}
 
 
 def load_stored_fields(db: Database, ids: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -172,6 +173,7 @@ def apply_changes(
             _insert_revisions(conn, changes.restored, "restored", sync_id, applied_at)
             _update_search_index(conn, reindexed, "add")
             _mark_deleted(conn, changes.deleted, sync_id, applied_at)
+            _refingerprint(conn, changes.refingerprinted)
             conn.executemany(
                 "INSERT INTO rejected_records (sync_id, page, position, runner_id, reason, "
                 "raw_json) VALUES (?, ?, ?, ?, ?, ?)",
@@ -235,26 +237,34 @@ def record_snapshots(db: Database, files: Iterable[SnapshotFile]) -> None:
         raise StorageError(f"could not record the snapshot files ({exc})") from exc
 
 
-def _record_values(record: RunnerRecord) -> tuple[str, ...]:
-    return tuple(getattr(record, name) for name in TRACKED_FIELDS)
-
-
 def _insert_created(
     conn: sqlite3.Connection, created: Sequence[RunnerRecord], sync_id: int, now: str
 ) -> None:
+    if not created:
+        return
+    last_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM runners").fetchone()[0]
     conn.executemany(
-        f"INSERT INTO runners (id, {_FIELDS}, first_seen_at, deleted_at, version, content_hash) "
-        f"VALUES (?, {_MARKS}, ?, NULL, 1, ?)",
-        [(r.id, *_record_values(r), now, r.content_hash) for r in created],
+        f"INSERT INTO runners (id, {_FIELDS}, first_seen_at, deleted_at, version, content_hash, "
+        f"raw_fingerprint) VALUES (?, {_MARKS}, ?, NULL, 1, ?, ?)",
+        [(r.id, *r.values, now, r.content_hash, r.fingerprint or None) for r in created],
     )
-    conn.executemany(
+    # Their first versions are copies of the rows just inserted: one set-based statement
+    # instead of binding every value a second time (runners are never deleted, so the new
+    # rows are exactly those above the previous largest rowid).
+    conn.execute(
         f"INSERT INTO runner_versions (runner_id, version, change, changed_fields, {_FIELDS}, "
         f"content_hash, valid_from, valid_to, sync_id) "
-        f"VALUES (?, 1, 'created', ?, {_MARKS}, ?, ?, NULL, ?)",
-        [
-            (r.id, _ALL_FIELDS_JSON, *_record_values(r), r.content_hash, now, sync_id)
-            for r in created
-        ],
+        f"SELECT id, 1, 'created', ?, {_FIELDS}, content_hash, ?, NULL, ? "
+        "FROM runners WHERE rowid > ? ORDER BY rowid",
+        [_ALL_FIELDS_JSON, now, sync_id, last_rowid],
+    )
+
+
+def _refingerprint(conn: sqlite3.Connection, fingerprints: Sequence[tuple[str, str]]) -> None:
+    """Record the raw fingerprint of unchanged runners whose stored one is out of date."""
+    conn.executemany(
+        "UPDATE runners SET raw_fingerprint = ? WHERE id = ?",
+        [(fingerprint, runner_id) for runner_id, fingerprint in fingerprints],
     )
 
 
@@ -276,9 +286,12 @@ def _insert_revisions(
         return
     _close_current_versions(conn, (rev.record.id for rev in revisions), now)
     conn.executemany(
-        f"UPDATE runners SET {_ASSIGN}, content_hash = ?, deleted_at = NULL, "
-        "version = version + 1 WHERE id = ?",
-        [(*_record_values(r.record), r.record.content_hash, r.record.id) for r in revisions],
+        f"UPDATE runners SET {_ASSIGN}, content_hash = ?, raw_fingerprint = ?, "
+        "deleted_at = NULL, version = version + 1 WHERE id = ?",
+        [
+            (*r.record.values, r.record.content_hash, r.record.fingerprint or None, r.record.id)
+            for r in revisions
+        ],
     )
     conn.executemany(
         f"INSERT INTO runner_versions (runner_id, version, change, changed_fields, {_FIELDS}, "

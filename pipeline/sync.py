@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -46,7 +46,13 @@ from pipeline.errors import (
     SyncInterruptedError,
 )
 from pipeline.lock import hold_sync_lock
-from pipeline.records import KNOWN_STATUSES, Rejection, RunnerRecord, parse_runner
+from pipeline.records import (
+    KNOWN_STATUSES,
+    Rejection,
+    RunnerRecord,
+    parse_runner,
+    raw_fingerprint,
+)
 from pipeline.settings import Settings
 from pipeline.sqlite import Database
 from pipeline.walk import WalkResult, pages_needed, walk_all_pages
@@ -96,14 +102,43 @@ class SyncSummary:
         return tuple(f.error for f in self.snapshots if f.error)
 
 
-class _Collector:
-    """Parses each page as it arrives; the latest sighting of a runner wins."""
+@dataclass(frozen=True)
+class _Sightings:
+    """What the walk saw, ready to compare with the store."""
 
-    def __init__(self, key: bytes, store_header_values: bool, on_progress: ProgressCallback | None):
+    #: Runners parsed into records (new, changed, or sent differently than last time).
+    parsed: dict[str, RunnerRecord]
+    #: Present runners sent exactly as stored (matching raw fingerprint): not parsed at all.
+    unchanged: set[str]
+    rejections: list[Rejection]
+    #: Ids a confirming walk spares: seen by the complete walk before the last, missed by it.
+    spared: set[str]
+
+    @property
+    def count(self) -> int:
+        return len(self.parsed) + len(self.unchanged)
+
+
+class _Collector:
+    """Handles each page as it arrives; the latest sighting of a runner wins.
+
+    A runner whose raw fingerprint matches the stored one is only noted as seen: on a quiet
+    sync that skips nearly all validation, redaction and hashing. Everything else is parsed.
+    """
+
+    def __init__(
+        self,
+        key: bytes,
+        store_header_values: bool,
+        stored: Mapping[str, StoredState],
+        on_progress: ProgressCallback | None,
+    ):
         self.key = key
         self.store_header_values = store_header_values
+        self.stored = stored
         self.on_progress = on_progress
-        self.records: dict[str, tuple[int, RunnerRecord]] = {}
+        #: id -> (walk number, record; None when the fingerprint showed it unchanged)
+        self.records: dict[str, tuple[int, RunnerRecord | None]] = {}
         self.rejections: list[tuple[int, Rejection]] = []
         self.pages_in_walk = 0
         self.walk = 0
@@ -111,13 +146,21 @@ class _Collector:
     def __call__(self, page: Page, walk: int) -> None:
         if walk != self.walk:
             self.walk, self.pages_in_walk = walk, 0
+        stored, key, clear = self.stored, self.key, self.store_header_values
         for position, raw in enumerate(page.runners):
+            fingerprint = raw_fingerprint(raw, key, store_header_values=clear)
+            runner_id = raw.get("id") if isinstance(raw, dict) else None
+            state = stored.get(runner_id) if isinstance(runner_id, str) else None
+            if state is not None and state.matches(fingerprint):
+                self.records[runner_id] = (walk, None)  # type: ignore[index]
+                continue
             parsed = parse_runner(
                 raw,
                 page=page.number,
                 position=position,
-                redaction_key=self.key,
-                store_header_values=self.store_header_values,
+                redaction_key=key,
+                store_header_values=clear,
+                fingerprint=fingerprint,
             )
             if isinstance(parsed, Rejection):
                 self.rejections.append((walk, parsed))
@@ -132,19 +175,24 @@ class _Collector:
         """Ids last seen in walk number ``walk`` (all of that walk's, while it is the latest)."""
         return {runner_id for runner_id, (n, _) in self.records.items() if n == walk}
 
-    def final(self, walk: WalkResult) -> tuple[dict[str, RunnerRecord], list[Rejection], set[str]]:
-        """What to apply: the last walk's sightings if it is complete, else all sightings.
-
-        The third value holds the ids a confirmed walk spares: seen by the complete walk
-        before the last, missed by the last, so not proven gone.
-        """
-        if walk.complete:
-            records = {i: rec for i, (n, rec) in self.records.items() if n == walk.walks}
-        else:
-            records = {i: rec for i, (_, rec) in self.records.items()}
-        rejections = [rej for n, rej in self.rejections if n == walk.walks]
-        spared = self.seen_in(walk.walks - 1) if walk.confirmed else set()
-        return records, rejections, spared
+    def final(self, walk: WalkResult) -> _Sightings:
+        """What to apply: the last walk's sightings if it is complete, else all sightings."""
+        last = walk.walks
+        parsed: dict[str, RunnerRecord] = {}
+        unchanged: set[str] = set()
+        for runner_id, (n, record) in self.records.items():
+            if walk.complete and n != last:
+                continue
+            if record is None:
+                unchanged.add(runner_id)
+            else:
+                parsed[runner_id] = record
+        return _Sightings(
+            parsed=parsed,
+            unchanged=unchanged,
+            rejections=[rej for n, rej in self.rejections if n == last],
+            spared=self.seen_in(last - 1) if walk.confirmed else set(),
+        )
 
 
 @dataclass(frozen=True)
@@ -209,7 +257,7 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
         stored = store.load_stored_states(db)
         present = {runner_id for runner_id, state in stored.items() if not state.deleted}
         collector = _Collector(
-            schema.redaction_key(db), settings.store_header_values, seams.on_progress
+            schema.redaction_key(db), settings.store_header_values, stored, seams.on_progress
         )
 
         def needs_confirmation(walk_number: int) -> bool:
@@ -220,9 +268,8 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
             return missing > 0 and mass is None
 
         walk = asyncio.run(_walk_unless_stopped(settings, seams, collector, needs_confirmation))
-        records, rejections, spared = collector.final(walk)
         summary, applied_at = _decide_and_apply(
-            db, settings, sync_id, walk, stored, records, rejections, spared, seams, started
+            db, settings, sync_id, walk, stored, collector.final(walk), seams, started
         )
     except BaseException as exc:
         error = exc.message if isinstance(exc, ComfySyncError) else _describe(exc)
@@ -338,24 +385,31 @@ def _decide_and_apply(
     sync_id: int,
     walk: WalkResult,
     stored: dict[str, StoredState],
-    records: dict[str, RunnerRecord],
-    rejections: list[Rejection],
-    spared: set[str],
+    seen: _Sightings,
     seams: _Seams,
     started: float,
 ) -> tuple[SyncSummary, str]:
+    records, rejections = seen.parsed, seen.rejections
     owners = {record.user_id for record in records.values()}
+    owners.update(str(stored[runner_id].user_id) for runner_id in seen.unchanged)
     known_owners = store.load_known_owners(db)
     if guardrails.is_foreign_account(known_owners, owners):
         raise ForeignAccountError(guardrails.foreign_account_message(owners, known_owners))
     complete = walk.complete and not rejections
-    warnings = list(_warnings(walk, rejections, records))
+    statuses = [record.status for record in records.values()]
+    statuses += [str(stored[runner_id].status) for runner_id in seen.unchanged]
+    warnings = list(_warnings(walk, rejections, statuses))
     stored_fields = store.load_stored_fields(db, ids_needing_fields(stored, records.values()))
     changes = plan_changes(
-        stored, stored_fields, records, deletions_allowed=complete, spared=spared
+        stored,
+        stored_fields,
+        records,
+        deletions_allowed=complete,
+        spared=seen.spared,
+        seen_unchanged=seen.unchanged,
     )
     present = sum(1 for state in stored.values() if not state.deleted)
-    mass_deletion = _mass_deletion(settings, len(changes.deleted), present, len(records))
+    mass_deletion = _mass_deletion(settings, len(changes.deleted), present, seen.count)
     if mass_deletion is not None:
         changes = changes.without_deletions()
         warnings.append(mass_deletion)
@@ -376,7 +430,7 @@ def _decide_and_apply(
         walks=walk.walks,
         complete=complete,
         total_reported=walk.total_reported,
-        runners_seen=len(records),
+        runners_seen=seen.count,
         rejected=len(rejections),
         warnings=tuple(warnings),
     )
@@ -408,9 +462,7 @@ def _mass_deletion(settings: Settings, would_delete: int, present: int, seen: in
     )
 
 
-def _warnings(
-    walk: WalkResult, rejections: list[Rejection], records: dict[str, RunnerRecord]
-) -> list[str]:
+def _warnings(walk: WalkResult, rejections: list[Rejection], statuses: list[str]) -> list[str]:
     warnings = []
     if not walk.complete:
         warnings.append(f"no complete walk in {walk.walks} attempt(s): " + "; ".join(walk.reasons))
@@ -418,7 +470,7 @@ def _warnings(
         warnings.append(
             f"{len(rejections)} runner record(s) could not be stored (see rejected_records)"
         )
-    unknown = sum(1 for record in records.values() if record.status not in KNOWN_STATUSES)
+    unknown = sum(1 for status in statuses if status not in KNOWN_STATUSES)
     if unknown:
         warnings.append(f"{unknown} runner(s) have a status other than active/disabled")
     return warnings

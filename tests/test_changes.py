@@ -70,3 +70,27 @@ def test_without_deletions_moves_every_deletion_to_withheld():
     stored = {"a": state(kept), "y": state(record("y")), "z": state(record("z"))}
     plan = plan_changes(stored, {}, {"a": kept}, deletions_allowed=True).without_deletions()
     assert (plan.deleted, plan.deletions_withheld, plan.unchanged) == ([], 2, 1)
+
+
+def test_runners_seen_unchanged_by_fingerprint_are_neither_changed_nor_deleted():
+    kept, gone = record("a"), record("z")
+    stored = {"a": state(kept), "z": state(gone)}
+    plan = plan_changes(stored, {}, {}, deletions_allowed=True, seen_unchanged={"a"})
+    assert (plan.unchanged, plan.deleted, plan.is_empty) == (1, ["z"], False)
+
+
+def test_an_unchanged_runner_with_a_stale_fingerprint_is_refingerprinted_not_versioned():
+    parsed = parse_runner(
+        {"id": "a", "user_id": "u", "name": "n", "status": "active",
+         "endpoint": "https://e.example.com", "tags": [], "headers": {},
+         "created_at": "2024-01-01T00:00:00Z", "updated_at": "2024-01-01T00:00:00Z"},
+        page=1, position=0, redaction_key=b"k",
+    )
+    assert isinstance(parsed, RunnerRecord) and parsed.fingerprint
+    stale = StoredState(parsed.content_hash, False, 1, fingerprint=None)
+    plan = plan_changes({"a": stale}, {}, {"a": parsed}, deletions_allowed=True)
+    assert plan.is_empty and plan.unchanged == 1
+    assert plan.refingerprinted == [("a", parsed.fingerprint)]
+    assert not stale.matches(parsed.fingerprint)
+    assert StoredState(parsed.content_hash, False, 1, parsed.fingerprint).matches(parsed.fingerprint)
+    assert not StoredState(parsed.content_hash, True, 1, parsed.fingerprint).matches(parsed.fingerprint)

@@ -38,7 +38,7 @@ CREATE TABLE "runners" (
    "deleted_at" TEXT,
    "version" INTEGER NOT NULL,
    "content_hash" TEXT NOT NULL
-);
+, "raw_fingerprint" TEXT);
 CREATE TABLE "runner_versions" (
    "runner_id" TEXT,
    "version" INTEGER,
@@ -157,7 +157,7 @@ def test_a_new_database_has_exactly_the_documented_schema(tmp_path: Path):
     db = open_store(tmp_path / "new.db")
     assert db.schema == EXPECTED_SCHEMA
     assert db.journal_mode == "wal"
-    assert read_meta(db, "schema_version") == str(SCHEMA_VERSION) == "4"
+    assert read_meta(db, "schema_version") == str(SCHEMA_VERSION) == "5"
     assert read_meta(db, "application") == "comfysync"
     assert len(bytes.fromhex(read_meta(db, "redaction_key") or "")) == 32
 
@@ -168,7 +168,7 @@ def test_opening_again_is_idempotent_and_keeps_the_redaction_key(tmp_path: Path)
     first.close()
     again = open_store(tmp_path / "m.db")
     assert again.schema == EXPECTED_SCHEMA and read_meta(again, "redaction_key") == key
-    assert again.execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == (4,)
+    assert again.execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == (5,)
 
 
 def test_each_database_gets_its_own_redaction_key(tmp_path: Path):

@@ -568,3 +568,16 @@ def test_simulate_debug_traces_each_request_and_the_faults_it_got(run_simulator)
     assert [int(line.split(" -> ")[1][:3]) for line in trace] == answered
     assert all(line.startswith("GET /v1/runner page=2 per_page=10 -> ") for line in trace)
     assert any(line.endswith(" [fail_rate]") for line in trace) and 200 in answered
+
+
+def test_the_listening_socket_disables_nagle_so_keep_alive_responses_are_not_delayed():
+    """uvicorn sets no TCP_NODELAY on sockets it is handed; accepted sockets inherit ours."""
+    import socket
+
+    from pipeline.simulator import _listening_socket
+
+    sock = _listening_socket("127.0.0.1", 0)
+    try:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        sock.close()

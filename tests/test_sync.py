@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -230,3 +231,27 @@ def test_a_permanent_503_fails_after_retries_with_nothing_applied(serve_account,
     assert dump_except_run_log(db_path) == before
     assert [r.status for r in upstream.account.requests][-3:] == [503, 503, 503]
     assert rows(db_path, "SELECT status FROM sync_runs ORDER BY id") == [("success",), ("failed",)]
+
+
+def test_unchanged_runners_are_recognised_by_fingerprint_and_old_rows_get_one(
+    serve_account, db_path
+):
+    """A quiet sync skips parsing runners sent exactly as before; rows from before
+    fingerprints existed (NULL) get one on the next sync without a new version."""
+    upstream = serve_account(runners=120, seed=12)
+    run_sync(settings_for(upstream, db_path))
+    assert rows(db_path, "SELECT count(*) FROM runners WHERE raw_fingerprint IS NULL") == [(0,)]
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE runners SET raw_fingerprint = NULL WHERE rowid % 2 = 0")
+    conn.commit()
+    conn.close()
+
+    quiet = run_sync(settings_for(upstream, db_path))
+    assert (quiet.unchanged, quiet.updated, quiet.created) == (120, 0, 0)
+    assert version_count(db_path) == 120
+    assert rows(db_path, "SELECT count(*) FROM runners WHERE raw_fingerprint IS NULL") == [(0,)]
+
+    # Storing header values in clear changes what is stored, so every runner is re-parsed.
+    clear = run_sync(settings_for(upstream, db_path, store_header_values=True))
+    with_headers = sum(1 for r in upstream.account.list_runners() if r["headers"])
+    assert (clear.updated, clear.unchanged) == (with_headers, 120 - with_headers)

@@ -218,7 +218,8 @@ def make_m001_database(path: Path, rows_from: Path) -> None:
     with old.atomic():
         old.execute("DELETE FROM comfysync_meta")
         for table in ("comfysync_meta", "runners", "runner_versions", "sync_runs"):
-            old.execute(f"INSERT INTO main.{table} SELECT * FROM synced.{table}")
+            columns = ", ".join(old.table(table).columns_dict)  # the m001 columns only
+            old.execute(f"INSERT INTO main.{table} SELECT {columns} FROM synced.{table}")
         old.execute("UPDATE comfysync_meta SET value = '1' WHERE key = 'schema_version'")
     old.execute("DETACH DATABASE synced")
     assert "runners_fts" not in old.table_names() and old.view_names() == []
@@ -236,7 +237,7 @@ def test_a_database_made_before_m002_migrates_forward_with_views_and_index(
     make_m001_database(path, tmp_path / "new.db")
 
     migrated = open_store(path)
-    assert schema.schema_version(migrated) == schema.SCHEMA_VERSION == 4
+    assert schema.schema_version(migrated) == schema.SCHEMA_VERSION == 5
     assert sorted(migrated.view_names()) == ["current_runners", "runner_changes", "runner_tags"]
     migrated.close()
     first = account.list_runners()[0]

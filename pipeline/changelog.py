@@ -4,8 +4,10 @@ Read-only: every function takes an open database and only SELECTs. The per-field
 values come from the ``runner_changes`` view, so the commands, Datasette and users' own SQL
 all see one definition of a change. A created or deleted version lists no fields here (a
 creation has no old values; the full record of any version is in ``runner_versions``); an
-update or a restoration lists each changed field with its old and new value as stored
-(header values stay ``redacted:`` unless the mirror was told to store them).
+update or a restoration lists each changed field with its old and new value as stored,
+except header values: those are always shown ``redacted:``, exactly as a default mirror stores
+them, even in a mirror told to keep them in clear (``--store-header-values``). That choice
+puts them in the database and its exports, not on terminals, in cron mail or in logs.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import orjson
+
 from pipeline.errors import ConfigurationError, RunnerLookupError
-from pipeline.records import TRACKED_FIELDS
+from pipeline.records import REDACTED_PREFIX, TRACKED_FIELDS, redact_headers
+from pipeline.schema import redaction_key
 from pipeline.sqlite import Database
 from pipeline.store import utc_timestamp
 
@@ -26,6 +31,7 @@ MAX_CANDIDATES_SHOWN = 10
 _DURATION = re.compile(r"(\d+)\s*([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_REDACTED = re.compile(re.escape(REDACTED_PREFIX) + r"[0-9a-f]{12}")
 
 
 @dataclass(frozen=True)
@@ -153,12 +159,32 @@ def _changed_fields(
         list(params),
     )
     fields: dict[tuple[str, int], list[FieldChange]] = {}
+    key: bytes | None = None
     for runner_id, version, field, old, new in cursor:
+        if field == "headers":
+            key = key or redaction_key(db)
+            old, new = _redacted_headers(old, key), _redacted_headers(new, key)
         fields.setdefault((runner_id, version), []).append(FieldChange(field, old, new))
     order = {name: position for position, name in enumerate(TRACKED_FIELDS)}
     for changes in fields.values():
         changes.sort(key=lambda change: order.get(change.field, len(order)))
     return fields
+
+
+def _redacted_headers(text: str | None, key: bytes) -> str | None:
+    """Stored ``headers`` JSON with every value kept in clear redacted as the default would."""
+    if text is None:
+        return None
+    headers = orjson.loads(text)
+    clear = {
+        name: value
+        for name, value in headers.items()
+        if not (isinstance(value, str) and _REDACTED.fullmatch(value))
+    }
+    if not clear:
+        return text
+    shown = {**headers, **redact_headers(clear, key)}
+    return orjson.dumps(shown, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def parse_since(text: str, *, now: datetime | None = None) -> str:

@@ -593,7 +593,7 @@ def _echo_json(value: Any) -> None:
 @read_db_option
 @click.option(
     "--export-dir",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=click.Path(path_type=Path),  # not a folder: one line from find_snapshots, exit 2
     envvar="COMFYSYNC_EXPORT_DIR",
     default=DEFAULT_EXPORT_DIR,
     show_envvar=True,

@@ -37,6 +37,7 @@ from pipeline.history import Row, parse_instant
 from pipeline.settings import EXPORT_FORMATS
 from pipeline.snapshot import (
     SnapshotReport,
+    explain_write_failure,
     prune_snapshots,
     write_atomically,
     write_snapshot_files,
@@ -268,7 +269,8 @@ def export_snapshots(
         snapshot_at=snapshot_at,
         write=lambda path, fmt: write(path, fmt, rows, csv_safe),
     )
-    pruned = prune_snapshots(export_dir, keep) if keep is not None else ()
+    written = [Path(f.path) for f in files if f.error is None]
+    pruned = prune_snapshots(export_dir, keep, spare=written) if keep is not None else ()
     return SnapshotReport(files, pruned)
 
 
@@ -304,21 +306,11 @@ def export_file(
                 output, lambda temporary: write_export_file(temporary, fmt, rows, csv_safe)
             )
         except OSError as exc:
-            raise ExportError(f"cannot write {output}: {_reason(exc, output)}") from exc
+            reason = explain_write_failure(exc, output)
+            raise ExportError(f"cannot write {output}: {reason}") from exc
     finally:
         db.close()
     return ExportResult(output, fmt, count, description)
-
-
-def _reason(exc: OSError, output: Path) -> str:
-    """The operating system's reason, naming the folder when the folder is the problem."""
-    reason = exc.strerror or str(exc)
-    where = Path(exc.filename) if isinstance(exc.filename, str) else None
-    if where is not None and where.parent != output.parent and where != output:
-        if isinstance(exc, FileExistsError):  # mkdir met a file where a folder must be
-            return f"{where} is a file, not a folder"
-        return f"{where}: {reason}"
-    return reason
 
 
 def _what_to_export(

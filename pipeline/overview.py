@@ -3,10 +3,14 @@
 Read-only: the database is only SELECTed from, and the snapshot files are only listed.
 Snapshots are found by their layout, which ``comfysync export`` writes:
 ``<export-dir>/<format>/runners/snapshot_date=YYYY-MM-DD/runners-<sync_id>.<ext>``.
+A listed file whose size is not what its sync recorded writing there (``snapshots.bytes``)
+was truncated or overwritten since: it is reported as damaged, as are the snapshot files the
+latest snapshotting sync could not write, with the reason it recorded.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,7 +19,9 @@ from typing import Any
 
 import orjson
 
+from pipeline.errors import ConfigurationError
 from pipeline.schema import schema_version
+from pipeline.snapshot import not_a_folder
 from pipeline.sqlite import Database
 
 _RUN_COLUMNS = (
@@ -53,13 +59,35 @@ class SyncRun:
 
 
 @dataclass(frozen=True)
+class DamagedSnapshot:
+    """A snapshot file whose size is not what its sync wrote: truncated or overwritten."""
+
+    path: str
+    sync_id: int
+    bytes: int
+    written_bytes: int
+
+
+@dataclass(frozen=True)
+class FailedSnapshot:
+    """A snapshot file a sync could not write, and the reason it recorded."""
+
+    sync_id: int
+    format: str
+    error: str
+
+
+@dataclass(frozen=True)
 class Snapshots:
-    """The snapshot files under an export directory: how many, the oldest and the newest."""
+    """The snapshot files under an export directory: how many, the oldest and the newest;
+    those damaged since they were written; those the latest snapshot could not write."""
 
     export_dir: str
     files: int
     oldest: str | None
     newest: str | None
+    damaged: tuple[DamagedSnapshot, ...] = ()
+    not_written: tuple[FailedSnapshot, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,7 +126,7 @@ def read_status(db: Database, db_path: Path, export_dir: Path) -> MirrorStatus:
         runners_present=present,
         runners_deleted=deleted,
         versions=versions,
-        snapshots=find_snapshots(export_dir),
+        snapshots=find_snapshots(export_dir, db),
     )
 
 
@@ -124,11 +152,20 @@ def _run(row: dict[str, Any]) -> SyncRun:
     return SyncRun(**{**row, "complete": complete, "warnings": warnings, "seconds": seconds})
 
 
-def find_snapshots(export_dir: Path) -> Snapshots:
+def find_snapshots(export_dir: Path, db: Database | None = None) -> Snapshots:
     """The snapshot files of every format, ordered by snapshot date, then sync id, then path.
 
-    Files that do not follow the layout (or look unfinished) are not snapshots and are ignored.
+    Files that do not follow the layout (or look unfinished) are not snapshots and are
+    ignored. With ``db``, files are checked against the sizes their syncs recorded, and the
+    latest snapshot's failures are included. ConfigurationError if ``export_dir`` (or a
+    folder above it) is there but is not a folder: there is nothing to list.
     """
+    blocker = not_a_folder(export_dir)
+    if blocker is not None:
+        raise ConfigurationError(
+            f"cannot list the snapshots under --export-dir {export_dir}: {blocker}; "
+            "pass the folder the snapshots are written to"
+        )
     found: list[tuple[str, int, str]] = []
     for path in export_dir.glob("*/runners/snapshot_date=*/runners-*"):
         day = _SNAPSHOT_DIR.fullmatch(path.parent.name)
@@ -136,9 +173,49 @@ def find_snapshots(export_dir: Path) -> Snapshots:
         if day and name and path.is_file() and not path.name.endswith(_UNFINISHED_SUFFIXES):
             found.append((day.group(1), int(name.group(1)), str(path)))
     found.sort()
+    damaged: tuple[DamagedSnapshot, ...] = ()
+    not_written: tuple[FailedSnapshot, ...] = ()
+    if db is not None:
+        damaged = _damaged(db, [path for *_, path in found])
+        not_written = tuple(
+            FailedSnapshot(*row)
+            for row in db.execute(
+                "SELECT sync_id, format, error FROM snapshots WHERE error IS NOT NULL "
+                "AND sync_id = (SELECT max(sync_id) FROM snapshots) ORDER BY id"
+            )
+        )
     return Snapshots(
         export_dir=str(export_dir),
         files=len(found),
         oldest=found[0][2] if found else None,
         newest=found[-1][2] if found else None,
+        damaged=damaged,
+        not_written=not_written,
     )
+
+
+def _damaged(db: Database, paths: list[str]) -> tuple[DamagedSnapshot, ...]:
+    """The files in ``paths`` whose size differs from what their sync recorded writing.
+
+    Files are matched to the records by their place in the layout (format, date folder,
+    name), not by absolute path, so a data folder that was moved or restored elsewhere is
+    still checked.
+    """
+    written = {
+        Path(path).parts[-4:]: (sync_id, size)
+        for path, sync_id, size in db.execute(
+            "SELECT path, sync_id, bytes FROM snapshots WHERE error IS NULL"
+        )
+    }
+    damaged = []
+    for path in paths:
+        record = written.get(Path(path).parts[-4:])
+        if record is None:
+            continue
+        try:
+            size = os.stat(path).st_size
+        except OSError:  # gone since it was listed
+            continue
+        if size != record[1]:
+            damaged.append(DamagedSnapshot(path, record[0], size, record[1]))
+    return tuple(damaged)

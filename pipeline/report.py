@@ -13,7 +13,7 @@ import textwrap
 from collections.abc import Sequence
 
 from pipeline.changelog import FieldChange, RunnerHistory, VersionEntry
-from pipeline.overview import MirrorStatus, SyncRun
+from pipeline.overview import MirrorStatus, Snapshots, SyncRun
 
 WIDTH = 80
 #: Columns that hold JSON text: shown as stored (compact), not quoted again.
@@ -98,11 +98,16 @@ def describe_status(status: MirrorStatus) -> str:
         "runners", [f"{status.runners_present} present, {status.runners_deleted} deleted"]
     )
     lines += _labelled("versions", [f"{status.versions} recorded"])
-    snapshots = status.snapshots
+    lines += _describe_snapshots(status.snapshots, pad)
+    return "\n".join(lines)
+
+
+def _describe_snapshots(snapshots: Snapshots, pad: str) -> list[str]:
+    """The snapshot lines of ``status``: how many, oldest, newest, then what is wrong."""
     if snapshots.files == 0:
-        lines += _labelled("snapshots", [f"none under {snapshots.export_dir}"])
+        lines = _labelled("snapshots", [f"none under {snapshots.export_dir}"])
     else:
-        lines += _labelled(
+        lines = _labelled(
             "snapshots",
             [
                 f"{snapshots.files} file(s) under {snapshots.export_dir}",
@@ -110,7 +115,11 @@ def describe_status(status: MirrorStatus) -> str:
                 f"newest {snapshots.newest}",
             ],
         )
-    return "\n".join(lines)
+    problems = [
+        f"DAMAGED (sync {d.sync_id} wrote {d.written_bytes} bytes, now {d.bytes}): {d.path}"
+        for d in snapshots.damaged
+    ] + [f"NOT written (sync {f.sync_id}, {f.format}): {f.error}" for f in snapshots.not_written]
+    return lines + [line for problem in problems for line in _wrap(problem, pad + "  ", pad)]
 
 
 def describe_runs(runs: Sequence[SyncRun]) -> str:

@@ -8,7 +8,12 @@ The date is the UTC day the sync finished. Files land atomically (``write_atomic
 under a final name there is only ever a complete file. Temporary files are hidden
 (``.runners-<id>.<format>.<random>.tmp``), so readers skip them even after a crash, and a
 later snapshot sweeps away any that a crash left behind. Pruning only ever deletes files
-that match the layout exactly.
+that match the layout exactly, and never the files the sync has just written.
+
+A folder can be in a bad state (a file or a dead link where a folder belongs, a folder that
+refuses new files, a file that cannot be replaced): ``explain_write_failure`` turns the
+operating system's error into one line that names the culprit, for the snapshot's error
+and for ``comfysync export``'s.
 
 This module knows files and folders only; what goes into a file is ``pipeline/export.py``'s.
 """
@@ -16,10 +21,12 @@ This module knows files and folders only; what goes into a file is ``pipeline/ex
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -77,6 +84,8 @@ def write_atomically(path: Path, write: Callable[[Path], T]) -> T:
     removed and the exception propagates; ``path`` keeps whatever it held before.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():  # found now, before the work, rather than by the final rename
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     # Created here (exclusively, with the umask's permissions) so that a folder we cannot
     # write to fails with the operating system's own error, before any work is done.
@@ -140,15 +149,64 @@ def _write_one(
 
 def _describe(exc: Exception, path: Path) -> str:
     if isinstance(exc, OSError):
-        reason = exc.strerror or str(exc)
-        where = exc.filename or path
-        return f"could not write {where}: {reason}"
+        return f"could not write {path}: {explain_write_failure(exc, path)}"
     # Anything else may quote the data it choked on (header values can be kept in clear).
     return f"could not write {path}: unexpected {type(exc).__name__} (--debug shows it)"
 
 
+_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def explain_write_failure(exc: OSError, path: Path) -> str:
+    """Why ``path`` could not be written (by ``write_atomically``), in words that name the culprit.
+
+    A file or a dead symbolic link where one of its folders belongs; a folder that refuses
+    new files; a file already at ``path`` that cannot be replaced, or a folder there;
+    otherwise the operating system's reason (a full disk), with the path it concerns when
+    that is not ``path`` or its temporary file.
+    """
+    reason = exc.strerror or str(exc)
+    blocker = not_a_folder(path.parent)
+    if blocker is not None:
+        return blocker
+    if exc.errno == errno.EISDIR:
+        return f"{path} is a folder, not a file"
+    if exc.errno in _REFUSED:
+        if exc.filename2 is not None and Path(exc.filename2) == path:
+            return f"{path} cannot be replaced ({reason})"
+        refusing = Path(exc.filename).parent if exc.filename else path.parent
+        return f"the folder {refusing} does not accept new files ({reason})"
+    where = Path(exc.filename) if isinstance(exc.filename, str) else None
+    if where is not None and where != path and where.parent != path.parent:
+        return f"{where}: {reason}"
+    return reason
+
+
+def not_a_folder(folder: Path) -> str | None:
+    """The first of ``folder`` and its ancestors, outermost first, that is there but is not
+    a folder (or a link to one), described (``data/exports is a file, not a folder``); None
+    if there is none, whether ``folder`` exists or not."""
+    for candidate in (*reversed(folder.parents), folder):
+        try:
+            mode = os.lstat(candidate).st_mode
+        except FileNotFoundError:
+            return None  # nothing further down exists either
+        except OSError:
+            continue
+        if stat.S_ISDIR(mode) or candidate.is_dir():  # a folder, or a link to one
+            continue
+        if stat.S_ISLNK(mode):
+            return f"{candidate} is a symbolic link that leads to no folder"
+        return f"{candidate} is a file, not a folder"
+    return None
+
+
 def snapshot_files(export_dir: Path, fmt: str) -> list[tuple[int, Path]]:
-    """The ``fmt`` snapshot files in the tree as (sync_id, path), newest sync first."""
+    """The ``fmt`` snapshot files in the tree as (sync_id, path), newest first.
+
+    Newest by snapshot date, then by sync id: sync ids alone would mislead when the files of
+    another database, or of this one before it was restored from a backup, share the tree.
+    """
     root = export_dir / fmt / "runners"
     found = []
     for partition in _listing(root):
@@ -158,20 +216,25 @@ def snapshot_files(export_dir: Path, fmt: str) -> list[tuple[int, Path]]:
             match = _SNAPSHOT.fullmatch(path.name)
             if match and match.group(2) == fmt and path.is_file():
                 found.append((int(match.group(1)), path))
-    return sorted(found, key=lambda item: (item[0], item[1].parent.name), reverse=True)
+    return sorted(found, key=lambda item: (item[1].parent.name, item[0]), reverse=True)
 
 
-def prune_snapshots(export_dir: Path, keep: int) -> tuple[str, ...]:
-    """Delete each format's snapshot files beyond the ``keep`` newest (by sync id).
+def prune_snapshots(export_dir: Path, keep: int, *, spare: Iterable[Path] = ()) -> tuple[str, ...]:
+    """Delete each format's snapshot files beyond the ``keep`` newest, never one in ``spare``.
 
+    ``spare`` is the snapshot just written: however the tree looks (a stray file with a
+    higher sync id, a clock set back), pruning must not delete what the sync has just made.
     Emptied date folders are removed too. A file that cannot be deleted is logged and left;
     pruning never fails the sync it follows.
     """
     if keep < 1:
         raise ValueError("keep must be at least 1")
+    spared = set(spare)
     pruned = []
     for fmt in EXPORT_FORMATS:
         for _, path in snapshot_files(export_dir, fmt)[keep:]:
+            if path in spared:
+                continue
             try:
                 path.unlink()
             except OSError as exc:

@@ -14,6 +14,13 @@ never part of the `comfysync` command:
   connection it was given sleeps 1 ms every ``--slow-every`` virtual-machine instructions,
   so a transaction of a few milliseconds lasts about a second and a random kill lands at a
   random point *inside* it (mid-statement, with pages spilled to the WAL or not);
+* with ``--slow-sqlite-in module:function``, the same slowing for a target that is given no
+  connection: it is installed on the connection passed to that other function when the
+  target's run calls it (the export phase: ``pipeline.history:fleet_as_of``, which reads
+  the fleet the snapshot files are written from, batch by batch, while they are open);
+* with ``--set module:NAME=N`` (repeatable), sets an integer constant first: smaller read
+  batches and row groups make a snapshot file grow step by step, so a kill can land with
+  part of it written;
 * with ``--max-page-count-headroom N``, caps the database at its current size plus N pages
   just before the target runs, so it fails with a real SQLITE_FULL (a disk that fills up);
 * with ``--pause-after SECONDS``, sleeps after the ends line, so a kill can be aimed just
@@ -53,6 +60,11 @@ def find_connection(args: tuple[Any, ...], kwargs: dict[str, Any]) -> sqlite3.Co
     raise SystemExit("crash-harness: the target was given no SQLite connection")
 
 
+def slow_down(conn: sqlite3.Connection, every: int) -> None:
+    """Sleep 1 ms every ``every`` SQLite virtual-machine instructions on ``conn``."""
+    conn.set_progress_handler(lambda: time.sleep(0.001), every)
+
+
 def instrument(
     function: Callable[..., Any],
     phase: str,
@@ -68,7 +80,7 @@ def instrument(
                 pages = conn.execute("PRAGMA page_count").fetchone()[0]
                 conn.execute(f"PRAGMA max_page_count = {pages + max_page_headroom}")
             if slow_every is not None:
-                conn.set_progress_handler(lambda: time.sleep(0.001), slow_every)
+                slow_down(conn, slow_every)
         say(f"{phase} begins")
         return time.monotonic()
 
@@ -97,29 +109,51 @@ def instrument(
     return wrapped
 
 
+def slow_connection_of(function: Callable[..., Any], every: int) -> Callable[..., Any]:
+    """``function``, slowing the SQLite connection it is given from its first call on."""
+
+    @functools.wraps(function)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        slow_down(find_connection(args, kwargs), every)
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
+def replace(target: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Replace ``module:function`` where it is looked up by ``make(the original)``."""
+    module_name, _, name = target.partition(":")
+    module = importlib.import_module(module_name)
+    setattr(module, name, make(getattr(module, name)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", required=True, help="name printed in the begins/ends lines")
     parser.add_argument("--target", required=True, help="module:function to instrument")
     parser.add_argument("--slow-sqlite", action="store_true")
+    parser.add_argument("--slow-sqlite-in", metavar="MODULE:FUNCTION", default=None)
     parser.add_argument("--slow-every", type=int, default=60)
+    parser.add_argument("--set", action="append", default=[], metavar="MODULE:NAME=N")
     parser.add_argument("--max-page-count-headroom", type=int, default=None)
     parser.add_argument("--pause-after", type=float, default=0.0)
     parser.add_argument("cli_args", nargs=argparse.REMAINDER)
     options = parser.parse_args()
-    module_name, _, name = options.target.partition(":")
-    module = importlib.import_module(module_name)
-    setattr(
-        module,
-        name,
-        instrument(
-            getattr(module, name),
+    for assignment in options.set:
+        target, _, value = assignment.partition("=")
+        replace(target, lambda _, number=int(value): number)
+    replace(
+        options.target,
+        lambda function: instrument(
+            function,
             options.phase,
             slow_every=options.slow_every if options.slow_sqlite else None,
             max_page_headroom=options.max_page_count_headroom,
             pause_after=options.pause_after,
         ),
     )
+    if options.slow_sqlite_in:
+        replace(options.slow_sqlite_in, lambda f: slow_connection_of(f, options.slow_every))
     from pipeline.cli import main as comfysync
 
     cli_args = options.cli_args[1:] if options.cli_args[:1] == ["--"] else options.cli_args

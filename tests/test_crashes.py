@@ -10,16 +10,25 @@ the phase to begin, sleeps a delay drawn from the trial's seed, and sends SIGKIL
 * the store equals the state before that sync (byte for byte, every table but the run log)
   or the state after it (what a sync left that ran to the end, times and run ids aside),
   never a mix; and the run log agrees (`running` before, `success` after);
-* the next sync completes and leaves the state after.
+* the snapshot folder (the previous sync's files were there, and the sync prunes to the
+  newest) holds, under every final name, a complete file: each Parquet file reads with
+  pyarrow and each CSV file with pandas, with exactly the rows of the fleet its sync left;
+  anything else is a hidden temporary file of the layout, which the next sync sweeps once
+  it is stale (the test ages them by an hour: a fresh one may be another writer's);
+* the next sync completes, leaves the state after and a complete snapshot, and no
+  temporary file.
 
-Twelve trials run by default (five in the walk, five inside the apply transaction, two just
-after it committed); `pytest -m slow tests/test_crashes.py` runs 36 more. Adding a phase
-(export, once it exists) is one line in PHASES.
+Fifteen trials run by default (five in the walk, five inside the apply transaction, two just
+after it committed, three while the snapshot files are written, with SQLite slowed while
+the fleet is read so a kill lands inside a file); `pytest -m slow tests/test_crashes.py`
+runs 45 more. Adding a phase is one line in PHASES.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -29,6 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, cli_environment, dump_except_run_log, rows
 from test_properties import check_history
@@ -36,9 +47,13 @@ from test_properties import check_history
 from pipeline.records import TRACKED_FIELDS
 from pipeline.settings import Settings
 from pipeline.simulator import LoopbackServer, SimulatedAccount
+from pipeline.snapshot import STALE_TEMPORARY_SECONDS
 from pipeline.sync import run_sync
 
 HARNESS = REPO / "tests" / "crash_harness.py"
+#: The snapshot layout's final file names, and the hidden temporary files they are written as.
+FINAL_NAME = re.compile(r"runners-(\d+)\.(parquet|csv)")
+TEMPORARY_NAME = re.compile(r"\.runners-\d+\.(parquet|csv)\.[0-9a-f]{8}\.tmp")
 
 
 @dataclass(frozen=True)
@@ -56,14 +71,18 @@ class Phase:
     leaves: str = "before"
     latency_ms: float = 0.0  # the simulator's, so the walk lasts long enough to be hit
     aim_after: bool = False
-    command: tuple[str, ...] = ("sync", "--base-url", "{url}", "--token", "t", "--db", "{db}")
+    #: {exports} is the snapshot folder; the previous sync's files are in it.
+    command: tuple[str, ...] = ("sync", "--base-url", "{url}", "--token", "t", "--db", "{db}", "--export-dir", "{exports}", "--keep-snapshots", "1")  # fmt: skip
     trials: int = 5  # in the default suite; -m slow adds three times as many
 
 
+#: Smaller read batches and row groups, so each snapshot file grows step by step.
+SMALL_BATCHES = ("--set", "pipeline.history:BATCH_ROWS=50", "--set", "pipeline.export:ROW_GROUP_ROWS=200")  # fmt: skip
 PHASES = {
     "walk": Phase("pipeline.sync:walk_all_pages", latency_ms=40),
     "apply": Phase("pipeline.store:apply_changes", ("--slow-sqlite",)),
     "after-apply": Phase("pipeline.store:apply_changes", ("--pause-after", "1"), "after", aim_after=True, trials=2),
+    "export": Phase("pipeline.export:export_snapshots", ("--slow-sqlite-in", "pipeline.history:fleet_as_of", *SMALL_BATCHES), "after", trials=3),
 }  # fmt: skip
 
 
@@ -106,9 +125,9 @@ class HarnessRun:
             time.sleep(0.002)
 
 
-def start_harness(phase: str, db: Path, url: str) -> HarnessRun:
+def start_harness(phase: str, db: Path, url: str, exports: Path) -> HarnessRun:
     spec = PHASES[phase]
-    command = [part.format(url=url, db=db) for part in spec.command]
+    command = [part.format(url=url, db=db, exports=exports) for part in spec.command]
     stderr_path = db.with_suffix(".stderr")
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
@@ -126,6 +145,8 @@ class Stores:
     server: LoopbackServer
     before: Path
     before_dump: list[str]
+    before_exports: Path  # the snapshot folder as the sync before left it
+    fleet_rows: dict[int, int]  # the rows of each sync's snapshot, by sync id
     after_state: dict[str, list[tuple[object, ...]]]
     seconds: dict[str, float]  # how long each phase lasted when not killed
 
@@ -135,8 +156,10 @@ def stores(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("crash")
     account = SimulatedAccount(runners=600, seed=9, token="t")
     with LoopbackServer(account) as server:
-        before = folder / "before.db"
-        run_sync(Settings(base_url=server.url, token="t", db_path=before))
+        before, before_exports = folder / "before.db", folder / "before-exports"
+        run_sync(
+            Settings(base_url=server.url, token="t", db_path=before, export_dir=before_exports)
+        )
         ids = account.runner_ids()
         for _ in range(400):
             account.create_runner()
@@ -155,13 +178,17 @@ def stores(tmp_path_factory: pytest.TempPathFactory):
             account.faults.latency_ms = spec.latency_ms
             reference = folder / f"reference-{phase}.db"
             shutil.copy(before, reference)
-            run = start_harness(phase, reference, server.url)
+            run = start_harness(phase, reference, server.url, folder / f"exports-{phase}")
             assert run.process.wait(timeout=120) == 0, run.stderr()
             ends = run.stderr().split(f"crash-harness: {phase} ends after ", 1)[1]
             seconds[phase] = float(ends.split()[0])
             after_states.append(mirror_state(reference))
         assert all(state == after_states[0] for state in after_states)
-        yield Stores(server, before, dump_except_run_log(before), after_states[0], seconds)
+        present = sum(row[-3] for row in after_states[0]["runners"])  # deleted_at IS NULL
+        yield Stores(
+            server, before, dump_except_run_log(before), before_exports,
+            {1: 600, 2: present, 3: present}, after_states[0], seconds,
+        )  # fmt: skip
 
 
 def trial_params() -> list[object]:
@@ -174,18 +201,44 @@ def trial_params() -> list[object]:
     return params
 
 
+def kill_delay(phase: str, seed: int, lasts: float) -> float:
+    """Seconds into a phase that lasts ``lasts`` to kill at: 2% to 80% of it, drawn from the
+    seed; the default trials each from their own equal slice of that, so they spread out."""
+    trials = PHASES[phase].trials
+    draw = random.Random(f"{phase}-{seed}").random()
+    fraction = (seed + draw) / trials if seed < trials else draw
+    return (0.02 + 0.78 * fraction) * lasts
+
+
+def check_snapshot_folder(exports: Path, fleet_rows: dict[int, int]) -> list[Path]:
+    """Every file under a final name is complete; return the temporary files left beside them."""
+    temporaries = []
+    for path in sorted(p for p in exports.rglob("*") if not p.is_dir()):
+        if TEMPORARY_NAME.fullmatch(path.name):
+            temporaries.append(path)
+            continue
+        final = FINAL_NAME.fullmatch(path.name)
+        assert final, f"neither a snapshot nor a temporary file: {path}"
+        if final.group(2) == "parquet":
+            count = pq.read_table(path).num_rows
+        else:
+            count = len(pd.read_csv(path))
+        assert count == fleet_rows[int(final.group(1))], f"{path} is incomplete"
+    return temporaries
+
+
 @pytest.mark.parametrize(("phase", "seed"), trial_params())
 def test_a_sync_killed_at_a_random_moment_leaves_the_store_before_or_after(
     phase: str, seed: int, stores: Stores, tmp_path: Path
 ) -> None:
     spec = PHASES[phase]
     stores.server.account.faults.latency_ms = spec.latency_ms
-    db = tmp_path / "trial.db"
+    db, exports = tmp_path / "trial.db", tmp_path / "exports"
     shutil.copy(stores.before, db)
-    lasts = 1.0 if spec.aim_after else stores.seconds[phase]
-    delay = random.Random(f"{phase}-{seed}").uniform(0.02, 0.8) * lasts
+    shutil.copytree(stores.before_exports, exports)
+    delay = kill_delay(phase, seed, 1.0 if spec.aim_after else stores.seconds[phase])
 
-    run = start_harness(phase, db, stores.server.url)
+    run = start_harness(phase, db, stores.server.url, exports)
     run.wait_for(f"crash-harness: {phase} {'ends' if spec.aim_after else 'begins'}")
     time.sleep(delay)
     run.process.send_signal(signal.SIGKILL)
@@ -203,8 +256,20 @@ def test_a_sync_killed_at_a_random_moment_leaves_the_store_before_or_after(
         assert status == "success"  # the run log committed with the changes, not apart
         assert spec.leaves == "after"
     check_history(db)
+    an_hour_ago = time.time() - STALE_TEMPORARY_SECONDS - 60
+    for temporary in check_snapshot_folder(exports, stores.fleet_rows):
+        os.utime(temporary, (an_hour_ago, an_hour_ago))
 
-    summary = run_sync(Settings(base_url=stores.server.url, token="t", db_path=db))
+    summary = run_sync(
+        Settings(
+            base_url=stores.server.url, token="t", db_path=db, export_dir=exports, keep_snapshots=1
+        )
+    )
     assert summary.status == "success"
     assert mirror_state(db) == stores.after_state
     check_history(db)
+    assert check_snapshot_folder(exports, stores.fleet_rows) == []
+    assert sorted(p.name for p in exports.rglob("runners-*")) == [
+        "runners-3.csv",
+        "runners-3.parquet",
+    ]

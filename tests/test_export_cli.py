@@ -255,7 +255,7 @@ def test_sync_csv_safe_applies_to_the_csv_snapshot(serve_account, run_cli, tmp_p
             "cannot read 'last tuesday' as an ISO 8601 timestamp; use e.g. 2026-11-28 or 2026-11-28T14:30:00Z",
         ),
         (("-o", "a-file/out.csv"), "cannot write a-file/out.csv: a-file is a file, not a folder"),
-        (("-o", "a-folder.csv"), "cannot write a-folder.csv: Is a directory"),
+        (("-o", "a-folder.csv"), "cannot write a-folder.csv: a-folder.csv is a folder, not a file"),
         (
             ("-o", "out.csv", "--history", "--as-of", "2026-01-01"),
             "--history exports every version; it cannot be combined with --as-of or --include-deleted",

@@ -5,7 +5,7 @@ disk is real: a tiny tmpfs when this process may mount one (tests run as root he
 a database capped at its size with `PRAGMA max_page_count` (tests/crash_harness.py), which
 fails with the same SQLITE_FULL. Write protection is real too: root ignores file modes, so
 the file gets the immutable flag (`chattr +i`), or a read-only bind mount where that fails.
-(A corrupt snapshot folder belongs to `comfysync export`, issue 3, and is tested there.)
+(A corrupt snapshot folder: tests/test_corrupt_snapshot_folder.py.)
 """
 
 from __future__ import annotations

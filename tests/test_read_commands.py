@@ -106,7 +106,14 @@ def test_status_json(mirror: Mirror, run_cli):
         "runners_present": 12,
         "runners_deleted": 1,
         "versions": 16,
-        "snapshots": {"export_dir": "data/exports", "files": 0, "oldest": None, "newest": None},
+        "snapshots": {
+            "export_dir": "data/exports",
+            "files": 0,
+            "oldest": None,
+            "newest": None,
+            "damaged": [],
+            "not_written": [],
+        },
     }
 
 
@@ -140,6 +147,8 @@ def test_status_finds_the_oldest_and_newest_snapshot_files(mirror: Mirror, run_c
         "files": 5,
         "oldest": "exports/csv/runners/snapshot_date=2026-11-27/runners-1.csv",
         "newest": "exports/parquet/runners/snapshot_date=2026-11-28/runners-10.parquet",
+        "damaged": [],
+        "not_written": [],
     }
 
 

@@ -3,22 +3,33 @@
 Unique markers are planted upstream as a runner header value, as the user:password of a
 runner endpoint (on a good runner and on one the API sends broken, so it lands in
 rejected_records), as the API token, and as a wrong token. Every command line in
-AUDITED_COMMANDS runs as a real process; then every byte of every file under the data folder
-(the databases, their WAL, kept alive by an open reader, and whatever else is there) and every
-byte of every command's stdout and stderr are searched: no marker may appear. With
-`--store-header-values` the header marker must appear in that database, and nowhere else.
+AUDITED_COMMANDS runs as a real process, in order (the syncs first, so the read commands
+and exports have history to show: a rotated header, a rejected record); then every byte of
+every file under the data folder is searched: the databases and their WAL (kept alive by an
+open reader), the lock file, the snapshot files in Parquet and CSV, the files `export` and
+`browse --metadata-out` wrote. Parquet is compressed, so its decoded rows are searched too.
+So is every byte of every command's stdout and stderr (the scheduler's log included): no
+marker may appear.
 
-To audit a new command, add one line to AUDITED_COMMANDS.
+With `--store-header-values` (CLEAR_HEADER_COMMANDS: the same exports and read commands
+after syncs that keep header values) the header marker must appear in the database, in
+every snapshot and in every export file, and nowhere else: never in any output or log, nor
+in the lock or metadata files. The endpoint password and the token still appear nowhere.
+
+To audit a new command, add one line to the table it belongs in.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import run_comfysync
+import pyarrow.parquet as pq
+from conftest import rows, run_comfysync
 
 from pipeline.simulator import SimulatedAccount
 
@@ -28,20 +39,74 @@ TOKEN = "TOKENMARK-e93b2c10"
 WRONG_TOKEN = "WRONGTOKENMARK-4d1f86aa"
 MARKERS = (HEADER, PASSWORD, TOKEN, WRONG_TOKEN)
 
-#: (command line after `comfysync`, expected exit code). The token is in COMFYCONTROL_TOKEN
-#: unless the line passes --token. {url} is the planted account, {db} the audited database,
-#: {data} the data folder.
+#: The exports and read commands, audited after syncs with and without --store-header-values.
+#: {db} is the audited database, {data} the data folder (snapshots go to {data}/exports),
+#: {good} the runner whose header and endpoint hold markers, {as_of} the first sync's finish.
+READ_COMMANDS: list[tuple[str, int]] = [
+    ("export -o {data}/x.parquet --db {db}", 0),
+    ("export -o {data}/x.csv --db {db}", 0),
+    ("export --debug --include-deleted -o {data}/all.parquet --db {db}", 0),
+    ("export --history -o {data}/h.parquet --db {db}", 0),
+    ("export --history -o {data}/h.csv --db {db}", 0),
+    ("export --as-of {as_of} -o {data}/then.parquet --db {db}", 0),
+    ("export --as-of {as_of} --csv-safe -o {data}/then.csv --db {db}", 0),
+    ("status --db {db}", 0),
+    ("status --json --db {db}", 0),
+    ("status --debug --db {db}", 0),
+    ("runs --db {db}", 0),
+    ("runs --json --db {db}", 0),
+    ("history {good} --db {db}", 0),
+    ("history --json {good} --db {db}", 0),
+    ("history --debug {good_prefix} --db {db}", 0),
+    ("changes --since 24h --db {db}", 0),
+    ("changes --since 24h --json --db {db}", 0),
+    ("changes --debug --since 1d --db {db}", 0),
+    ("browse --metadata-out {data}/metadata.json --db {db}", 0),
+    ("browse --metadata-out - --db {db}", 0),
+]
+
+#: (command line after `comfysync`, expected exit code), run in this order. The token is in
+#: COMFYCONTROL_TOKEN unless the line passes --token; {url} is the planted account.
 AUDITED_COMMANDS: list[tuple[str, int]] = [
-    ("sync --base-url {url} --db {db}", 0),
+    ("sync --base-url {url} --db {db}", 0),  # then the header is rotated upstream
     ("sync --json --base-url {url} --db {db}", 0),
+    ("sync --quiet --base-url {url} --db {db}", 0),
     ("sync --debug --base-url {url} --db {db} --per-page 7", 0),
     ("sync --debug --json --base-url {url} --db {db} --concurrency 1", 0),
     ("sync --base-url {url} --db {db} --token {token}", 0),
     ("sync --debug --base-url {url} --db {db} --token {wrong_token}", 3),
     ("sync --base-url {url} --db {db} --token {wrong_token}", 3),
+    *READ_COMMANDS,
+    ("schedule --every 1s --max-runs 1 --base-url {url} --db {db}", 0),
+    ("schedule --every 1s --max-runs 1 --log-format json --base-url {url} --db {db}", 0),
+    ("schedule --debug --every 1s --max-runs 1 --base-url {url} --db {db}", 0),
     ("demo --db {data}/demo.db", 0),
     ("demo --debug --db {data}/demo.db", 0),
 ]
+
+#: The same with header values kept in clear: the header may reach the database and the
+#: snapshot and export files, and nothing else.
+CLEAR_HEADER_COMMANDS: list[tuple[str, int]] = [
+    ("sync --store-header-values --base-url {url} --db {db}", 0),
+    ("sync --store-header-values --json --base-url {url} --db {db}", 0),
+    ("sync --store-header-values --quiet --base-url {url} --db {db}", 0),
+    ("sync --store-header-values --debug --base-url {url} --db {db} --per-page 7", 0),
+    ("sync --store-header-values --debug --base-url {url} --db {db} --token {wrong_token}", 3),
+    *READ_COMMANDS,
+    ("schedule --store-header-values --every 1s --max-runs 1 --log-format json --base-url {url} --db {db}", 0),
+    ("schedule --store-header-values --debug --every 1s --max-runs 1 --base-url {url} --db {db}", 0),
+]  # fmt: skip
+
+#: What the commands write under the data folder besides the database and the snapshots.
+EXPORT_FILES = (
+    "x.parquet",
+    "x.csv",
+    "all.parquet",
+    "h.parquet",
+    "h.csv",
+    "then.parquet",
+    "then.csv",
+)
 
 #: A secret the simulator generated: 32 hex digits standing alone (ids, hashes, redactions
 #: and the redaction key all have other lengths).
@@ -66,7 +131,16 @@ def plant(account: SimulatedAccount) -> tuple[str, str]:
 
 
 def files_under(folder: Path) -> dict[Path, bytes]:
-    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+    """Every file's bytes; a Parquet file's decoded rows are appended, as its pages are
+    compressed and a secret inside them need not show up in the raw bytes."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            content = path.read_bytes()
+            if path.suffix == ".parquet":
+                content += repr(pq.read_table(path).to_pylist()).encode()
+            files[path] = content
+    return files
 
 
 def simulator_secrets(runners: int, seed: int) -> set[str]:
@@ -79,84 +153,144 @@ def simulator_secrets(runners: int, seed: int) -> set[str]:
     }
 
 
-def audit(files: dict[Path, bytes], outputs: dict[str, str], secrets: set[str]) -> None:
+def audit(
+    files: dict[Path, bytes], outputs: dict[str, str], secrets: set[str], *, clear_ok=frozenset()
+) -> None:
+    """No secret in any file or output; the files in ``clear_ok`` may hold generated header
+    secrets (a mirror that keeps header values), never the planted ones in ``secrets``."""
     for secret in secrets:
         for path, content in files.items():
             assert secret.encode() not in content, (secret, path.name)
         for command, text in outputs.items():
             assert secret not in text, (secret, command)
     for path, content in files.items():
-        assert not GENERATED_SECRET.search(content), path.name
+        assert path in clear_ok or not GENERATED_SECRET.search(content), path.name
     for command, text in outputs.items():
         assert not GENERATED_SECRET.search(text.encode()), command
+
+
+#: Commands that only read the database: consecutive lines of these run concurrently.
+READ_ONLY = frozenset(("export", "status", "runs", "history", "changes", "browse"))
+
+
+def run_table(
+    table: list[tuple[str, int]], folder: Path, values: dict[str, object], upstream, good: str
+) -> tuple[dict[str, str], sqlite3.Connection]:
+    """Run every line of ``table`` in ``folder``; return each line's output and the reader.
+
+    After the first line (a sync) a reader is opened on the database, so every later sync's
+    WAL stays on disk to be searched, and the good runner's header is rotated upstream, so
+    the later syncs record a header change. Lines run in order, except that a stretch of
+    read-only commands runs concurrently (they write nothing the others read).
+    """
+    outputs: dict[str, str] = {}
+    reader = None
+
+    def run(number: int, line: str, expected: int) -> None:
+        args = shlex.split(line.format(**values))
+        result = run_comfysync(folder, *args, env={"COMFYCONTROL_TOKEN": TOKEN})
+        assert result.exit_code == expected, (line, result.stderr)
+        if "--debug" not in args:
+            assert "Traceback" not in result.stderr, line
+        outputs[f"{number}: {line}"] = result.stdout + result.stderr
+
+    numbered = list(enumerate(table))
+    for read_only, stretch in itertools.groupby(
+        numbered, lambda item: item[1][0].split()[0] in READ_ONLY
+    ):
+        lines = [(number, line, expected) for number, (line, expected) in stretch]
+        if read_only:
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                list(pool.map(lambda args: run(*args), lines))  # list(): re-raise failures
+            continue
+        for number, line, expected in lines:
+            run(number, line, expected)
+            if reader is None:
+                reader = sqlite3.connect(Path(str(values["db"])))
+                [(values["as_of"],)] = reader.execute(
+                    "SELECT finished_at FROM sync_runs WHERE id = 1"
+                ).fetchall()
+                upstream.account.rotate_header(good, "X-Api-Key", f"{HEADER}-rotated")
+    assert reader is not None
+    return outputs, reader
+
+
+def planted_values(upstream, data: Path, good: str) -> dict[str, object]:
+    return {
+        "url": upstream.url,
+        "db": data / "mirror.db",
+        "data": data,
+        "good": good,
+        "good_prefix": good[:8],
+        "token": TOKEN,
+        "wrong_token": WRONG_TOKEN,
+    }
 
 
 def test_no_secret_reaches_the_disk_or_any_output(serve_account, tmp_path):
     upstream = serve_account(runners=60, seed=31, token=TOKEN)
     good, broken = plant(upstream.account)
     data = tmp_path / "data"
+    values = planted_values(upstream, data, good)
     db = data / "mirror.db"
-    values = {
-        "url": upstream.url,
-        "db": db,
-        "data": data,
-        "token": TOKEN,
-        "wrong_token": WRONG_TOKEN,
-    }
-    outputs: dict[str, str] = {}
-    reader = None
-    for number, (line, expected) in enumerate(AUDITED_COMMANDS):
-        args = shlex.split(line.format(**values))
-        result = run_comfysync(tmp_path, *args, env={"COMFYCONTROL_TOKEN": TOKEN})
-        assert result.exit_code == expected, (line, result.stderr)
-        outputs[f"{number}: {line}"] = result.stdout + result.stderr
-        if reader is None and db.exists():
-            # An open reader keeps each later sync's WAL on disk, to be searched too.
-            reader = sqlite3.connect(db)
-            reader.execute("SELECT count(*) FROM runners").fetchone()
-            upstream.account.rotate_header(good, "X-Api-Key", f"{HEADER}-rotated")
+    outputs, reader = run_table(AUDITED_COMMANDS, tmp_path, values, upstream, good)
     try:
         files = files_under(data)
-        assert {path.name for path in files} >= {"mirror.db", "mirror.db-wal", "demo.db"}
+        names = {str(path.relative_to(data)) for path in files}
+        assert names >= {"mirror.db", "mirror.db-wal", "mirror.db.lock", "demo.db"}
+        assert names >= {*EXPORT_FILES, "metadata.json"}
+        snapshots = {name for name in names if name.startswith("exports/")}
+        assert {name.rsplit(".", 1)[-1] for name in snapshots} == {"parquet", "csv"}
+        assert len(snapshots) == 2 * 9 + 2 * 2  # 9 mirror syncs (6 + 3 scheduled), 2 demo's
         assert files[db.with_name("mirror.db-wal")]  # the WAL held data, and was searched
         audit(files, outputs, {*MARKERS, *simulator_secrets(250, 1)})
     finally:
-        if reader is not None:
-            reader.close()
+        reader.close()
 
     # The markers were really there to be found: what the database made of them.
-    conn = sqlite3.connect(db)
-    [(headers, endpoint, version)] = conn.execute(
-        "SELECT headers, endpoint, version FROM runners WHERE id = ?", [good]
-    ).fetchall()
-    [(raw_json,)] = conn.execute(
-        "SELECT raw_json FROM rejected_records WHERE runner_id = ? LIMIT 1", [broken]
-    ).fetchall()
-    conn.close()
+    [(headers, endpoint, version)] = rows(
+        db, "SELECT headers, endpoint, version FROM runners WHERE id = ?", (good,)
+    )
+    [(raw_json,)] = rows(
+        db, "SELECT raw_json FROM rejected_records WHERE runner_id = ? LIMIT 1", (broken,)
+    )
     assert re.fullmatch(
         r'\{"Authorization":"redacted:[0-9a-f]{12}","X-Api-Key":"redacted:[0-9a-f]{12}"\}', headers
     )
     assert re.fullmatch(r"https://redacted:[0-9a-f]{12}@gpu\.example\.com:8443/comfy", endpoint)
     assert version == 2  # the rotated secret was recorded as a change, without its value
     assert '"Authorization":"redacted:' in raw_json and "root:" not in raw_json
+    history = next(text for line, text in outputs.items() if "history {good} " in line)
+    assert "headers: " in history and "redacted:" in history  # the change was shown
 
 
-def test_store_header_values_puts_the_header_in_that_database_only(serve_account, tmp_path):
+def test_store_header_values_puts_the_header_in_the_database_and_the_files_only(
+    serve_account, tmp_path
+):
     upstream = serve_account(runners=30, seed=32, token=TOKEN)
-    plant(upstream.account)
+    good, _ = plant(upstream.account)
     data = tmp_path / "data"
-    result = run_comfysync(
-        tmp_path, "sync", "--debug", "--store-header-values", "--base-url", upstream.url,
-        "--db", str(data / "clear.db"), env={"COMFYCONTROL_TOKEN": TOKEN},
-    )  # fmt: skip
-    assert result.exit_code == 0, result.stderr
+    values = planted_values(upstream, data, good)
+    outputs, reader = run_table(CLEAR_HEADER_COMMANDS, tmp_path, values, upstream, good)
+    try:
+        files = files_under(data)
+    finally:
+        reader.close()
 
-    files = files_under(data)
-    assert any(HEADER.encode() in content for content in files.values())
-    assert HEADER not in result.stdout + result.stderr
-    for secret in (PASSWORD, TOKEN):
-        assert all(secret.encode() not in content for content in files.values())
-        assert secret not in result.stdout + result.stderr
+    name = {path: str(path.relative_to(data)) for path in files}
+    holding = {name[path] for path, content in files.items() if HEADER.encode() in content}
+    snapshots = {n for n in name.values() if n.startswith("exports/")}
+    assert len(snapshots) == 2 * 6  # 4 syncs and 2 scheduled runs, each in both formats
+    assert {"mirror.db.lock", "metadata.json"} <= set(name.values())
+    assert holding & {"mirror.db", "mirror.db-wal"}
+    assert holding - {"mirror.db", "mirror.db-wal"} == {*snapshots, *EXPORT_FILES}
+    for command, text in outputs.items():
+        assert HEADER not in text, command
+    # Every header value is kept in those files (the generated ones too), and in no output.
+    keep_values = {path for path in files if name[path] in holding}
+    audit(files, outputs, {PASSWORD, TOKEN, WRONG_TOKEN}, clear_ok=keep_values)
+    history = next(text for line, text in outputs.items() if "history {good} " in line)
+    assert "headers: " in history and "redacted:" in history  # shown as the default shows it
 
 
 def test_simulate_and_a_sync_against_it_print_no_secret(run_simulator, run_cli, tmp_path):

@@ -271,6 +271,27 @@ def test_keep_snapshots_prunes_the_oldest_files_and_their_emptied_date_folders(
     )  # 8 runners, one more each day
 
 
+def test_pruning_goes_by_date_then_sync_id_and_never_deletes_the_files_just_written(tmp_path):
+    from pipeline.snapshot import prune_snapshots
+
+    runners = tmp_path / "parquet" / "runners"
+    layout = [
+        "snapshot_date=2026-01-01/runners-40.parquet",  # the database before a restore
+        "snapshot_date=2026-02-01/runners-7.parquet",
+        "snapshot_date=2026-02-02/runners-8.parquet",  # just written...
+        "snapshot_date=2026-02-02/runners-99.parquet",  # ...beside another database's
+    ]
+    for name in layout:
+        (runners / name).parent.mkdir(parents=True, exist_ok=True)
+        (runners / name).write_bytes(b"x")
+    just_written = runners / layout[2]
+
+    pruned = prune_snapshots(tmp_path, 1, spare=[just_written])
+
+    assert pruned == (str(runners / layout[1]), str(runners / layout[0]))
+    assert tree(tmp_path) == [f"parquet/runners/{name}" for name in layout[2:]]
+
+
 def test_temporary_files_left_by_a_crash_are_invisible_to_readers_and_swept_when_stale(
     serve_account, db_path, tmp_path
 ):

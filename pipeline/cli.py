@@ -461,25 +461,21 @@ def simulate(
     sync with --concurrency 1) replay the same faults; --debug logs each request and what it
     got. --port 0 picks a free port and prints it.
     """
-    from pipeline.faults import FaultPlan, parse_latency
+    from pipeline.faults import FaultPlan
     from pipeline.simulator import SimulatedAccount, serve
 
-    latency_ms, jitter_ms = (0.0, 0.0)
-    if latency:
-        try:
-            latency_ms, jitter_ms = parse_latency(latency)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--latency") from exc
-    faults = FaultPlan(
-        seed=seed,
-        fail_rate=fail_rate,
-        rate_limit=rate_limit,
-        latency_ms=latency_ms,
-        latency_jitter_ms=jitter_ms,
-        drop_connections=drop_connections,
-        malformed=malformed,
-        churn=churn,
-    )
+    try:
+        faults = FaultPlan.from_flags(
+            seed=seed,
+            fail_rate=fail_rate,
+            rate_limit=rate_limit,
+            latency=latency,
+            drop_connections=drop_connections,
+            malformed=malformed,
+            churn=churn,
+        )
+    except ValueError as exc:  # the other flags are range-checked by click already
+        raise click.BadParameter(str(exc), param_hint="--latency") from exc
     account = SimulatedAccount(runners=runners, seed=seed, token=token or None, faults=faults)
 
     def announce(base_url: str) -> None:

@@ -581,3 +581,9 @@ def test_the_listening_socket_disables_nagle_so_keep_alive_responses_are_not_del
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         sock.close()
+
+
+def test_simulate_refuses_a_bad_latency_as_a_usage_error(run_cli):
+    result = run_cli("simulate", "--latency", "banana")
+    assert result.exit_code == 2
+    assert "Invalid value for --latency: latency must be MS or MS:JITTER" in result.stderr

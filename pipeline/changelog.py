@@ -115,17 +115,32 @@ def changes_since(db: Database, since: str) -> list[VersionEntry]:
     return _versions(db, since=since)
 
 
+def changes_in_sync(db: Database, sync_id: int) -> list[VersionEntry]:
+    """Every version one sync wrote, ordered by change kind, then name."""
+    return _versions(db, sync_id=sync_id)
+
+
 def _versions(
-    db: Database, *, runner_id: str | None = None, since: str | None = None
+    db: Database,
+    *,
+    runner_id: str | None = None,
+    since: str | None = None,
+    sync_id: int | None = None,
 ) -> list[VersionEntry]:
-    """The versions of one runner (oldest first) or since a moment (newest first), with fields.
+    """The versions of one runner (oldest first), since a moment (newest first) or of one
+    sync (by change kind and name), with their changed fields.
 
     Two set-based queries, not one per version: the versions, then the field rows of the
     same versions from ``runner_changes`` (whose ``changed_at`` is ``valid_from``).
     """
+    params: list[object]
     if runner_id is not None:
-        params: list[object] = [runner_id]
+        params = [runner_id]
         versions_where, fields_where, order_by = "runner_id = ?", "runner_id = ?", "version"
+    elif sync_id is not None:
+        params = [sync_id]
+        versions_where, fields_where = "sync_id = ?", "sync_id = ?"
+        order_by = "change, name, runner_id"
     else:
         params = [since]
         versions_where, fields_where = "valid_from >= ?", "changed_at >= ?"

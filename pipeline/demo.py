@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import schema
-from pipeline.queries import changes_in_sync
+from pipeline.changelog import changes_in_sync
 from pipeline.settings import EXPORT_FORMATS, Settings
 from pipeline.simulator import LoopbackServer, SimulatedAccount
 from pipeline.sync import SyncSummary, run_sync
@@ -82,7 +82,8 @@ def run_demo(db_path: Path, *, echo: Callable[[str], None] = print) -> None:
     db = schema.open_store_read_only(db_path)
     try:
         for change in changes_in_sync(db, second.sync_id):
-            fields = f"  [{', '.join(change.changed_fields)}]" if change.change == "updated" else ""
+            names = ", ".join(field.field for field in change.fields)
+            fields = f"  [{names}]" if change.change == "updated" else ""
             echo(f"   {change.change:<9} {change.runner_id[:8]}  {change.name}{fields}")
     finally:
         db.close()

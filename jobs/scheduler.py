@@ -38,7 +38,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from jobs.sync_runners import SKIPPED, SyncAttempt, sync_runners
 from pipeline.errors import ScheduleGaveUpError
 from pipeline.settings import Settings
-from pipeline.stopping import stop_on_signals
+from pipeline.stopping import leave_stop_signals_to_the_main_thread, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ class _Schedule:
         log.info("schedule stopped after %d run(s): %s", self.runs, self.finish_reason)
 
     def _watch_signal(self) -> None:
+        leave_stop_signals_to_the_main_thread()
         self.stop.wait()
         self._finish("stop signal received")
 
@@ -137,6 +138,7 @@ class _Schedule:
                 self.finished.set()
 
     def _shut_down_when_finished(self) -> None:
+        leave_stop_signals_to_the_main_thread()
         self.finished.wait()
         if self.stop.is_set():
             log.info("stop signal: no new run will start; a run in progress stops before applying")
@@ -152,6 +154,7 @@ class _Schedule:
         return None if job is None else job.next_run_time
 
     def _tick(self) -> None:
+        leave_stop_signals_to_the_main_thread()  # a worker thread of the scheduler's pool
         with self.running:
             if self.finished.is_set():
                 return

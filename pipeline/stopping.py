@@ -46,3 +46,15 @@ def stop_on_signals(
         yield stop
     finally:
         restore()
+
+
+def leave_stop_signals_to_the_main_thread() -> None:
+    """Block SIGINT and SIGTERM in the calling (non-main) thread, and in threads it starts.
+
+    The kernel delivers a process's signal to any thread that does not block it. If a worker
+    thread gets it, Python's handler still only runs in the main thread, and only once that
+    thread runs Python again: a main thread asleep in a long wait (the scheduler's, up to the
+    next tick) would not notice the stop for an hour. Every other thread blocking them makes
+    the kernel interrupt the main thread's wait instead.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)

@@ -141,8 +141,7 @@ _SYNC_OPTIONS = (
         "--max-walks",
         type=click.IntRange(1, 20),
         default=3,
-        help="Walks to try before settling for an incomplete one (no deletions); a walk "
-        "confirming deletions comes on top.",
+        help="Walks to try before settling for an incomplete one (no deletions then).",
     ),
     click.option(
         "--timeout",

@@ -55,7 +55,7 @@ from pipeline.records import (
 )
 from pipeline.settings import Settings
 from pipeline.sqlite import Database
-from pipeline.walk import WalkResult, pages_needed, walk_all_pages
+from pipeline.walk import MissingAfter, WalkResult, pages_needed, walk_all_pages
 
 if TYPE_CHECKING:
     from pipeline.export import FileWriter
@@ -111,8 +111,8 @@ class _Sightings:
     #: Present runners sent exactly as stored (matching raw fingerprint): not parsed at all.
     unchanged: set[str]
     rejections: list[Rejection]
-    #: Ids a confirming walk spares: seen by the complete walk before the last, missed by it.
-    spared: set[str]
+    #: Ids the complete walk missed that a re-read did not prove gone: not deleted.
+    spared: frozenset[str]
 
     @property
     def count(self) -> int:
@@ -175,6 +175,9 @@ class _Collector:
         """Ids last seen in walk number ``walk`` (all of that walk's, while it is the latest)."""
         return {runner_id for runner_id, (n, _) in self.records.items() if n == walk}
 
+    def rejected_in(self, walk: int) -> bool:
+        return any(n == walk for n, _ in self.rejections)
+
     def final(self, walk: WalkResult) -> _Sightings:
         """What to apply: the last walk's sightings if it is complete, else all sightings."""
         last = walk.walks
@@ -191,7 +194,7 @@ class _Collector:
             parsed=parsed,
             unchanged=unchanged,
             rejections=[rej for n, rej in self.rejections if n == last],
-            spared=self.seen_in(last - 1) if walk.confirmed else set(),
+            spared=walk.kept,
         )
 
 
@@ -260,14 +263,19 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
             schema.redaction_key(db), settings.store_header_values, stored, seams.on_progress
         )
 
-        def needs_confirmation(walk_number: int) -> bool:
-            # Would this complete walk delete anything (that the mass-deletion guard allows)?
+        def missing_after(walk_number: int) -> dict[str, str]:
+            # What this complete walk would delete (if the mass-deletion guard allows it),
+            # with the created_at that places each one for its re-read.
+            if collector.rejected_in(walk_number):
+                return {}  # a walk with rejected records deletes nothing: no need to look
             seen = collector.seen_in(walk_number)
-            missing = len(present - seen)
-            mass = _mass_deletion(settings, missing, len(present), len(seen))
-            return missing > 0 and mass is None
+            missing = present - seen
+            if not missing or _mass_deletion(settings, len(missing), len(present), len(seen)):
+                return {}
+            fields = store.load_stored_fields(db, sorted(missing))
+            return {runner_id: fields[runner_id]["created_at"] for runner_id in missing}
 
-        walk = asyncio.run(_walk_unless_stopped(settings, seams, collector, needs_confirmation))
+        walk = asyncio.run(_walk_unless_stopped(settings, seams, collector, missing_after))
         summary, applied_at = _decide_and_apply(
             db, settings, sync_id, walk, stored, collector.final(walk), seams, started
         )
@@ -326,14 +334,14 @@ async def _walk_unless_stopped(
     settings: Settings,
     seams: _Seams,
     collector: _Collector,
-    needs_confirmation: Callable[[int], bool],
+    missing_after: MissingAfter,
 ) -> WalkResult:
     """The walk, cancelled (request or retry wait in flight included) as soon as ``stop`` is set.
 
     Cancelling is safe at any point of a walk: it has written nothing yet.
     """
     walk = asyncio.ensure_future(
-        _walk(settings, seams.client, seams.transport, collector, needs_confirmation)
+        _walk(settings, seams.client, seams.transport, collector, missing_after)
     )
     stop = seams.stop
     if stop is None:
@@ -354,7 +362,7 @@ async def _walk(
     client: ComfyControlClient | None,
     transport: httpx.AsyncBaseTransport | None,
     collector: _Collector,
-    needs_confirmation: Callable[[int], bool],
+    missing_after: MissingAfter,
 ) -> WalkResult:
     if client is None:
         client = ComfyControlClient(
@@ -375,7 +383,7 @@ async def _walk(
             concurrency=settings.concurrency,
             max_walks=settings.max_walks,
             on_page=collector,
-            needs_confirmation=needs_confirmation,
+            missing_after=missing_after,
         )
 
 
@@ -415,7 +423,7 @@ def _decide_and_apply(
         warnings.append(mass_deletion)
     elif changes.deletions_withheld:
         because = (
-            "the walk before the last one still saw them (the next sync decides)"
+            "a re-read of their pages did not prove them gone (the next sync decides)"
             if complete
             else "the walk was not proven complete"
         )

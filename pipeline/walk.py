@@ -16,27 +16,28 @@ most ceil(total / per_page) pages plus the closing re-read, stops early at a sho
 should have been full, and never takes an error response for an empty page (the client
 raises instead). No more than ``concurrency`` requests are ever in flight.
 
-**Confirmation.** These checks are a proof against the changes the API makes by itself
-(a new runner goes to the head of the list; deletes and updates happen anywhere). They are
-not a proof against a runner that reappears in the *middle* of the list (restored under its
-old ``created_at``) at the same moment as another runner on an already-read page is deleted:
+**Absences.** These checks are a proof against the changes the API makes by itself (a new
+runner goes to the head of the list; deletes and updates happen anywhere). They are not a
+proof against a runner that reappears in the *middle* of the list (restored under its old
+``created_at``) at the same moment as another runner on an already-read page is deleted:
 the total, the head and the id count all still agree, and the runner that slid across the
-page boundary is missed. So a complete walk whose picture would delete runners is confirmed
-by one more walk (even past ``max_walks``), and the caller deletes only what both complete
-walks missed (``WalkResult.confirmed``). A burst of changes at one moment can hide a runner
-from one walk, not from two.
+page boundary is missed. So when a complete walk would delete runners (``missing_after``),
+each is looked for once more on a page re-read for it (``pipeline.absence``), and the caller
+deletes only what that proved gone (``WalkResult.gone``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from pipeline.absence import recheck_absences
 from pipeline.client import Page
 
 
@@ -46,21 +47,27 @@ class PageFetcher(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class PageSummary:
-    """What the completeness proof needs of a page: its number, ``total`` and ids in order."""
+    """What the completeness proof needs of a page: its number, ``total`` and ids in order
+    (and, for placing a missing runner later, each runner's ``created_at`` as sent)."""
 
     number: int
     total: int
     ids: tuple[str | None, ...]
+    created: tuple[Any, ...] = ()
 
     @classmethod
     def of(cls, page: Page) -> PageSummary:
-        ids = tuple(
-            runner.get("id")
-            if isinstance(runner, dict) and isinstance(runner.get("id"), str)
-            else None
-            for runner in page.runners
-        )
-        return cls(number=page.number, total=page.total, ids=ids)
+        ids: list[str | None] = []
+        created: list[Any] = []
+        for runner in page.runners:
+            if isinstance(runner, dict):
+                runner_id = runner.get("id")
+                ids.append(runner_id if isinstance(runner_id, str) else None)
+                created.append(runner.get("created_at"))
+            else:
+                ids.append(None)
+                created.append(None)
+        return cls(number=page.number, total=page.total, ids=tuple(ids), created=tuple(created))
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +84,16 @@ class WalkResult:
 
     complete: bool
     walks: int
-    #: List pages read over all walks; the closing re-reads of page 1 are not counted.
+    #: List pages read over all walks and re-reads; the closing re-reads of page 1 are not
+    #: counted.
     pages_fetched: int
     total_reported: int
     reasons: tuple[str, ...]
-    #: The last walk confirmed a complete walk before it (see the module docstring): only
-    #: runners both walks missed may be deleted.
-    confirmed: bool = False
+    #: Runners the complete walk missed that a re-read proved gone: the only ones that may
+    #: be deleted (see the module docstring).
+    gone: frozenset[str] = frozenset()
+    #: Runners the complete walk missed that were not proven gone (found, or unproven).
+    kept: frozenset[str] = frozenset()
 
 
 def pages_needed(total: int, per_page: int) -> int:
@@ -134,8 +144,9 @@ def _ranges(numbers: Sequence[int]) -> str:
 
 
 OnPage = Callable[[Page, int], None]
-#: Asked after a complete walk (by number): would its picture delete runners?
-NeedsConfirmation = Callable[[int], bool]
+#: Asked after a complete walk (by number): the runners its picture would delete, each with
+#: its stored ``created_at``.
+MissingAfter = Callable[[int], Mapping[str, Any]]
 
 
 async def walk_all_pages(
@@ -145,44 +156,46 @@ async def walk_all_pages(
     concurrency: int,
     max_walks: int,
     on_page: OnPage,
-    needs_confirmation: NeedsConfirmation | None = None,
+    missing_after: MissingAfter | None = None,
 ) -> WalkResult:
     """Walk the list until one walk is complete or ``max_walks`` walks were made.
 
     Every answered page is handed to ``on_page(page, walk_number)`` as it arrives, so the
     caller can parse and drop it (a 100,000-runner walk never holds all raw JSON at once).
-    When a walk is complete and ``needs_confirmation(walk_number)`` is true, exactly one more
-    walk is made; the result is then complete only if that walk is complete too, and
-    ``confirmed``. Errors from the client propagate: a walk that cannot read a page has no
-    verdict.
+    When a walk is complete and ``missing_after(walk_number)`` names runners it would delete,
+    their pages are re-read (``pipeline.absence``) and the result says which are ``gone``.
+    Errors from the client propagate: a walk that cannot read a page has no verdict.
     """
     pages_fetched = 0
     walk_number = 0
-    confirming = False
     while True:
         walk_number += 1
         summaries, closing, fetched = await _walk_once(
             client, per_page, concurrency, functools.partial(_hand_over, on_page, walk_number)
         )
         pages_fetched += fetched
-        total = summaries[0].total
         verdict = judge_walk(summaries, closing, per_page=per_page)
-        if confirming:
-            if not verdict.complete:
-                reason = "the walk confirming a complete one was not complete"
-                verdict = WalkVerdict(False, (reason, *verdict.reasons))
+        if verdict.complete or walk_number >= max_walks:
             break
-        if verdict.complete and needs_confirmation and needs_confirmation(walk_number):
-            confirming = True
-        elif verdict.complete or walk_number >= max_walks:
-            break
-    return WalkResult(
+    result = WalkResult(
         complete=verdict.complete,
         walks=walk_number,
         pages_fetched=pages_fetched,
-        total_reported=total,
+        total_reported=summaries[0].total,
         reasons=verdict.reasons,
-        confirmed=confirming and verdict.complete,
+    )
+    missing = missing_after(walk_number) if verdict.complete and missing_after else {}
+    if not missing:
+        return result
+    created = [moment for summary in summaries for moment in summary.created]
+    recheck = await recheck_absences(
+        client, missing, created, per_page=per_page, concurrency=concurrency
+    )
+    return dataclasses.replace(
+        result,
+        pages_fetched=pages_fetched + recheck.pages,
+        gone=recheck.gone,
+        kept=frozenset(missing) - recheck.gone,
     )
 
 

@@ -123,3 +123,25 @@ def test_a_huge_retry_after_is_capped():
     began = time.monotonic()
     fetch(lambda request: next(answers), retry_after_cap=0.2)
     assert time.monotonic() - began < 2
+
+
+def test_the_proxy_comes_from_the_environment_as_httpx_would_take_it(monkeypatch):
+    from pipeline.client import environment_proxy
+
+    for name in (
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "ALL_PROXY",
+        "NO_PROXY",
+        "https_proxy",
+        "http_proxy",
+        "all_proxy",
+        "no_proxy",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    assert environment_proxy("https://api.comfycontrol.app/v1/runner") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    assert environment_proxy("https://api.comfycontrol.app/v1/runner") == "http://proxy.corp:3128"
+    assert environment_proxy("http://127.0.0.1:8080/v1/runner") is None
+    monkeypatch.setenv("NO_PROXY", "comfycontrol.app")
+    assert environment_proxy("https://api.comfycontrol.app/v1/runner") is None

@@ -165,17 +165,16 @@ def test_a_seed_replays_the_same_faults_and_the_same_sync(flag_runs) -> None:
 
 #: fault -> (FaultPlan.once calls, the fault name in the request log, outcome). The account has
 #: 120 runners mirrored; then one is created, one renamed and one deleted upstream, so a
-#: complete walk is confirmed by one more walk before the deletion is applied.
+#: runner deleted is looked for once more (a re-read of its page) before it is deleted.
 ONE_OFF_FAULTS: dict[str, tuple[tuple[tuple[str, dict[str, object]], ...], str, Outcome]] = {
     "a page with the wrong shape": ((("wrong_shape", {"page": 2}),), "wrong_shape", Outcome(4, "failed", 0, 0, 0, 0, 0, 120)),
-    "a record missing id, once": ((("missing_id", {"page": 3}),), "missing_id", Outcome(0, "success", 3, 1, 1, 1, 0, 120)),
+    "a record missing id, once": ((("missing_id", {"page": 3}),), "missing_id", Outcome(0, "success", 2, 1, 1, 1, 0, 120)),
     "a record missing id, every walk": ((("missing_id", {"page": 3}),) * 3, "missing_id", Outcome(0, "partial", 3, 1, 1, 0, 1, 121)),
-    "a record with tags not a list, once": ((("bad_tags", {"page": 2}),), "bad_tags", Outcome(0, "success", 2, 1, 1, 1, 0, 120)),
-    "a record with tags not a list, every walk": ((("bad_tags", {"page": 2}),) * 2, "bad_tags", Outcome(0, "partial", 2, 1, 1, 0, 1, 121)),
-    "a duplicated record": ((("duplicate", {"page": 2}),), "duplicate", Outcome(0, "success", 3, 1, 1, 1, 0, 120)),
-    "a total that lies": ((("lying_total", {"page": 4}),), "lying_total", Outcome(0, "success", 3, 1, 1, 1, 0, 120)),
+    "a record with tags not a list (no deletion on that walk)": ((("bad_tags", {"page": 2}),), "bad_tags", Outcome(0, "partial", 1, 1, 1, 0, 1, 121)),
+    "a duplicated record": ((("duplicate", {"page": 2}),), "duplicate", Outcome(0, "success", 2, 1, 1, 1, 0, 120)),
+    "a total that lies": ((("lying_total", {"page": 4}),), "lying_total", Outcome(0, "success", 2, 1, 1, 1, 0, 120)),
     "a 401 that starts mid-walk": ((("revoke_token", {"page": 3}),), "revoke_token", Outcome(3, "failed", 0, 0, 0, 0, 0, 120)),
-    "a 503 with Retry-After: 1": ((("fail", {"page": 2, "status": 503, "headers": {"Retry-After": "1"}}),), "fail", Outcome(0, "success", 2, 1, 1, 1, 0, 120)),
+    "a 503 with Retry-After: 1": ((("fail", {"page": 2, "status": 503, "headers": {"Retry-After": "1"}}),), "fail", Outcome(0, "success", 1, 1, 1, 1, 0, 120)),
 }  # fmt: skip
 
 

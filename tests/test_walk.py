@@ -138,29 +138,45 @@ def test_the_walk_never_has_more_requests_in_flight_than_its_concurrency():
     assert peak == 3
 
 
+#: Scripted runners are created a minute apart, "a" the oldest: the list shows them newest first.
+def created_at(runner_id: str) -> str:
+    return f"2026-01-01T00:{ord(runner_id[0]) - ord('a'):02d}:00Z"
+
+
 class ScriptedList:
-    """A list that shows one fixed picture per walk (walk n reads pictures[n-1])."""
+    """A list that shows one fixed picture per walk, then one for the re-reads after it."""
 
     def __init__(self, *pictures: list[str]) -> None:
         self.pictures = pictures
         self.walk = 0
         self.page_one_reads = 0
+        self.reads: list[tuple[int, int]] = []
+
+    def picture(self) -> list[str]:
+        return self.pictures[min(self.walk, len(self.pictures)) - 1]
 
     async def fetch_page(self, number: int, per_page: int) -> Page:
-        if number == 1:
+        self.reads.append((number, per_page))
+        if number == 1 and per_page == 2:
             self.page_one_reads += 1
             self.walk = (self.page_one_reads + 1) // 2
-        ids = self.pictures[min(self.walk, len(self.pictures)) - 1]
+        ids = sorted(self.picture(), key=created_at, reverse=True)
         chunk = ids[(number - 1) * per_page : number * per_page]
-        return Page(number, per_page, [{"id": i} for i in chunk], total=len(ids))
+        runners = [{"id": i, "created_at": created_at(i)} for i in chunk]
+        return Page(number, per_page, runners, total=len(ids))
 
 
-def walk_scripted(api: ScriptedList, confirm_after: set[int], max_walks: int = 3):
+def walk_scripted(api: ScriptedList, stored: str, max_walks: int = 3):
+    """Walk ``api`` for a store holding the runners named in ``stored``."""
     asked: list[int] = []
+    seen: dict[int, set[str]] = {}
 
-    def needs_confirmation(walk_number: int) -> bool:
+    def on_page(page: Page, walk: int) -> None:
+        seen.setdefault(walk, set()).update(runner["id"] for runner in page.runners)
+
+    def missing_after(walk_number: int) -> dict[str, str]:
         asked.append(walk_number)
-        return walk_number in confirm_after
+        return {i: created_at(i) for i in set(stored) - seen.get(walk_number, set())}
 
     result = asyncio.run(
         walk_all_pages(
@@ -168,32 +184,49 @@ def walk_scripted(api: ScriptedList, confirm_after: set[int], max_walks: int = 3
             per_page=2,
             concurrency=2,
             max_walks=max_walks,
-            on_page=lambda p, w: None,
-            needs_confirmation=needs_confirmation,
+            on_page=on_page,
+            missing_after=missing_after,
         )
     )
     return result, asked
 
 
-def test_a_complete_walk_that_would_delete_is_confirmed_by_one_more_walk():
-    still = ["a", "b", "c"]
-    result, asked = walk_scripted(ScriptedList(still, still), confirm_after={1})
-    assert (result.complete, result.confirmed, result.walks, asked) == (True, True, 2, [1])
+def test_a_runner_a_complete_walk_missed_is_deleted_only_when_a_re_read_proves_it_gone():
+    still = list("abde")  # "c" is gone
+    api = ScriptedList(still)
+    result, asked = walk_scripted(api, stored="abcde")
+    assert (result.complete, result.walks, asked) == (True, 1, [1])
+    assert (result.gone, result.kept) == ({"c"}, frozenset())
+    # Walk: pages 1-2 and the closing re-read of page 1; then one re-read around "c".
+    assert len(api.reads) == 4 and result.pages_fetched == 3
 
 
-def test_a_complete_walk_with_nothing_to_delete_is_not_walked_again():
-    result, asked = walk_scripted(ScriptedList(["a", "b"]), confirm_after=set())
-    assert (result.complete, result.confirmed, result.walks, asked) == (True, False, 1, [1])
+def test_a_runner_found_on_its_re_read_is_kept():
+    class BackForTheReRead(ScriptedList):
+        async def fetch_page(self, number: int, per_page: int) -> Page:
+            if len(self.reads) == 3:  # after the walk: "c" is back
+                self.pictures = (list("abcde"),)
+            return await super().fetch_page(number, per_page)
+
+    result, _ = walk_scripted(BackForTheReRead(list("abde")), stored="abcde")
+    assert (result.complete, result.gone, result.kept) == (True, frozenset(), {"c"})
 
 
-def test_confirmation_goes_past_max_walks_and_an_incomplete_one_makes_the_result_incomplete():
-    class MovesDuringWalkTwo(ScriptedList):
+def test_a_complete_walk_with_nothing_missing_reads_no_more_pages():
+    api = ScriptedList(list("ab"))
+    result, asked = walk_scripted(api, stored="ab")
+    assert (result.complete, result.walks, asked, result.gone) == (True, 1, [1], frozenset())
+    assert len(api.reads) == 2
+
+
+def test_an_incomplete_walk_is_never_asked_what_it_would_delete():
+    class MovesEveryWalk(ScriptedList):
         async def fetch_page(self, number: int, per_page: int) -> Page:
             page = await super().fetch_page(number, per_page)
-            if self.walk == 2 and number == 2:  # a runner arrives at the head mid-walk
-                self.pictures = (*self.pictures, ["new", "a", "b", "c"])
+            if number == 2:  # a runner arrives at the head mid-walk, every walk
+                newest = chr(ord(max(self.picture())) + 1)
+                self.pictures = ([*self.picture(), newest],)
             return page
 
-    result, asked = walk_scripted(MovesDuringWalkTwo(["a", "b", "c"]), {1}, max_walks=1)
-    assert (result.complete, result.confirmed, result.walks, asked) == (False, False, 2, [1])
-    assert result.reasons[0] == "the walk confirming a complete one was not complete"
+    result, asked = walk_scripted(MovesEveryWalk(list("abc")), stored="abc", max_walks=2)
+    assert (result.complete, result.walks, asked, result.gone) == (False, 2, [], frozenset())

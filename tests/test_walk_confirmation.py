@@ -1,4 +1,5 @@
-"""A deletion needs two complete walks that agree: the hole the confirmation walk closes.
+"""A deletion needs a complete walk and a re-read that proves the runner gone: the hole
+the re-read closes, and what happens when it cannot prove anything.
 
 A runner restored in the middle of the list (under its old ``created_at``) at the moment
 another runner on an already-read page is deleted leaves the total, the head of page 1 and the
@@ -48,8 +49,9 @@ def test_a_burst_that_slides_a_runner_across_a_page_boundary_cannot_get_it_delet
         [(walks, deleted, restored, status)] = rows(
             machine.db_path, "SELECT walks, deleted, restored, status FROM sync_runs WHERE id = 3"
         )
-        # The runner deleted in the burst was seen by the first walk: its deletion waits.
-        assert (walks, deleted, restored, status) == (2, 0, 1, "partial")
+        # The boundary runner, missed by the walk, is found by the re-read of its page: kept,
+        # and the sync says so (partial). The runner deleted in the burst was seen by the walk.
+        assert (walks, deleted, restored, status) == (1, 0, 1, "partial")
         machine.sync(allow_mass_delete=False)
         assert rows(machine.db_path, "SELECT deleted, status FROM sync_runs WHERE id = 4") == [
             (1, "success")
@@ -58,34 +60,39 @@ def test_a_burst_that_slides_a_runner_across_a_page_boundary_cannot_get_it_delet
         machine.teardown()
 
 
-def test_a_runner_the_first_walk_saw_and_the_confirming_walk_missed_waits(tmp_path: Path):
+def test_a_missing_runner_whose_page_moved_too_far_to_bracket_it_waits(tmp_path: Path):
     account = SimulatedAccount(runners=12, seed=4, token="t")
     transport = httpx.ASGITransport(app=create_app(account))
     settings = Settings(
         base_url="http://127.0.0.1", token="t", db_path=tmp_path / "m.db", per_page=5
     )
     run_sync(settings, transport=transport)
-    ids = account.runner_ids()
-    account.delete_runner(ids[0])  # a deletion the first walk will see, so it is confirmed
+    gone = account.runner_ids()[7]
+    account.delete_runner(gone)
     requests = itertools.count(1)
-    late = ids[8]
 
-    def delete_during_the_confirming_walk(page: int, per_page: int) -> None:
-        if next(requests) == 5:  # the first request of walk 2 (walk 1: 3 pages + closing)
-            account.delete_runner(late)
+    def flood_the_head_before_the_re_read(page: int, per_page: int) -> None:
+        if next(requests) == 5:  # walk: 3 pages + the closing re-read; then its re-read
+            for number in range(120):
+                account.create_runner(name=f"burst-{number}")
 
-    account.before_page.append(delete_during_the_confirming_walk)
+    account.before_page.append(flood_the_head_before_the_re_read)
     summary = run_sync(settings, transport=transport)
 
+    # Its re-read page now holds only runners newer than it: nothing proves it gone.
     assert (summary.status, summary.walks, summary.complete, summary.deleted) == (
-        "partial", 2, True, 1,
+        "partial", 1, True, 0,
     )  # fmt: skip
     assert summary.warnings == (
-        "1 runner(s) missing from the walk were NOT marked deleted because the walk before "
-        "the last one still saw them (the next sync decides)",
+        "1 runner(s) missing from the walk were NOT marked deleted because a re-read of "
+        "their pages did not prove them gone (the next sync decides)",
     )
     assert rows(
-        settings.db_path, "SELECT deleted_at IS NULL FROM runners WHERE id = ?", (late,)
+        settings.db_path, "SELECT deleted_at IS NULL FROM runners WHERE id = ?", (gone,)
     ) == [(1,)]
     account.before_page.clear()
-    assert run_sync(settings, transport=transport).deleted == 1
+    again = run_sync(settings, transport=transport)
+    assert (again.status, again.deleted, again.created) == ("success", 1, 120)
+    assert rows(
+        settings.db_path, "SELECT deleted_at IS NULL FROM runners WHERE id = ?", (gone,)
+    ) == [(0,)]

@@ -1,0 +1,212 @@
+"""Prove that runners a complete walk missed are really gone, by re-reading only their pages.
+
+A complete walk (``pipeline.walk``) proves itself against the changes the API makes on its
+own, but not against one burst: a runner restored mid-list at the moment another one on an
+already-read page is deleted slides a third runner across a page boundary, unseen, while the
+total, the head and the id count all still agree. So no absence is trusted on the walk's word
+alone. Each runner it would delete is looked for once more, on one page read at one instant.
+
+The proof rests on the documented order (newest ``created_at`` first) and on a page being a
+contiguous slice of that list at the instant it was served. If a page holds a runner strictly
+newer than the missing one (or is page 1) and one strictly older (or ends the list), then had
+the missing runner existed at that instant, it would have been on that page. It was not:
+it was gone. A runner found on its page is not gone; one whose page did not bracket it (the
+list moved again under the re-read, or runners share its ``created_at`` beyond a page) is not
+proven gone, and is kept for the next sync to decide.
+
+Why not a second full walk: at 100,000 runners that doubles the cost of every sync that
+deletes anything, where this reads one page per missing runner at most (0.1% deleted: about
+a tenth of a walk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pipeline.client import Page
+
+#: Page sizes the API accepts (its documented range).
+API_MAX_PER_PAGE = 100
+#: Room wanted on each side of a missing runner's place, so a runner or two arriving at the
+#: head between the walk and the re-read does not push its brackets off the page.
+MARGIN = 2
+
+
+class PageFetcher(Protocol):
+    async def fetch_page(self, number: int, per_page: int) -> Page: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Recheck:
+    """What the re-reads proved: which missing runners are gone, which were found, pages read."""
+
+    gone: frozenset[str]
+    found: frozenset[str]
+    unproven: frozenset[str]
+    pages: int
+
+
+def instant(value: Any) -> datetime | None:
+    """An ISO 8601 timestamp as an aware datetime (naive ones taken as UTC); None if not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+class _WalkOrder:
+    """The created_at of every runner a complete walk saw, in walk order, parsed on demand."""
+
+    def __init__(self, created: Sequence[Any]) -> None:
+        self.created = created
+        self._parsed: dict[int, datetime | None] = {}
+
+    def __len__(self) -> int:
+        return len(self.created)
+
+    def at(self, index: int) -> datetime | None:
+        if index not in self._parsed:
+            self._parsed[index] = instant(self.created[index])
+        return self._parsed[index]
+
+    def count_newer(self, when: datetime, *, or_equal: bool) -> int | None:
+        """How many leading runners are newer than ``when`` (or as new, with ``or_equal``).
+
+        A binary search over the newest-first order; None if a timestamp on the way is not
+        one (then no place can be trusted).
+        """
+        low, high = 0, len(self.created)
+        while low < high:
+            middle = (low + high) // 2
+            seen = self.at(middle)
+            if seen is None:
+                return None
+            if seen > when or (or_equal and seen == when):
+                low = middle + 1
+            else:
+                high = middle
+        return low
+
+
+def choose_page(first: int, last: int, size: int, per_page: int) -> tuple[int, int] | None:
+    """A (per_page, page number) whose page covers walk positions ``first..last``.
+
+    Prefers the sync's own page size (re-reads of nearby runners then share pages), then
+    the largest size that leaves ``MARGIN`` positions on either side (clipped to the list's
+    ends); None when no page of an accepted size can hold the span.
+    """
+    sizes = [per_page, *range(API_MAX_PER_PAGE, 1, -1)]
+    for margin in (MARGIN, 0):
+        low = max(first - margin, 0)
+        high = min(last + margin, max(size - 1, 0))
+        for page_size in sizes:
+            number = low // page_size + 1
+            if high <= number * page_size - 1:
+                return page_size, number
+    return None
+
+
+def plan_rechecks(
+    missing: Mapping[str, Any], walk_created: Sequence[Any], per_page: int
+) -> tuple[dict[tuple[int, int], list[str]], set[str]]:
+    """Which page to re-read for each missing runner, from where the walk placed its neighbours.
+
+    ``missing`` maps each id to its stored ``created_at``; ``walk_created`` is the created_at
+    of every runner the complete walk saw, in walk order. Returns the pages to read,
+    ``(per_page, number) -> ids``, and the ids no page can be chosen for.
+    """
+    order = _WalkOrder(walk_created)
+    pages: dict[tuple[int, int], list[str]] = {}
+    unplaceable: set[str] = set()
+    for runner_id, created_at in missing.items():
+        when = instant(created_at)
+        newer = order.count_newer(when, or_equal=False) if when else None
+        newer_or_tied = order.count_newer(when, or_equal=True) if when else None
+        if newer is None or newer_or_tied is None:
+            unplaceable.add(runner_id)
+            continue
+        # It belongs after the runners newer than it and before the older ones: the page must
+        # hold the last newer runner and the first older one (or an end of the list).
+        first = max(newer - 1, 0)
+        last = min(newer_or_tied, max(len(order) - 1, 0))
+        choice = choose_page(first, last, len(order), per_page)
+        if choice is None:
+            unplaceable.add(runner_id)
+        else:
+            pages.setdefault(choice, []).append(runner_id)
+    return pages, unplaceable
+
+
+def judge_page(
+    page: Page, missing: Mapping[str, Any]
+) -> tuple[set[str], set[str], set[str]]:
+    """Split the runners looked for on ``page`` into (gone, found, unproven).
+
+    Pure: the whole proof for one page. Nothing is proven gone from a page whose order is
+    not newest-first (it is not the slice the proof assumes).
+    """
+    ids = {raw.get("id") for raw in page.runners if isinstance(raw, dict)}
+    found = {runner_id for runner_id in missing if runner_id in ids}
+    looked_for = [runner_id for runner_id in missing if runner_id not in found]
+    parsed = [instant(raw.get("created_at")) if isinstance(raw, dict) else None
+              for raw in page.runners]  # fmt: skip
+    moments = [moment for moment in parsed if moment is not None]
+    if len(moments) != len(parsed) or any(a < b for a, b in itertools.pairwise(moments)):
+        return set(), found, set(looked_for)
+    starts = page.number == 1
+    ends = (page.number - 1) * page.per_page + len(page.runners) >= page.total
+    newest, oldest = (moments[0], moments[-1]) if moments else (None, None)
+    gone: set[str] = set()
+    unproven: set[str] = set()
+    for runner_id in looked_for:
+        when = instant(missing[runner_id])
+        if when is None:
+            unproven.add(runner_id)
+            continue
+        newer = starts or (newest is not None and newest > when)
+        older = ends or (oldest is not None and oldest < when)
+        (gone if newer and older else unproven).add(runner_id)
+    return gone, found, unproven
+
+
+async def recheck_absences(
+    client: PageFetcher,
+    missing: Mapping[str, Any],
+    walk_created: Sequence[Any],
+    *,
+    per_page: int,
+    concurrency: int,
+) -> Recheck:
+    """Re-read the page of each missing runner (no more than ``concurrency`` at once)."""
+    planned, unproven = plan_rechecks(missing, walk_created, per_page)
+    gone: set[str] = set()
+    found: set[str] = set()
+    queue = iter(planned.items())
+
+    async def worker() -> None:
+        for (page_size, number), ids in queue:
+            page = await client.fetch_page(number, page_size)
+            page_gone, page_found, page_unproven = judge_page(
+                page, {runner_id: missing[runner_id] for runner_id in ids}
+            )
+            gone.update(page_gone)
+            found.update(page_found)
+            unproven.update(page_unproven)
+
+    workers = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(planned)))]
+    try:
+        await asyncio.gather(*workers)
+    except BaseException:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        raise
+    return Recheck(frozenset(gone), frozenset(found), frozenset(unproven), len(planned))

@@ -25,8 +25,6 @@ class StoredState(NamedTuple):
     version: int
     #: The raw fingerprint of the version stored (None before one was recorded).
     fingerprint: str | None = None
-    user_id: str | None = None
-    status: str | None = None
 
     def matches(self, fingerprint: str | None) -> bool:
         """True when the API sent exactly what this present runner was stored from."""
@@ -96,6 +94,7 @@ def plan_changes(
     stored_fields: Mapping[str, Mapping[str, str]],
     seen: Mapping[str, RunnerRecord],
     *,
+    present: Collection[str] | None = None,
     deletions_allowed: bool,
     spared: Collection[str] = (),
     seen_unchanged: Collection[str] = (),
@@ -104,7 +103,9 @@ def plan_changes(
 
     ``seen`` holds the runners the walk parsed; ``seen_unchanged`` the ids it did not need
     to parse because their raw fingerprint matched the stored one (``StoredState.matches``).
-    ``stored_fields`` must hold the fields of every id ``ids_needing_fields`` named.
+    ``stored`` must hold the state of every stored runner in ``seen``; ``present`` is every
+    stored runner not deleted (by default, those of ``stored``). ``stored_fields`` must hold
+    the fields of every id ``ids_needing_fields`` named.
     Guarantees: a runner the walk saw is never deleted; an unchanged runner produces no
     change; runners absent from the walk are deleted only when ``deletions_allowed``
     (which the caller grants only for a complete walk), and never when ``spared`` (ids an
@@ -127,10 +128,12 @@ def plan_changes(
             if record.fingerprint and record.fingerprint != state.fingerprint:
                 changes.refingerprinted.append((runner_id, record.fingerprint))
     seen_unchanged = set(seen_unchanged)
+    if present is None:
+        present = [runner_id for runner_id, state in stored.items() if not state.deleted]
     missing = [
         runner_id
-        for runner_id, state in stored.items()
-        if not state.deleted and runner_id not in seen and runner_id not in seen_unchanged
+        for runner_id in present
+        if runner_id not in seen and runner_id not in seen_unchanged
     ]
     if deletions_allowed:
         spared = set(spared)

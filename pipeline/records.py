@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -148,12 +148,30 @@ def raw_fingerprint(raw: Any, key: bytes, *, store_header_values: bool = False) 
     "parse it": the content hash still decides whether anything changed. None for an object
     that cannot be serialised (it will be parsed, and rejected, the slow way).
     """
-    try:
-        body = orjson.dumps(raw)
-    except TypeError:
-        return None
+    return fingerprinter(key, store_header_values)(raw)
+
+
+@functools.lru_cache(maxsize=8)
+def fingerprinter(key: bytes, store_header_values: bool = False) -> Callable[[Any], str | None]:
+    """``raw_fingerprint`` for one key and mode, with the keyed hash set up once.
+
+    Copying a keyed BLAKE2b state costs a third of building one, which matters when a quiet
+    sync fingerprints 100,000 runners and does little else.
+    """
     person = b"clear-headers" if store_header_values else b"redacted"
-    return hashlib.blake2b(body, key=key[:64], person=person, digest_size=16).hexdigest()
+    keyed = hashlib.blake2b(key=key[:64], person=person, digest_size=16)
+    dumps = orjson.dumps
+
+    def fingerprint(raw: Any) -> str | None:
+        try:
+            body = dumps(raw)
+        except TypeError:
+            return None
+        digest = keyed.copy()
+        digest.update(body)
+        return digest.hexdigest()
+
+    return fingerprint
 
 
 def parse_runner(

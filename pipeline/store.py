@@ -28,7 +28,7 @@ import orjson
 
 from pipeline.changes import ChangeSet, Revision, StoredState
 from pipeline.errors import StorageError
-from pipeline.records import TRACKED_FIELDS, Rejection, RunnerRecord
+from pipeline.records import KNOWN_STATUSES, TRACKED_FIELDS, Rejection, RunnerRecord
 from pipeline.schema import SEARCH_COLUMNS
 from pipeline.sqlite import Database
 
@@ -63,13 +63,37 @@ class RunOutcome:
     warnings: tuple[str, ...]
 
 
-def load_stored_states(db: Database) -> dict[str, StoredState]:
-    """What the sync compares against, for every runner, in one query (no per-row lookups)."""
+def load_present_fingerprints(db: Database) -> dict[str, str | None]:
+    """id -> raw fingerprint of every present runner: all a quiet sync compares against.
+
+    ``dict`` over the cursor builds it in C, one pair per row (0.05 s at 100,000 runners).
+    """
+    return dict(db.execute("SELECT id, raw_fingerprint FROM runners WHERE deleted_at IS NULL"))
+
+
+def load_stored_states(db: Database, ids: Sequence[str]) -> dict[str, StoredState]:
+    """What the store knows of the given runners (those the walk parsed), in one query."""
+    if not ids:
+        return {}
     rows = db.execute(
-        "SELECT id, content_hash, deleted_at IS NOT NULL, version, raw_fingerprint, user_id, "
-        "status FROM runners"
-    ).fetchall()
-    return {row[0]: StoredState(row[1], bool(row[2]), *row[3:]) for row in rows}
+        "SELECT r.id, r.content_hash, r.deleted_at IS NOT NULL, r.version, r.raw_fingerprint "
+        "FROM json_each(?) AS wanted JOIN runners AS r ON r.id = wanted.value",
+        [orjson.dumps(ids).decode()],
+    )
+    return {row[0]: StoredState(row[1], bool(row[2]), row[3], row[4]) for row in rows}
+
+
+def load_unknown_status_ids(db: Database) -> set[str]:
+    """Present runners whose status is neither active nor disabled (normally none)."""
+    marks = ", ".join("?" for _ in KNOWN_STATUSES)
+    return {
+        row[0]
+        for row in db.execute(
+            "SELECT id FROM runners WHERE deleted_at IS NULL "
+            f"AND (status IS NULL OR status NOT IN ({marks}))",
+            sorted(KNOWN_STATUSES),
+        )
+    }
 
 
 def load_stored_fields(db: Database, ids: Sequence[str]) -> dict[str, dict[str, str]]:

@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from pipeline import guardrails, schema, store
-from pipeline.changes import ChangeSet, StoredState, ids_needing_fields, plan_changes
+from pipeline.changes import ChangeSet, ids_needing_fields, plan_changes
 from pipeline.client import ComfyControlClient, Page
 from pipeline.errors import (
     ComfySyncError,
@@ -50,8 +50,8 @@ from pipeline.records import (
     KNOWN_STATUSES,
     Rejection,
     RunnerRecord,
+    fingerprinter,
     parse_runner,
-    raw_fingerprint,
 )
 from pipeline.settings import Settings
 from pipeline.sqlite import Database
@@ -130,12 +130,14 @@ class _Collector:
         self,
         key: bytes,
         store_header_values: bool,
-        stored: Mapping[str, StoredState],
+        fingerprints: Mapping[str, str | None],
         on_progress: ProgressCallback | None,
     ):
         self.key = key
         self.store_header_values = store_header_values
-        self.stored = stored
+        #: id -> stored raw fingerprint, for every present runner
+        self.fingerprints = fingerprints
+        self.fingerprint = fingerprinter(key, store_header_values)
         self.on_progress = on_progress
         #: id -> (walk number, record; None when the fingerprint showed it unchanged)
         self.records: dict[str, tuple[int, RunnerRecord | None]] = {}
@@ -146,13 +148,13 @@ class _Collector:
     def __call__(self, page: Page, walk: int) -> None:
         if walk != self.walk:
             self.walk, self.pages_in_walk = walk, 0
-        stored, key, clear = self.stored, self.key, self.store_header_values
+        stored, key, clear = self.fingerprints, self.key, self.store_header_values
+        fingerprint_of, records, unchanged = self.fingerprint, self.records, (walk, None)
         for position, raw in enumerate(page.runners):
-            fingerprint = raw_fingerprint(raw, key, store_header_values=clear)
+            fingerprint = fingerprint_of(raw)
             runner_id = raw.get("id") if isinstance(raw, dict) else None
-            state = stored.get(runner_id) if isinstance(runner_id, str) else None
-            if state is not None and state.matches(fingerprint):
-                self.records[runner_id] = (walk, None)  # type: ignore[index]
+            if fingerprint is not None and stored.get(runner_id) == fingerprint:  # type: ignore[arg-type]
+                records[runner_id] = unchanged  # type: ignore[index]
                 continue
             parsed = parse_runner(
                 raw,
@@ -257,10 +259,10 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
     store.close_abandoned_runs(db, finished_at=now())
     sync_id = store.begin_run(db, base_url=settings.base_url, started_at=now())
     try:
-        stored = store.load_stored_states(db)
-        present = {runner_id for runner_id, state in stored.items() if not state.deleted}
+        fingerprints = store.load_present_fingerprints(db)
+        present = fingerprints.keys()
         collector = _Collector(
-            schema.redaction_key(db), settings.store_header_values, stored, seams.on_progress
+            schema.redaction_key(db), settings.store_header_values, fingerprints, seams.on_progress
         )
 
         def missing_after(walk_number: int) -> dict[str, str]:
@@ -277,7 +279,7 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
 
         walk = asyncio.run(_walk_unless_stopped(settings, seams, collector, missing_after))
         summary, applied_at = _decide_and_apply(
-            db, settings, sync_id, walk, stored, collector.final(walk), seams, started
+            db, settings, sync_id, walk, present, collector.final(walk), seams, started
         )
     except BaseException as exc:
         error = exc.message if isinstance(exc, ComfySyncError) else _describe(exc)
@@ -392,32 +394,35 @@ def _decide_and_apply(
     settings: Settings,
     sync_id: int,
     walk: WalkResult,
-    stored: dict[str, StoredState],
+    present: Collection[str],
     seen: _Sightings,
     seams: _Seams,
     started: float,
 ) -> tuple[SyncSummary, str]:
     records, rejections = seen.parsed, seen.rejections
     owners = {record.user_id for record in records.values()}
-    owners.update(str(stored[runner_id].user_id) for runner_id in seen.unchanged)
     known_owners = store.load_known_owners(db)
-    if guardrails.is_foreign_account(known_owners, owners):
+    # An unchanged runner's owner is a known one (every stored runner's owner was recorded
+    # with it), so a walk that saw any is not of a foreign account.
+    if not seen.unchanged and guardrails.is_foreign_account(known_owners, owners):
         raise ForeignAccountError(guardrails.foreign_account_message(owners, known_owners))
     complete = walk.complete and not rejections
-    statuses = [record.status for record in records.values()]
-    statuses += [str(stored[runner_id].status) for runner_id in seen.unchanged]
-    warnings = list(_warnings(walk, rejections, statuses))
+    unknown_statuses = sum(1 for record in records.values() if record.status not in KNOWN_STATUSES)
+    unknown_statuses += len(store.load_unknown_status_ids(db) & seen.unchanged)
+    warnings = list(_warnings(walk, rejections, unknown_statuses))
+    stored = store.load_stored_states(db, list(records))
     stored_fields = store.load_stored_fields(db, ids_needing_fields(stored, records.values()))
     changes = plan_changes(
         stored,
         stored_fields,
         records,
+        present=present,
         deletions_allowed=complete,
         spared=seen.spared,
         seen_unchanged=seen.unchanged,
     )
-    present = sum(1 for state in stored.values() if not state.deleted)
-    mass_deletion = _mass_deletion(settings, len(changes.deleted), present, seen.count)
+    present_count = len(present)
+    mass_deletion = _mass_deletion(settings, len(changes.deleted), present_count, seen.count)
     if mass_deletion is not None:
         changes = changes.without_deletions()
         warnings.append(mass_deletion)
@@ -470,7 +475,7 @@ def _mass_deletion(settings: Settings, would_delete: int, present: int, seen: in
     )
 
 
-def _warnings(walk: WalkResult, rejections: list[Rejection], statuses: list[str]) -> list[str]:
+def _warnings(walk: WalkResult, rejections: list[Rejection], unknown_statuses: int) -> list[str]:
     warnings = []
     if not walk.complete:
         warnings.append(f"no complete walk in {walk.walks} attempt(s): " + "; ".join(walk.reasons))
@@ -478,9 +483,8 @@ def _warnings(walk: WalkResult, rejections: list[Rejection], statuses: list[str]
         warnings.append(
             f"{len(rejections)} runner record(s) could not be stored (see rejected_records)"
         )
-    unknown = sum(1 for status in statuses if status not in KNOWN_STATUSES)
-    if unknown:
-        warnings.append(f"{unknown} runner(s) have a status other than active/disabled")
+    if unknown_statuses:
+        warnings.append(f"{unknown_statuses} runner(s) have a status other than active/disabled")
     return warnings
 
 

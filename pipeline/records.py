@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,23 +41,44 @@ KNOWN_STATUSES = frozenset(("active", "disabled"))
 REDACTED_PREFIX = "redacted:"
 _STRING_FIELDS = ("user_id", "name", "status", "endpoint", "created_at", "updated_at")
 _TIMESTAMP_FIELDS = ("created_at", "updated_at")
+_dumps = orjson.dumps
+_SORT_KEYS = orjson.OPT_SORT_KEYS
+_sha256 = hashlib.sha256
 
 
 def redact_value(value: str, key: bytes) -> str:
     """``redacted:`` + 12 hex digits of HMAC-SHA256(key, value): stable, comparable, one-way."""
-    mac = _keyed_hmac(key).copy()  # copying a keyed HMAC is ~3x cheaper than a new one
-    mac.update(value.encode("utf-8"))
-    return REDACTED_PREFIX + mac.hexdigest()[:12]
+    return _redactor(key)(value)
 
 
 @functools.lru_cache(maxsize=8)
-def _keyed_hmac(key: bytes) -> hmac.HMAC:
-    return hmac.new(key, digestmod=hashlib.sha256)
+def _redactor(key: bytes) -> Callable[[str], str]:
+    """``redact_value`` for one key, from HMAC's two keyed SHA-256 states, set up once.
+
+    HMAC(key, m) = H(key ^ opad || H(key ^ ipad || m)) (RFC 2104): copying the two keyed
+    states is what ``hmac.HMAC.copy`` does, without its Python-level object per call (a third
+    of the cost of redacting 100,000 runners' headers). ``test_records`` checks it against
+    ``hmac`` itself.
+    """
+    block = hashlib.sha256().block_size
+    padded = (hashlib.sha256(key).digest() if len(key) > block else key).ljust(block, b"\0")
+    inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in padded))
+    outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in padded))
+
+    def redact(value: str) -> str:
+        digest = inner.copy()
+        digest.update(value.encode("utf-8"))
+        mac = outer.copy()
+        mac.update(digest.digest())
+        return REDACTED_PREFIX + mac.hexdigest()[:12]
+
+    return redact
 
 
 def redact_headers(headers: Mapping[str, Any], key: bytes) -> dict[str, str]:
     """Every header value redacted; header names are kept (they say what kind of secret it is)."""
-    return {name: redact_value(_header_text(value), key) for name, value in headers.items()}
+    redact = _redactor(key)
+    return {name: redact(_header_text(value)) for name, value in headers.items()}
 
 
 def redact_endpoint(endpoint: str, key: bytes) -> str:
@@ -200,31 +220,44 @@ def parse_runner(
     headers = raw["headers"]
     if store_header_values:
         headers = {name: _header_text(value) for name, value in headers.items()}
-    else:
+    elif headers:
         headers = redact_headers(headers, redaction_key)
-    extra = {name: value for name, value in raw.items() if name not in REFERENCE_FIELDS}
+    if raw.keys() <= REFERENCE_FIELDS:
+        extra_text = "{}"
+    else:
+        extra_text = _json_text(
+            {name: value for name, value in raw.items() if name not in REFERENCE_FIELDS}
+        )
+    endpoint = raw["endpoint"]
     values = (
         raw["user_id"],
         raw["name"],
         raw["status"],
-        redact_endpoint(raw["endpoint"], redaction_key),
-        _json_text(raw["tags"]),
-        _json_text(headers),
+        redact_endpoint(endpoint, redaction_key) if "@" in endpoint else endpoint,
+        _dumps(raw["tags"]).decode(),
+        _dumps(headers, option=_SORT_KEYS).decode() if headers else "{}",
         raw["created_at"],
         raw["updated_at"],
-        _json_text(extra),
+        extra_text,
     )
     return RunnerRecord(
         raw["id"],
         *values,
-        content_hash=content_hash(values),
-        fingerprint=fingerprint
+        _sha256(_dumps(values)).hexdigest(),
+        fingerprint
         or raw_fingerprint(raw, redaction_key, store_header_values=store_header_values)
         or "",
     )
 
 
 def _find_problem(raw: Any) -> str | None:
+    if type(raw) is dict and _looks_valid(raw):
+        return None  # the usual record, checked in one expression
+    return _describe_problem(raw)
+
+
+def _describe_problem(raw: Any) -> str | None:
+    """What makes ``raw`` unstorable (None: nothing), checked field by field."""
     if not isinstance(raw, dict):
         return f"not an object but {type(raw).__name__}"
     runner_id = raw.get("id")
@@ -246,6 +279,28 @@ def _find_problem(raw: Any) -> str | None:
         except ValueError:
             return f"field {name!r} is not an ISO 8601 timestamp"
     return None
+
+
+def _looks_valid(raw: dict[str, Any]) -> bool:
+    """The fast path of ``_find_problem``: True only for a record it would pass."""
+    get = raw.get
+    runner_id, tags = get("id"), get("tags")
+    try:
+        return (
+            type(runner_id) is str
+            and runner_id != ""
+            and type(get("user_id")) is str
+            and type(get("name")) is str
+            and type(get("status")) is str
+            and type(get("endpoint")) is str
+            and type(get("headers")) is dict
+            and type(tags) is list
+            and all(type(tag) is str for tag in tags)
+            and datetime.fromisoformat(get("created_at")) is not None  # type: ignore[arg-type]
+            and datetime.fromisoformat(get("updated_at")) is not None  # type: ignore[arg-type]
+        )
+    except (TypeError, ValueError):
+        return False
 
 
 def redacted_raw_json(raw: Any, key: bytes) -> str:

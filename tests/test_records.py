@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.records import (
     Rejection,
     RunnerRecord,
+    _describe_problem,
+    _looks_valid,
     parse_runner,
     redact_endpoint,
     redact_headers,
@@ -113,3 +121,26 @@ def test_records_that_cannot_be_stored_are_rejections_with_a_reason_and_redacted
     assert json.loads(rejection.raw_json)["headers"] == {
         "Authorization": redact_value("Bearer secret_token", KEY)
     }
+
+
+@pytest.mark.parametrize("key", [b"k" * 32, b"x" * 100, b"", bytes(range(64))])
+def test_redaction_is_hmac_sha256_exactly(key):
+    for value in ("Bearer secret", "", "ünïcödé", "x" * 500):
+        expected = "redacted:" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:12]
+        assert redact_value(value, key) == expected
+
+
+odd_values = st.one_of(
+    st.none(), st.integers(), st.text(max_size=3), st.lists(st.text(max_size=2), max_size=2),
+    st.lists(st.integers(), min_size=1, max_size=2), st.dictionaries(st.text(max_size=2), st.text()),
+    st.sampled_from(["2024-01-15T10:30:00Z", "2024-01-15", "yesterday", ""]),
+)  # fmt: skip
+
+
+@given(st.dictionaries(st.sampled_from(sorted(REFERENCE_RUNNER)), odd_values, max_size=9))
+def test_the_fast_validity_check_passes_only_what_the_full_one_passes(changes):
+    raw = {**REFERENCE_RUNNER, **changes}
+    if _looks_valid(raw):
+        assert _describe_problem(raw) is None
+    else:
+        assert _describe_problem(raw) is not None

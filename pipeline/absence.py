@@ -29,9 +29,8 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from pipeline.client import Page
+from pipeline.settings import MAX_PER_PAGE
 
-#: Page sizes the API accepts (its documented range).
-API_MAX_PER_PAGE = 100
 #: Room wanted on each side of a missing runner's place, so a runner or two arriving at the
 #: head between the walk and the re-read does not push its brackets off the page.
 MARGIN = 2
@@ -103,7 +102,7 @@ def choose_page(first: int, last: int, size: int, per_page: int) -> tuple[int, i
     the largest size that leaves ``MARGIN`` positions on either side (clipped to the list's
     ends); None when no page of an accepted size can hold the span.
     """
-    sizes = [per_page, *range(API_MAX_PER_PAGE, 1, -1)]
+    sizes = [per_page, *range(MAX_PER_PAGE, 1, -1)]  # sizes the API accepts
     for margin in (MARGIN, 0):
         low = max(first - margin, 0)
         high = min(last + margin, max(size - 1, 0))

@@ -2,10 +2,11 @@
 
 Read-only questions for the exports and the pandas API; nothing here writes. A version is
 in force at instant T when ``valid_from <= T`` and ``valid_to`` is NULL or later than T.
-Every version a sync writes has ``valid_from`` = that sync's finish time, so the fleet as of
-that time is exactly what the sync left, and it stays so: later syncs only close intervals
-after it. That is why a snapshot or a ``--as-of`` export can be rebuilt, identically, at any
-later time.
+Every version a sync writes has the same ``valid_from``: the moment its walk began, after
+the previous sync finished (syncs never overlap) and before its own ``finished_at``. So the
+fleet as of a sync's ``finished_at`` is exactly what the sync left, and it stays so: later
+syncs only close intervals after it. That is why a snapshot or a ``--as-of`` export can be
+rebuilt, identically, at any later time.
 
 Times in the store are ISO 8601 UTC text with microseconds and a ``Z``, which sort as text
 in time order; an instant is formatted the same way before it is compared.

@@ -3,7 +3,9 @@
 Invariants this module guarantees:
 
 * ``apply_changes`` writes a sync's runners, versions, rejected records and its run-log row
-  in one transaction: all of it lands or none of it does.
+  in one transaction: all of it lands or none of it does. New runners may already have been
+  written into that same transaction during the walk (``EarlyCreations``); it commits them
+  with the rest, or a rollback takes them back with the rest.
 * Unchanged runners are never rewritten; a quiet re-sync writes only its run-log row.
 * Versions of a runner are numbered 1, 2, 3, ... with ``valid_from``/``valid_to`` intervals
   that touch end to end; exactly one version, the current one, has ``valid_to`` NULL.
@@ -17,9 +19,13 @@ Invariants this module guarantees:
 
 from __future__ import annotations
 
+import itertools
 import os
+import queue
 import sqlite3
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -40,6 +46,10 @@ _MARKS = ", ".join("?" for _ in TRACKED_FIELDS)
 _ASSIGN = ", ".join(f"{name} = ?" for name in TRACKED_FIELDS)
 _ALL_FIELDS_JSON = orjson.dumps(list(TRACKED_FIELDS)).decode()
 _CHUNK = 500
+#: Values bound per runner row inserted, and rows per INSERT (below SQLite's variable limit).
+_INSERT_WIDTH = len(TRACKED_FIELDS) + 4
+_ROWS_PER_INSERT = 2000
+_VARIABLE_LIMIT = sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER
 _SEARCH = ", ".join(SEARCH_COLUMNS)
 
 
@@ -81,6 +91,11 @@ def load_stored_states(db: Database, ids: Sequence[str]) -> dict[str, StoredStat
         [orjson.dumps(ids).decode()],
     )
     return {row[0]: StoredState(row[1], bool(row[2]), row[3], row[4]) for row in rows}
+
+
+def load_deleted_ids(db: Database) -> set[str]:
+    """Runners the store holds as deleted."""
+    return {row[0] for row in db.execute("SELECT id FROM runners WHERE deleted_at IS NOT NULL")}
 
 
 def load_unknown_status_ids(db: Database) -> set[str]:
@@ -171,25 +186,32 @@ def apply_changes(
     outcome: RunOutcome,
     applied_at: str,
     owners: Iterable[str] = (),
+    early: EarlyCreations | None = None,
+    finished_at: str | None = None,
 ) -> None:
     """Write a sync's changes and close its run-log row, in one transaction.
 
     ``owners`` are the ``user_id``s of the runners the sync saw; new ones are remembered in
-    ``account_owners``. Raises StorageError (and leaves the database as it was) if SQLite
-    cannot write.
+    ``account_owners``. ``early`` holds the runners already written during the walk, in the
+    transaction this call commits: rows it wrote for runners ``changes`` does not create
+    as written are replaced. ``finished_at`` (default ``applied_at``) closes the run-log
+    row. Raises StorageError (and leaves the database as it was) if SQLite cannot write.
     """
     conn = db.conn
+    written = early.finish() if early is not None else {}
     try:
         reindexed = _ids_to_reindex(changes)
-        with db.atomic():
+        with _transaction(db):
             conn.executemany(
                 "INSERT OR IGNORE INTO account_owners (user_id, first_seen_at, first_sync_id) "
                 "VALUES (?, ?, ?)",
                 [(owner, applied_at, sync_id) for owner in sorted(set(owners))],
             )
-            last_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM runners").fetchone()
-            _insert_created(conn, changes.created, sync_id, applied_at)
-            _index_rows_after(conn, last_rowid[0])
+            created = {record.id: record for record in changes.created}
+            _remove_created([i for i, record in written.items() if created.get(i) != record], conn)
+            _insert_created(
+                conn, [r for r in changes.created if written.get(r.id) != r], sync_id, applied_at
+            )
             # An external-content FTS5 entry is removed by repeating the values it indexed,
             # so the old entries go before the rows change and the new ones go in after.
             _update_search_index(conn, reindexed, "remove")
@@ -212,7 +234,7 @@ def apply_changes(
                 "deleted = ?, restored = ?, unchanged = ?, rejected = ?, warnings = ? "
                 "WHERE id = ?",
                 [
-                    applied_at,
+                    finished_at or applied_at,
                     outcome.status,
                     outcome.pages,
                     outcome.walks,
@@ -231,6 +253,116 @@ def apply_changes(
             )
     except sqlite3.OperationalError as exc:
         raise StorageError(f"could not write the database ({exc}); nothing was applied") from exc
+
+
+@contextmanager
+def _transaction(db: Database) -> Iterator[None]:
+    """The sync's transaction: the one EarlyCreations began, or a new one."""
+    if not db.conn.in_transaction:
+        with db.atomic():
+            yield
+        return
+    try:
+        yield
+        db.conn.commit()
+    except BaseException:
+        db.conn.rollback()
+        raise
+
+
+class EarlyCreations:
+    """Runners new to the store, written into the sync's transaction while the walk goes on.
+
+    Why: on a first sync of 100,000 runners, SQLite's work (rows, versions, search index)
+    is as long as the walk itself, and SQLite does it with the GIL released. Written from a
+    second thread as pages arrive, it overlaps the walk, which is bound by the main thread's
+    parsing. Only runners the store has never held are written early, so the one question
+    left for the end is whether the final picture keeps them as they were written;
+    ``apply_changes`` replaces those it does not.
+
+    Atomicity is unchanged: the first runner written begins the transaction
+    (``BEGIN IMMEDIATE``), ``apply_changes`` commits it with everything else, ``abandon``
+    rolls it back. Statements are multi-row (up to 2,000 rows), so the writer needs the GIL
+    once per batch, not once per row; it takes everything queued at once when it lags.
+    """
+
+    def __init__(self, db: Database, *, sync_id: int, applied_at: str) -> None:
+        self._db = db
+        self._sync_id = sync_id
+        #: The time of every change the sync records (its versions' valid_from).
+        self.applied_at = applied_at
+        self._queue: queue.SimpleQueue[list[RunnerRecord] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._failure: sqlite3.Error | None = None
+        #: id -> the record written, for every runner written early
+        self.written: dict[str, RunnerRecord] = {}
+
+    def add(self, records: Sequence[RunnerRecord]) -> None:
+        """Queue new runners for writing (the caller guarantees the store never held them).
+
+        A runner already written (seen again, as the list shifted) is not written twice.
+        """
+        written = self.written
+        records = list({r.id: r for r in records if r.id not in written}.values())
+        if not records:
+            return
+        self._raise_failure()
+        if self._thread is None:
+            try:
+                self._db.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StorageError(f"could not write the database ({exc})") from exc
+            self._thread = threading.Thread(
+                target=self._write_until_done, name="comfysync-early-writes", daemon=True
+            )
+            self._thread.start()
+        written.update((record.id, record) for record in records)
+        self._queue.put(records)
+
+    def finish(self) -> dict[str, RunnerRecord]:
+        """Wait for every queued runner to be written; StorageError if one could not be."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self._raise_failure()
+        return self.written
+
+    def abandon(self) -> None:
+        """Stop writing and roll back everything written (the sync failed or was stopped)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._db.conn.in_transaction:
+            self._db.conn.rollback()
+        self.written = {}
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise StorageError(
+                f"could not write the database ({self._failure}); nothing was applied"
+            ) from self._failure
+
+    def _write_until_done(self) -> None:
+        while True:
+            batch = self._queue.get()
+            done = batch is None
+            records = batch or []
+            while not done:  # everything queued meanwhile goes in the same statements
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                done = more is None
+                records.extend(more or [])
+            if records and self._failure is None:
+                try:
+                    _insert_created(self._db.conn, records, self._sync_id, self.applied_at)
+                except sqlite3.Error as exc:
+                    self._failure = exc
+            if done:
+                return
 
 
 def record_snapshots(db: Database, files: Iterable[SnapshotFile]) -> None:
@@ -264,17 +396,26 @@ def record_snapshots(db: Database, files: Iterable[SnapshotFile]) -> None:
 def _insert_created(
     conn: sqlite3.Connection, created: Sequence[RunnerRecord], sync_id: int, now: str
 ) -> None:
+    """New runners: their rows, first versions and search entries."""
     if not created:
         return
     last_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM runners").fetchone()[0]
-    conn.executemany(
-        f"INSERT INTO runners (id, {_FIELDS}, first_seen_at, deleted_at, version, content_hash, "
-        f"raw_fingerprint) VALUES (?, {_MARKS}, ?, NULL, 1, ?, ?)",
-        [(r.id, *r.values, now, r.content_hash, r.fingerprint or None) for r in created],
-    )
+    one_row = f"(?, {_MARKS}, ?, NULL, 1, ?, ?)"
+    per_statement = max(1, min(_ROWS_PER_INSERT, conn.getlimit(_VARIABLE_LIMIT) // _INSERT_WIDTH))
+    for start in range(0, len(created), per_statement):
+        chunk = created[start : start + per_statement]
+        conn.execute(
+            f"INSERT INTO runners (id, {_FIELDS}, first_seen_at, deleted_at, version, "
+            "content_hash, raw_fingerprint) VALUES " + ", ".join([one_row] * len(chunk)),
+            list(
+                itertools.chain.from_iterable(
+                    (r.id, *r.values, now, r.content_hash, r.fingerprint or None) for r in chunk
+                )
+            ),
+        )
     # Their first versions are copies of the rows just inserted: one set-based statement
-    # instead of binding every value a second time (runners are never deleted, so the new
-    # rows are exactly those above the previous largest rowid).
+    # instead of binding every value a second time (new rows get rowids above the previous
+    # largest, so they are exactly those above it).
     conn.execute(
         f"INSERT INTO runner_versions (runner_id, version, change, changed_fields, {_FIELDS}, "
         f"content_hash, valid_from, valid_to, sync_id) "
@@ -282,6 +423,19 @@ def _insert_created(
         "FROM runners WHERE rowid > ? ORDER BY rowid",
         [_ALL_FIELDS_JSON, now, sync_id, last_rowid],
     )
+    _index_rows_after(conn, last_rowid)
+
+
+def _remove_created(ids: Sequence[str], conn: sqlite3.Connection) -> None:
+    """Take back runners written early that the sync does not create as written."""
+    if not ids:
+        return
+    _update_search_index(conn, ids, "remove")
+    wanted = orjson.dumps(list(ids)).decode()
+    conn.execute(
+        "DELETE FROM runner_versions WHERE runner_id IN (SELECT value FROM json_each(?))", [wanted]
+    )
+    conn.execute("DELETE FROM runners WHERE id IN (SELECT value FROM json_each(?))", [wanted])
 
 
 def _refingerprint(conn: sqlite3.Connection, fingerprints: Sequence[tuple[str, str]]) -> None:
@@ -358,7 +512,7 @@ def _ids_to_reindex(changes: ChangeSet) -> list[str]:
 
 def _index_rows_after(conn: sqlite3.Connection, last_rowid: int) -> None:
     """Index the runners just created: SQLite gives new rows rowids above the previous maximum
-    (runners are never deleted), so one range scan in rowid order finds exactly them."""
+    (committed runners are never deleted), so one range scan in rowid order finds them."""
     conn.execute(
         f"INSERT INTO runners_fts (rowid, {_SEARCH}) "
         f"SELECT rowid, {_SEARCH} FROM runners WHERE rowid > ? ORDER BY rowid",

@@ -132,6 +132,8 @@ class _Collector:
         store_header_values: bool,
         fingerprints: Mapping[str, str | None],
         on_progress: ProgressCallback | None,
+        early: store.EarlyCreations | None = None,
+        deleted_ids: frozenset[str] = frozenset(),
     ):
         self.key = key
         self.store_header_values = store_header_values
@@ -139,6 +141,10 @@ class _Collector:
         self.fingerprints = fingerprints
         self.fingerprint = fingerprinter(key, store_header_values)
         self.on_progress = on_progress
+        #: Where runners the store never held go as soon as they are parsed; the stored
+        #: runners it holds as deleted are not among those.
+        self.early = early
+        self.deleted_ids = deleted_ids
         #: id -> (walk number, record; None when the fingerprint showed it unchanged)
         self.records: dict[str, tuple[int, RunnerRecord | None]] = {}
         self.rejections: list[tuple[int, Rejection]] = []
@@ -150,6 +156,7 @@ class _Collector:
             self.walk, self.pages_in_walk = walk, 0
         stored, key, clear = self.fingerprints, self.key, self.store_header_values
         fingerprint_of, records, unchanged = self.fingerprint, self.records, (walk, None)
+        new: list[RunnerRecord] = []
         for position, raw in enumerate(page.runners):
             fingerprint = fingerprint_of(raw)
             runner_id = raw.get("id") if isinstance(raw, dict) else None
@@ -166,8 +173,12 @@ class _Collector:
             )
             if isinstance(parsed, Rejection):
                 self.rejections.append((walk, parsed))
-            else:
-                self.records[parsed.id] = (walk, parsed)
+                continue
+            records[parsed.id] = (walk, parsed)
+            if parsed.id not in stored and parsed.id not in self.deleted_ids:
+                new.append(parsed)
+        if self.early is not None:
+            self.early.add(new)
         self.pages_in_walk += 1
         if self.on_progress is not None:
             expected = pages_needed(page.total, page.per_page)
@@ -261,8 +272,17 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
     try:
         fingerprints = store.load_present_fingerprints(db)
         present = fingerprints.keys()
+        # One time for everything this sync changes (its versions' valid_from), taken before
+        # the walk because new runners are written while it goes on.
+        applied_at = now()
+        early = store.EarlyCreations(db, sync_id=sync_id, applied_at=applied_at)
         collector = _Collector(
-            schema.redaction_key(db), settings.store_header_values, fingerprints, seams.on_progress
+            schema.redaction_key(db),
+            settings.store_header_values,
+            fingerprints,
+            seams.on_progress,
+            early=early,
+            deleted_ids=frozenset(store.load_deleted_ids(db)),
         )
 
         def missing_after(walk_number: int) -> dict[str, str]:
@@ -270,6 +290,7 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
             # with the created_at that places each one for its re-read.
             if collector.rejected_in(walk_number):
                 return {}  # a walk with rejected records deletes nothing: no need to look
+            early.finish()  # the last page is in: the connection is the main thread's again
             seen = collector.seen_in(walk_number)
             missing = present - seen
             if not missing or _mass_deletion(settings, len(missing), len(present), len(seen)):
@@ -278,10 +299,12 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
             return {runner_id: fields[runner_id]["created_at"] for runner_id in missing}
 
         walk = asyncio.run(_walk_unless_stopped(settings, seams, collector, missing_after))
-        summary, applied_at = _decide_and_apply(
-            db, settings, sync_id, walk, present, collector.final(walk), seams, started
+        early.finish()
+        summary, finished_at = _decide_and_apply(
+            db, settings, sync_id, walk, present, collector.final(walk), seams, started, early
         )
     except BaseException as exc:
+        early.abandon()
         error = exc.message if isinstance(exc, ComfySyncError) else _describe(exc)
         try:
             store.record_failed_run(db, sync_id, error=error, finished_at=now())
@@ -291,7 +314,7 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
     # Committed: from here on nothing may turn the sync into a failure.
     if settings.export_dir is not None:
         summary = _write_snapshots(
-            db, settings.export_dir, settings, summary, applied_at, seams.write_export_file
+            db, settings.export_dir, settings, summary, finished_at, seams.write_export_file
         )
     return summary
 
@@ -398,6 +421,7 @@ def _decide_and_apply(
     seen: _Sightings,
     seams: _Seams,
     started: float,
+    early: store.EarlyCreations,
 ) -> tuple[SyncSummary, str]:
     records, rejections = seen.parsed, seen.rejections
     owners = {record.user_id for record in records.values()}
@@ -410,7 +434,8 @@ def _decide_and_apply(
     unknown_statuses = sum(1 for record in records.values() if record.status not in KNOWN_STATUSES)
     unknown_statuses += len(store.load_unknown_status_ids(db) & seen.unchanged)
     warnings = list(_warnings(walk, rejections, unknown_statuses))
-    stored = store.load_stored_states(db, list(records))
+    # Runners written early were never in the store: nothing to compare them with.
+    stored = store.load_stored_states(db, [i for i in records if i not in early.written])
     stored_fields = store.load_stored_fields(db, ids_needing_fields(stored, records.values()))
     changes = plan_changes(
         stored,
@@ -449,20 +474,22 @@ def _decide_and_apply(
     )
     if seams.stop is not None and seams.stop.is_set():
         raise SyncInterruptedError()  # the last moment a stop can leave the store untouched
-    applied_at = seams.now()
+    finished_at = seams.now()
     store.apply_changes(
         db,
         changes,
         rejections,
         sync_id=sync_id,
         outcome=outcome,
-        applied_at=applied_at,
+        applied_at=early.applied_at,
         owners=owners,
+        early=early,
+        finished_at=finished_at,
     )
     for warning in warnings:
         log.warning("%s", warning)
     seconds = time.monotonic() - started
-    return _summarise(sync_id, outcome, changes, seconds, settings.db_path), applied_at
+    return _summarise(sync_id, outcome, changes, seconds, settings.db_path), finished_at
 
 
 def _mass_deletion(settings: Settings, would_delete: int, present: int, seen: int) -> str | None:

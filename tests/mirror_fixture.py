@@ -42,8 +42,17 @@ class Mirror:
     runs: dict[int, tuple[str, str]]
 
     def applied_at(self, sync_id: int) -> str:
-        """When a sync applied its changes (its versions' valid_from)."""
-        return self.runs[sync_id][1]
+        """The one time a sync gives all its versions (their valid_from), checked to fall
+        within its run: after it started, no later than it finished."""
+        [(at, distinct)] = rows(
+            self.path,
+            "SELECT min(valid_from), count(DISTINCT valid_from) FROM runner_versions "
+            "WHERE sync_id = ?",
+            (sync_id,),
+        )
+        started, finished = self.runs[sync_id]
+        assert distinct == 1 and started <= at <= finished
+        return str(at)
 
     def stored(self, runner_id: str, column: str, version: int) -> str:
         [(value,)] = rows(

@@ -145,7 +145,8 @@ def test_the_default_is_the_present_fleet_and_include_deleted_adds_the_deleted_r
     everyone = store_fleet(db, sync_id=2, snapshot_at=finished_at(db, 2), deleted=True)
     assert parquet_rows(tmp_path / "all.parquet") == everyone
     [gone] = [r for r in everyone if r["id"] == synced_twice.deleted]
-    assert gone["deleted_at"] == utc(finished_at(db, 2))
+    [(deleted_at,)] = rows(db, "SELECT min(valid_from) FROM runner_versions WHERE sync_id = 2")
+    assert gone["deleted_at"] == utc(deleted_at) and deleted_at <= finished_at(db, 2)
 
 
 def test_history_exports_every_version_and_csv_round_trips_to_the_parquet_values(

@@ -64,7 +64,7 @@ def test_a_stop_after_the_walk_but_before_the_apply_still_applies_nothing(serve_
     db = schema.open_store(db_path)
 
     def stop_while_deciding(statement: str) -> None:
-        if statement.startswith("SELECT id, content_hash"):  # reading the store to decide
+        if statement.startswith("SELECT user_id FROM account_owners"):  # deciding
             stop.set()
 
     db.conn.set_trace_callback(stop_while_deciding)
@@ -82,11 +82,11 @@ def test_a_stop_that_comes_during_the_apply_lets_the_transaction_finish(serve_ac
     stop = threading.Event()
     db = schema.open_store(db_path)
 
-    def stop_on_the_first_runner_insert(statement: str) -> None:
-        if statement.startswith("INSERT INTO runners"):
+    def stop_on_the_first_statement_of_the_apply(statement: str) -> None:
+        if statement.startswith("INSERT OR IGNORE INTO account_owners"):
             stop.set()
 
-    db.conn.set_trace_callback(stop_on_the_first_runner_insert)
+    db.conn.set_trace_callback(stop_on_the_first_statement_of_the_apply)
     try:
         summary = run_sync(settings_for(upstream, db_path), db=db, stop=stop)
     finally:

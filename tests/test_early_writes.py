@@ -1,0 +1,112 @@
+"""New runners are written while the walk goes on (EarlyCreations), inside the sync's one
+transaction: what the final picture does not keep as written is taken back, and a sync that
+fails after writing some leaves nothing behind."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import rows
+
+from pipeline.errors import AuthenticationError
+from pipeline.settings import Settings
+from pipeline.simulator import SimulatedAccount, create_app
+from pipeline.sync import run_sync
+
+
+def synced(tmp_path: Path, runners: int = 12) -> tuple[SimulatedAccount, Settings, object]:
+    account = SimulatedAccount(runners=runners, seed=7, token="t")
+    transport = httpx.ASGITransport(app=create_app(account))
+    settings = Settings(
+        base_url="http://127.0.0.1", token="t", db_path=tmp_path / "m.db", per_page=5
+    )
+    run_sync(settings, transport=transport)
+    return account, settings, transport
+
+
+def during_first_walk(account: SimulatedAccount, change) -> None:
+    requests = itertools.count(1)
+
+    def hook(page: int, per_page: int) -> None:
+        if next(requests) == 2:  # page 1 of the first walk is read: the new runner with it
+            change()
+
+    account.before_page.append(hook)
+
+
+def search(db_path: Path, words: str) -> list[tuple[str]]:
+    return rows(
+        db_path,
+        "SELECT r.id FROM runners_fts JOIN runners AS r ON r.rowid = runners_fts.rowid "
+        "WHERE runners_fts MATCH ?",
+        (words,),
+    )
+
+
+def test_a_new_runner_written_early_and_gone_by_the_complete_walk_is_taken_back(tmp_path):
+    account, settings, transport = synced(tmp_path)
+    doomed = account.create_runner(name="doomed canary")["id"]
+
+    def delete_it_and_move_the_list() -> None:
+        account.delete_runner(doomed)
+        account.create_runner(name="newcomer")  # the first walk is not complete: walk again
+
+    during_first_walk(account, delete_it_and_move_the_list)
+    summary = run_sync(settings, transport=transport)
+
+    assert (summary.walks, summary.complete, summary.created) == (2, True, 1)
+    assert rows(settings.db_path, "SELECT count(*) FROM runners WHERE id = ?", (doomed,)) == [(0,)]
+    assert rows(
+        settings.db_path, "SELECT count(*) FROM runner_versions WHERE runner_id = ?", (doomed,)
+    ) == [(0,)]
+    assert search(settings.db_path, "doomed") == []
+    assert len(search(settings.db_path, "newcomer")) == 1
+    assert rows(settings.db_path, "SELECT count(*) FROM runners") == [(13,)]
+
+
+def test_a_new_runner_that_changed_between_walks_is_stored_as_the_last_walk_saw_it(tmp_path):
+    account, settings, transport = synced(tmp_path)
+    fresh = account.create_runner(name="first draft")["id"]
+
+    def rename_it_and_move_the_list() -> None:
+        account.rename_runner(fresh, "final cut")
+        account.create_runner(name="newcomer")
+
+    during_first_walk(account, rename_it_and_move_the_list)
+    summary = run_sync(settings, transport=transport)
+
+    assert (summary.walks, summary.complete, summary.created) == (2, True, 2)
+    assert rows(
+        settings.db_path,
+        "SELECT version, change, name FROM runner_versions WHERE runner_id = ?",
+        (fresh,),
+    ) == [(1, "created", "final cut")]
+    assert search(settings.db_path, "draft") == []
+    assert search(settings.db_path, "final") == [(fresh,)]
+
+
+def test_a_first_sync_that_fails_after_writing_pages_leaves_no_runner(tmp_path):
+    account = SimulatedAccount(runners=40, seed=3, token="t")
+    transport = httpx.ASGITransport(app=create_app(account))
+    settings = Settings(
+        base_url="http://127.0.0.1", token="t", db_path=tmp_path / "m.db", per_page=5
+    )
+    requests = itertools.count(1)
+
+    def revoke_on_page_six(page: int, per_page: int) -> None:
+        if next(requests) == 6:
+            account.token = "rotated"
+
+    account.before_page.append(revoke_on_page_six)
+    with pytest.raises(AuthenticationError):
+        run_sync(settings, transport=transport)
+
+    for table in ("runners", "runner_versions", "runners_fts", "account_owners"):
+        assert rows(settings.db_path, f"SELECT count(*) FROM {table}") == [(0,)], table
+    assert rows(settings.db_path, "SELECT status FROM sync_runs") == [("failed",)]
+    account.token = "t"
+    account.before_page.clear()
+    assert run_sync(settings, transport=transport).created == 40

@@ -31,9 +31,10 @@ from typing import Any, Protocol
 from pipeline.client import Page
 from pipeline.settings import MAX_PER_PAGE
 
-#: Room wanted on each side of a missing runner's place, so a runner or two arriving at the
-#: head between the walk and the re-read does not push its brackets off the page.
-MARGIN = 2
+#: Room wanted on each side of a missing runner's place, so runners arriving at the head
+#: (or leaving above it) between the walk and the re-read do not push its brackets off
+#: the page.
+MARGIN = 10
 
 
 class PageFetcher(Protocol):
@@ -95,18 +96,18 @@ class _WalkOrder:
         return low
 
 
-def choose_page(first: int, last: int, size: int, per_page: int) -> tuple[int, int] | None:
-    """A (per_page, page number) whose page covers walk positions ``first..last``.
+def choose_page(first: int, last: int, size: int) -> tuple[int, int] | None:
+    """A small (per_page, page number) whose page covers walk positions ``first..last``.
 
-    Prefers the sync's own page size (re-reads of nearby runners then share pages), then
-    the largest size that leaves ``MARGIN`` positions on either side (clipped to the list's
-    ends); None when no page of an accepted size can hold the span.
+    The page should leave ``MARGIN`` positions on either side (clipped to the list's ends),
+    else none; it is the smallest page size that does (pages are aligned to multiples of
+    their size, so that is not always the span itself). Small, because a re-read costs the
+    API and the client per runner served. None when no accepted page size holds the span.
     """
-    sizes = [per_page, *range(MAX_PER_PAGE, 1, -1)]  # sizes the API accepts
     for margin in (MARGIN, 0):
         low = max(first - margin, 0)
         high = min(last + margin, max(size - 1, 0))
-        for page_size in sizes:
+        for page_size in range(high - low + 1, MAX_PER_PAGE + 1):
             number = low // page_size + 1
             if high <= number * page_size - 1:
                 return page_size, number
@@ -114,7 +115,7 @@ def choose_page(first: int, last: int, size: int, per_page: int) -> tuple[int, i
 
 
 def plan_rechecks(
-    missing: Mapping[str, Any], walk_created: Sequence[Any], per_page: int
+    missing: Mapping[str, Any], walk_created: Sequence[Any]
 ) -> tuple[dict[tuple[int, int], list[str]], set[str]]:
     """Which page to re-read for each missing runner, from where the walk placed its neighbours.
 
@@ -136,7 +137,7 @@ def plan_rechecks(
         # hold the last newer runner and the first older one (or an end of the list).
         first = max(newer - 1, 0)
         last = min(newer_or_tied, max(len(order) - 1, 0))
-        choice = choose_page(first, last, len(order), per_page)
+        choice = choose_page(first, last, len(order))
         if choice is None:
             unplaceable.add(runner_id)
         else:
@@ -181,11 +182,10 @@ async def recheck_absences(
     missing: Mapping[str, Any],
     walk_created: Sequence[Any],
     *,
-    per_page: int,
     concurrency: int,
 ) -> Recheck:
     """Re-read the page of each missing runner (no more than ``concurrency`` at once)."""
-    planned, unproven = plan_rechecks(missing, walk_created, per_page)
+    planned, unproven = plan_rechecks(missing, walk_created)
     gone: set[str] = set()
     found: set[str] = set()
     queue = iter(planned.items())

@@ -119,9 +119,12 @@ class ComfyControlClient:
             headers["Authorization"] = f"Bearer {token}"
         self._headers = httpx.Headers(headers)
         self._extensions = {"timeout": httpx.Timeout(timeout).as_dict()}
+        proxy = environment_proxy(self._list_url)
         self._transport = transport or httpx.AsyncHTTPTransport(
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-            proxy=environment_proxy(self._list_url),
+            proxy=proxy,
+            # Plain http (the loopback simulator) never speaks TLS: skip loading the CA store.
+            verify=not (self._list_url.startswith("http://") and proxy is None),
         )
         self._max_retries = max_retries
         self._wait_initial = retry_wait_initial

@@ -222,10 +222,11 @@ SCHEMA_VERSION = len(migrations._migrations)
 
 
 #: Page cache of a writing connection, in KiB. A first sync inserts 100,000 runners under
-#: random UUID keys into three B-trees; with SQLite's default 2 MiB cache their pages keep
-#: being spilled and read back (a fifth of the insert time). 64 MiB holds them; it is an
-#: upper bound, used only as pages are touched.
-WRITE_CACHE_KIB = 65536
+#: random UUID keys into three B-trees; with SQLite's default 2 MiB cache their index pages
+#: keep being spilled and read back (a fifth of the insert time). 32 MiB holds the indexes
+#: of 100,000 runners; it is an upper bound, used only as pages are touched, and keeps a
+#: first sync's peak memory well under its 300 MB budget.
+WRITE_CACHE_KIB = 32768
 
 
 def _connect(path: Path, *, read_only: bool) -> Database:

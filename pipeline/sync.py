@@ -24,11 +24,13 @@ scheduler, the Python API) syncs through ``run_sync``, so they all share one beh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -298,7 +300,8 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
             fields = store.load_stored_fields(db, sorted(missing))
             return {runner_id: fields[runner_id]["created_at"] for runner_id in missing}
 
-        walk = asyncio.run(_walk_unless_stopped(settings, seams, collector, missing_after))
+        with _cyclic_collection_paused():
+            walk = asyncio.run(_walk_unless_stopped(settings, seams, collector, missing_after))
         early.finish()
         summary, finished_at = _decide_and_apply(
             db, settings, sync_id, walk, present, collector.final(walk), seams, started, early
@@ -317,6 +320,24 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
             db, settings.export_dir, settings, summary, finished_at, seams.write_export_file
         )
     return summary
+
+
+@contextlib.contextmanager
+def _cyclic_collection_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for the walk.
+
+    Why: a walk allocates millions of short-lived objects (each page's parsed JSON) while it
+    holds 100,000 long-lived ones (the sightings), so the collector keeps re-scanning those
+    and finds nothing to free: a twentieth of a quiet sync's CPU. Reference counting still
+    frees every page as soon as it is handled; only cycles wait, and the walk makes few.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _write_snapshots(

@@ -188,9 +188,7 @@ async def walk_all_pages(
     if not missing:
         return result
     created = [moment for summary in summaries for moment in summary.created]
-    recheck = await recheck_absences(
-        client, missing, created, per_page=per_page, concurrency=concurrency
-    )
+    recheck = await recheck_absences(client, missing, created, concurrency=concurrency)
     return dataclasses.replace(
         result,
         pages_fetched=pages_fetched + recheck.pages,

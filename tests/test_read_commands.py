@@ -472,7 +472,10 @@ def test_a_restored_runner_and_a_partial_run(serve_account, run_cli, tmp_path):
     assert history.exit_code == 0, history.stderr
     [v1, v2, v3] = [
         shown(str(t[0]))
-        for t in rows(tmp_path / "r.db", "SELECT finished_at FROM sync_runs ORDER BY id")
+        for t in rows(
+            tmp_path / "r.db",
+            "SELECT min(valid_from) FROM runner_versions GROUP BY sync_id ORDER BY sync_id",
+        )
     ]
     assert history.stdout == (
         f"{gone['id']}  back-again  (present)\n"

@@ -33,11 +33,11 @@ import dataclasses
 import functools
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pipeline.absence import recheck_absences
+from pipeline.absence import Recheck, judge_page, plan_rechecks
 from pipeline.client import Page
 
 
@@ -227,7 +227,44 @@ async def _walk_once(
                 # and reading on could mean thousands of empty pages.
                 stopped = True
 
-    workers = [asyncio.create_task(worker()) for _ in range(min(concurrency, last - 1))]
+    await _run_workers(worker, min(concurrency, last - 1))
+    closing_page = await client.fetch_page(1, per_page)
+    closing = PageSummary.of(closing_page)
+    ordered = [summaries[number] for number in sorted(summaries)]
+    return ordered, closing, len(summaries)
+
+
+async def recheck_absences(
+    client: PageFetcher,
+    missing: Mapping[str, Any],
+    walk_created: Sequence[Any],
+    *,
+    concurrency: int,
+) -> Recheck:
+    """Re-read the page ``pipeline.absence`` plans for each missing runner, and judge it."""
+    planned, unproven = plan_rechecks(missing, walk_created)
+    gone: set[str] = set()
+    found: set[str] = set()
+    queue = iter(planned.items())
+
+    async def worker() -> None:
+        for (page_size, number), ids in queue:
+            page = await client.fetch_page(number, page_size)
+            page_gone, page_found, page_unproven = judge_page(
+                page, {runner_id: missing[runner_id] for runner_id in ids}
+            )
+            gone.update(page_gone)
+            found.update(page_found)
+            unproven.update(page_unproven)
+
+    await _run_workers(worker, min(concurrency, len(planned)))
+    return Recheck(frozenset(gone), frozenset(found), frozenset(unproven), len(planned))
+
+
+async def _run_workers(worker: Callable[[], Coroutine[Any, Any, None]], count: int) -> None:
+    """Run ``count`` copies of ``worker`` (at most that many requests in flight); when one
+    fails, cancel the others and raise its error as it is (not wrapped in a group)."""
+    workers = [asyncio.create_task(worker()) for _ in range(count)]
     try:
         await asyncio.gather(*workers)
     except BaseException:
@@ -235,7 +272,3 @@ async def _walk_once(
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
         raise
-    closing_page = await client.fetch_page(1, per_page)
-    closing = PageSummary.of(closing_page)
-    ordered = [summaries[number] for number in sorted(summaries)]
-    return ordered, closing, len(summaries)

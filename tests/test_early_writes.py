@@ -4,6 +4,7 @@ fails after writing some leaves nothing behind."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 from pathlib import Path
 
@@ -110,3 +111,16 @@ def test_a_first_sync_that_fails_after_writing_pages_leaves_no_runner(tmp_path):
     account.token = "t"
     account.before_page.clear()
     assert run_sync(settings, transport=transport).created == 40
+
+
+def test_the_garbage_collector_paused_for_the_walk_is_running_again_after(tmp_path):
+    assert gc.isenabled()
+    synced(tmp_path)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        (tmp_path / "again").mkdir()
+        synced(tmp_path / "again")  # a caller that runs without it keeps it off
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -47,7 +47,7 @@ def run_json(mirror: Mirror, run_id: int) -> dict[str, object]:
     counts: dict[int, dict[str, object]] = {
         1: dict(complete=True, pages=1, walks=1, total_reported=12, runners_seen=12,
                 created=12, updated=0, deleted=0, restored=0, unchanged=0, rejected=0),
-        # Sync 2 deletes a runner, so a second walk confirms the deletion (pipeline.walk).
+        # Sync 2 deletes a runner: one page of walk, one re-read proving it gone (pipeline.walk).
         2: dict(complete=True, pages=2, walks=1, total_reported=12, runners_seen=12,
                 created=1, updated=2, deleted=1, restored=0, unchanged=9, rejected=0),
         3: dict(complete=None, pages=None, walks=None, total_reported=None, runners_seen=None,

@@ -125,7 +125,9 @@ class _Collector:
     """Handles each page as it arrives; the latest sighting of a runner wins.
 
     A runner whose raw fingerprint matches the stored one is only noted as seen: on a quiet
-    sync that skips nearly all validation, redaction and hashing. Everything else is parsed.
+    sync that skips nearly all validation, redaction and hashing. Everything else is parsed,
+    and a runner the store never held is handed to ``early`` to be written while the walk
+    goes on (the final decision can still take it back).
     """
 
     def __init__(

@@ -141,6 +141,10 @@ def plan_rechecks(
     return pages, unplaceable
 
 
+def _has_string_id(raw: dict[str, Any]) -> bool:
+    return isinstance(raw.get("id"), str)
+
+
 def judge_page(
     page: Page, missing: Mapping[str, Any]
 ) -> tuple[set[str], set[str], set[str]]:
@@ -149,7 +153,7 @@ def judge_page(
     Pure: the whole proof for one page. Nothing is proven gone from a page whose order is
     not newest-first (it is not the slice the proof assumes).
     """
-    ids = {raw.get("id") for raw in page.runners if isinstance(raw, dict)}
+    ids = {raw["id"] for raw in page.runners if isinstance(raw, dict) and _has_string_id(raw)}
     found = {runner_id for runner_id in missing if runner_id in ids}
     looked_for = [runner_id for runner_id in missing if runner_id not in found]
     parsed = [instant(raw.get("created_at")) if isinstance(raw, dict) else None

@@ -161,11 +161,13 @@ class _Collector:
         stored, key, clear = self.fingerprints, self.key, self.store_header_values
         fingerprint_of, records, unchanged = self.fingerprint, self.records, (walk, None)
         new: list[RunnerRecord] = []
-        for position, raw in enumerate(page.runners):
-            fingerprint = fingerprint_of(raw)
-            runner_id = raw.get("id") if isinstance(raw, dict) else None
-            if fingerprint is not None and stored.get(runner_id) == fingerprint:  # type: ignore[arg-type]
-                records[runner_id] = unchanged  # type: ignore[index]
+        runners = page.runners
+        for position, (raw, fingerprint) in enumerate(
+            zip(runners, map(fingerprint_of, runners), strict=True)
+        ):
+            runner_id = raw.get("id") if type(raw) is dict else None
+            if fingerprint and type(runner_id) is str and stored.get(runner_id) == fingerprint:
+                records[runner_id] = unchanged
                 continue
             parsed = parse_runner(
                 raw,

@@ -102,3 +102,9 @@ def test_a_planned_page_of_a_still_list_proves_a_missing_runner_gone(runners, mi
         return
     [((size, number), _)] = planned.items()
     assert judge_page(page_of(runners, number, size), {"ghost": stamp(minute)})[0] == {"ghost"}
+
+
+def test_a_page_with_odd_ids_still_judges_the_runners_looked_for():
+    odd = [{"id": ["x"], "created_at": stamp(30)}, 5, {"id": "a", "created_at": stamp(10)}]
+    page = Page(1, 5, odd, total=3)
+    assert judge_page(page, {"z": stamp(20)}) == (set(), set(), {"z"})  # not ordered: unproven

@@ -9,6 +9,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import dump_except_run_log, rows
 
@@ -255,3 +256,22 @@ def test_unchanged_runners_are_recognised_by_fingerprint_and_old_rows_get_one(
     clear = run_sync(settings_for(upstream, db_path, store_header_values=True))
     with_headers = sum(1 for r in upstream.account.list_runners() if r["headers"])
     assert (clear.updated, clear.unchanged) == (with_headers, 120 - with_headers)
+
+
+def test_records_whose_id_is_not_a_string_are_rejected_not_a_crash(tmp_path):
+    good = {
+        "id": "550e8400-e29b-41d4-a716-446655440000", "user_id": "u", "name": "ok",
+        "status": "active", "endpoint": "https://x.example", "tags": [], "headers": {},
+        "created_at": "2024-01-15T10:30:00Z", "updated_at": "2024-01-15T10:30:00Z",
+    }  # fmt: skip
+    odd = [{**good, "id": ["a", "list"]}, {**good, "id": {"an": "object"}}, {**good, "id": 7}]
+    body = {"runners": [good, *odd], "total": 4}
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=body))
+    settings = Settings(base_url="http://127.0.0.1", token="t", db_path=tmp_path / "m.db")
+
+    summary = run_sync(settings, transport=transport)
+
+    assert (summary.status, summary.created, summary.rejected) == ("partial", 1, 3)
+    assert rows(settings.db_path, "SELECT reason FROM rejected_records ORDER BY id") == [
+        ("missing or empty id",)
+    ] * 3

@@ -321,22 +321,23 @@ class EarlyCreations:
 
     def finish(self) -> dict[str, RunnerRecord]:
         """Wait for every queued runner to be written; StorageError if one could not be."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        self._join_writer()
         self._raise_failure()
         return self.written
 
     def abandon(self) -> None:
         """Stop writing and roll back everything written (the sync failed or was stopped)."""
+        self._join_writer()
+        if self._db.conn.in_transaction:
+            self._db.conn.rollback()
+        self.written = {}
+
+    def _join_writer(self) -> None:
+        """Let the writer drain its queue and end; the connection is this thread's again."""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
-        if self._db.conn.in_transaction:
-            self._db.conn.rollback()
-        self.written = {}
 
     def _raise_failure(self) -> None:
         if self._failure is not None:

@@ -27,14 +27,15 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 
@@ -158,23 +159,57 @@ class _Collector:
     def __call__(self, page: Page, walk: int) -> None:
         if walk != self.walk:
             self.walk, self.pages_in_walk = walk, 0
-        stored, key, clear = self.fingerprints, self.key, self.store_header_values
-        fingerprint_of, records, unchanged = self.fingerprint, self.records, (walk, None)
-        new: list[RunnerRecord] = []
         runners = page.runners
-        for position, (raw, fingerprint) in enumerate(
-            zip(runners, map(fingerprint_of, runners), strict=True)
-        ):
-            runner_id = raw.get("id") if type(raw) is dict else None
-            if fingerprint and type(runner_id) is str and stored.get(runner_id) == fingerprint:
+        ids = _string_ids(runners)
+        fingerprints = list(map(self.fingerprint, runners))
+        stored = self.fingerprints.get
+        # Positions to parse: everything but a runner whose fingerprint matches the stored
+        # one (a quiet page has none, and costs one pass over its ids).
+        to_parse = [
+            position
+            for position, (runner_id, fingerprint) in enumerate(zip(ids, fingerprints, strict=True))
+            if runner_id is None or not fingerprint or stored(runner_id) != fingerprint
+        ]
+        unchanged = (walk, None)
+        if not to_parse:  # so every id is a string
+            self.records.update(zip(cast(list[str], ids), itertools.repeat(unchanged)))
+        elif len(set(ids)) < len(ids):  # an id twice on one page: the later sighting wins
+            self._sight(page, walk, range(len(runners)), ids, fingerprints)
+        else:
+            parsing = set(to_parse)
+            self.records.update(
+                (runner_id, unchanged)
+                for position, runner_id in enumerate(ids)
+                if position not in parsing and runner_id is not None
+            )
+            self._sight(page, walk, to_parse, ids, fingerprints)
+        self.pages_in_walk += 1
+        if self.on_progress is not None:
+            expected = pages_needed(page.total, page.per_page)
+            self.on_progress(self.pages_in_walk, expected, len(self.records))
+
+    def _sight(
+        self,
+        page: Page,
+        walk: int,
+        positions: Iterable[int],
+        ids: list[str | None],
+        fingerprints: list[str | None],
+    ) -> None:
+        """Parse the runners at ``positions`` in order (an unchanged one is only noted)."""
+        stored, records, unchanged = self.fingerprints, self.records, (walk, None)
+        new: list[RunnerRecord] = []
+        for position in positions:
+            runner_id, fingerprint = ids[position], fingerprints[position]
+            if runner_id is not None and fingerprint and stored.get(runner_id) == fingerprint:
                 records[runner_id] = unchanged
                 continue
             parsed = parse_runner(
-                raw,
+                page.runners[position],
                 page=page.number,
                 position=position,
-                redaction_key=key,
-                store_header_values=clear,
+                redaction_key=self.key,
+                store_header_values=self.store_header_values,
                 fingerprint=fingerprint,
             )
             if isinstance(parsed, Rejection):
@@ -185,10 +220,6 @@ class _Collector:
                 new.append(parsed)
         if self.early is not None:
             self.early.add(new)
-        self.pages_in_walk += 1
-        if self.on_progress is not None:
-            expected = pages_needed(page.total, page.per_page)
-            self.on_progress(self.pages_in_walk, expected, len(self.records))
 
     def seen_in(self, walk: int) -> set[str]:
         """Ids last seen in walk number ``walk`` (all of that walk's, while it is the latest)."""
@@ -215,6 +246,17 @@ class _Collector:
             rejections=[rej for n, rej in self.rejections if n == last],
             spared=walk.kept,
         )
+
+
+def _string_ids(runners: list[Any]) -> list[str | None]:
+    """Each runner's id, or None where it is not an object with a string id (a rejection)."""
+    try:
+        ids = [runner.get("id") for runner in runners]
+    except AttributeError:  # an element that is not an object
+        ids = [runner.get("id") if type(runner) is dict else None for runner in runners]
+    if all(type(runner_id) is str for runner_id in ids):
+        return ids
+    return [runner_id if type(runner_id) is str else None for runner_id in ids]
 
 
 @dataclass(frozen=True)

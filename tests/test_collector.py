@@ -1,0 +1,67 @@
+"""The sync's page collector: which runners it parses, which it only notes as unchanged, and
+that the latest sighting wins, also within one page."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.client import Page
+from pipeline.records import Rejection, RunnerRecord, fingerprinter
+from pipeline.sync import _Collector
+
+KEY = b"k" * 32
+
+
+def runner(runner_id: Any, name: str = "a") -> dict[str, Any]:
+    return {
+        "id": runner_id,
+        "user_id": "u1",
+        "name": name,
+        "status": "active",
+        "endpoint": "https://example.com",
+        "tags": ["x"],
+        "headers": {"Authorization": "Bearer s"},
+        "created_at": "2024-01-01T00:00:00Z",
+        "updated_at": "2024-01-01T00:00:00Z",
+    }
+
+
+def collect(runners: list[Any], stored: dict[str, str | None]) -> _Collector:
+    collector = _Collector(KEY, False, stored, None)
+    collector(Page(number=1, per_page=100, runners=runners, total=len(runners)), 1)
+    return collector
+
+
+def fingerprint(raw: Any) -> str:
+    value = fingerprinter(KEY, False)(raw)
+    assert value is not None
+    return value
+
+
+def test_a_quiet_page_is_all_noted_unchanged_and_nothing_parsed() -> None:
+    runners = [runner("r1"), runner("r2")]
+    collector = collect(runners, {r["id"]: fingerprint(r) for r in runners})
+    assert collector.records == {"r1": (1, None), "r2": (1, None)}
+    assert collector.rejections == []
+
+
+def test_only_runners_whose_fingerprint_differs_are_parsed() -> None:
+    runners = [runner("r1"), runner("r2", name="renamed"), runner("r3"), runner(["odd"])]
+    stored = {"r1": fingerprint(runner("r1")), "r2": fingerprint(runner("r2")), "r3": None}
+    collector = collect(runners, stored)
+    assert collector.records["r1"] == (1, None)
+    parsed = collector.records["r2"][1]
+    assert isinstance(parsed, RunnerRecord) and parsed.name == "renamed"
+    assert isinstance(collector.records["r3"][1], RunnerRecord)  # no stored fingerprint yet
+    assert [type(rejection) for _, rejection in collector.rejections] == [Rejection]
+    assert collector.rejections[0][1].position == 3
+    assert list(collector.records) == ["r1", "r2", "r3"]
+
+
+def test_an_id_twice_on_one_page_keeps_the_later_sighting() -> None:
+    stored = {"r1": fingerprint(runner("r1"))}
+    changed_then_unchanged = collect([runner("r1", name="new"), runner("r1")], stored)
+    assert changed_then_unchanged.records == {"r1": (1, None)}
+    unchanged_then_changed = collect([runner("r1"), runner("r1", name="new")], stored)
+    record = unchanged_then_changed.records["r1"][1]
+    assert isinstance(record, RunnerRecord) and record.name == "new"

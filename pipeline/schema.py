@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ComfySyncError, DatabaseError, StorageError
-from pipeline.records import TRACKED_FIELDS
+from pipeline.records import KNOWN_STATUSES, TRACKED_FIELDS
 from pipeline.sqlite import Database, Migrations
 
 META_TABLE = "comfysync_meta"
@@ -215,6 +215,27 @@ def m005_raw_fingerprints(db: Database) -> None:
     NULL for rows stored before it; the next sync fills it in for unchanged runners.
     """
     db.table("runners").add_column("raw_fingerprint", str)
+
+
+#: The rows ``runners_unusual_status`` indexes, spelled as ``store`` queries them: SQLite
+#: uses a partial index only for a query whose WHERE repeats the index's own terms.
+UNUSUAL_STATUS = (
+    "deleted_at IS NULL AND (status IS NULL OR status NOT IN ("
+    + ", ".join(f"'{status}'" for status in sorted(KNOWN_STATUSES))
+    + "))"
+)
+
+
+@migrations()
+def m006_partial_indexes(db: Database) -> None:
+    """Index the few runners every sync asks about: deleted ones and unusual statuses.
+
+    Both are normally none or a handful, yet finding them meant reading the whole
+    ``runners`` table twice a sync (0.05 s at 100,000 runners). Partial indexes hold only
+    those rows, so they cost nothing to keep while the table grows.
+    """
+    db.execute("CREATE INDEX runners_deleted ON runners (id) WHERE deleted_at IS NOT NULL")
+    db.execute(f"CREATE INDEX runners_unusual_status ON runners (id) WHERE {UNUSUAL_STATUS}")
 
 
 #: Known migrations, in order; the schema version is how many of them a database has.

@@ -34,8 +34,8 @@ import orjson
 
 from pipeline.changes import ChangeSet, Revision, StoredState
 from pipeline.errors import StorageError
-from pipeline.records import KNOWN_STATUSES, TRACKED_FIELDS, Rejection, RunnerRecord
-from pipeline.schema import SEARCH_COLUMNS
+from pipeline.records import TRACKED_FIELDS, Rejection, RunnerRecord
+from pipeline.schema import SEARCH_COLUMNS, UNUSUAL_STATUS
 from pipeline.sqlite import Database
 
 if TYPE_CHECKING:
@@ -95,18 +95,20 @@ def load_stored_states(db: Database, ids: Sequence[str]) -> dict[str, StoredStat
 
 def load_deleted_ids(db: Database) -> set[str]:
     """Runners the store holds as deleted."""
-    return {row[0] for row in db.execute("SELECT id FROM runners WHERE deleted_at IS NOT NULL")}
+    return {
+        row[0]
+        for row in db.execute(
+            "SELECT id FROM runners INDEXED BY runners_deleted WHERE deleted_at IS NOT NULL"
+        )
+    }
 
 
 def load_unknown_status_ids(db: Database) -> set[str]:
     """Present runners whose status is neither active nor disabled (normally none)."""
-    marks = ", ".join("?" for _ in KNOWN_STATUSES)
     return {
         row[0]
         for row in db.execute(
-            "SELECT id FROM runners WHERE deleted_at IS NULL "
-            f"AND (status IS NULL OR status NOT IN ({marks}))",
-            sorted(KNOWN_STATUSES),
+            f"SELECT id FROM runners INDEXED BY runners_unusual_status WHERE {UNUSUAL_STATUS}"
         )
     }
 

@@ -275,3 +275,24 @@ def test_records_whose_id_is_not_a_string_are_rejected_not_a_crash(tmp_path):
     assert rows(settings.db_path, "SELECT reason FROM rejected_records ORDER BY id") == [
         ("missing or empty id",)
     ] * 3
+
+
+def test_a_status_other_than_active_or_disabled_is_warned_about_while_a_present_runner_has_it(
+    serve_account, db_path: Path
+):
+    upstream = serve_account(runners=30, seed=4)
+    account = upstream.account
+    settings = settings_for(upstream, db_path)
+    odd, gone = [runner["id"] for runner in account.list_runners()[:2]]
+    account.update_runner(odd, status="maintenance")
+    account.update_runner(gone, status="draining")
+    warning = "2 runner(s) have a status other than active/disabled"
+    assert warning in run_sync(settings).warnings
+    # Unchanged (not even parsed) on the next sync, they are still counted from the store.
+    assert warning in run_sync(settings).warnings
+    account.delete_runner(gone)  # a deleted runner's status no longer matters
+    assert run_sync(settings).deleted == 1
+    assert "1 runner(s) have a status other than active/disabled" in run_sync(settings).warnings
+    account.update_runner(odd, status="active")
+    assert run_sync(settings).updated == 1
+    assert not run_sync(settings).warnings

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -39,12 +39,16 @@ RETRY_STATUSES = frozenset((429, 500, 502, 503, 504))
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """One answered page: the runner objects exactly as sent, and the ``total`` it reported."""
+    """One answered page: the runner objects exactly as sent, and the ``total`` it reported.
+
+    ``body`` is the response body as received (it holds header secrets: never shown).
+    """
 
     number: int
     per_page: int
     runners: list[Any]
     total: int
+    body: bytes = field(default=b"", repr=False)
 
 
 class _RetryableFailure(Exception):
@@ -217,8 +221,9 @@ class ComfyControlClient:
             raise ApiResponseError(
                 f"ComfyControl answered HTTP {status} on page {number}; nothing was applied"
             )
+        content = response.content
         try:
-            body = orjson.loads(response.content)
+            body = orjson.loads(content)
         except orjson.JSONDecodeError as exc:
             # A truncated or garbled body is usually a network hiccup: worth a retry.
             raise _RetryableFailure("the body was not JSON", malformed=True) from exc
@@ -232,7 +237,7 @@ class ComfyControlClient:
         if total < 0:
             raise ApiResponseError(f"page {number} reported a negative total; nothing was applied")
         log.debug("page %d: %d runners, total %d", number, len(runners), total)
-        return Page(number=number, per_page=per_page, runners=runners, total=total)
+        return Page(number=number, per_page=per_page, runners=runners, total=total, body=content)
 
 
 def environment_proxy(url: str) -> str | None:

@@ -238,6 +238,18 @@ def m006_partial_indexes(db: Database) -> None:
     db.execute(f"CREATE INDEX runners_unusual_status ON runners (id) WHERE {UNUSUAL_STATUS}")
 
 
+@migrations()
+def m007_page_digests(db: Database) -> None:
+    """``page_digests``: the pages the last sync read, so a quiet sync can skip their runners.
+
+    Rewritten by every sync that applies anything (emptied when its walk cannot vouch for
+    its pages), so a digest always describes runners as they are stored.
+    """
+    db.table("page_digests").create(
+        {"digest": str, "sync_id": int}, pk="digest", not_null={"sync_id"}
+    )
+
+
 #: Known migrations, in order; the schema version is how many of them a database has.
 SCHEMA_VERSION = len(migrations._migrations)
 

@@ -24,7 +24,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -85,6 +85,11 @@ def load_present_fingerprints(db: Database) -> dict[str, str | None]:
     )
     fingerprints: dict[str, str | None] = orjson.loads(text)
     return fingerprints
+
+
+def load_page_digests(db: Database) -> set[str]:
+    """Digests of the pages the last applied sync read and vouched for (``page_digests``)."""
+    return {row[0] for row in db.execute("SELECT digest FROM page_digests")}
 
 
 def load_stored_states(db: Database, ids: Sequence[str]) -> dict[str, StoredState]:
@@ -196,6 +201,7 @@ def apply_changes(
     owners: Iterable[str] = (),
     early: EarlyCreations | None = None,
     finished_at: str | None = None,
+    page_digests: Collection[str] = (),
 ) -> None:
     """Write a sync's changes and close its run-log row, in one transaction.
 
@@ -203,7 +209,9 @@ def apply_changes(
     ``account_owners``. ``early`` holds the runners already written during the walk, in the
     transaction this call commits: rows it wrote for runners ``changes`` does not create
     as written are replaced. ``finished_at`` (default ``applied_at``) closes the run-log
-    row. Raises StorageError (and leaves the database as it was) if SQLite cannot write.
+    row. ``page_digests`` replace the stored ones: the pages this sync read whose every
+    runner is now stored exactly as that page sent it (none when the walk cannot say).
+    Raises StorageError (and leaves the database as it was) if SQLite cannot write.
     """
     conn = db.conn
     written = early.finish() if early is not None else {}
@@ -228,6 +236,11 @@ def apply_changes(
             _update_search_index(conn, reindexed, "add")
             _mark_deleted(conn, changes.deleted, sync_id, applied_at)
             _refingerprint(conn, changes.refingerprinted)
+            conn.execute("DELETE FROM page_digests")
+            conn.executemany(
+                "INSERT OR IGNORE INTO page_digests (digest, sync_id) VALUES (?, ?)",
+                [(digest, sync_id) for digest in page_digests],
+            )
             conn.executemany(
                 "INSERT INTO rejected_records (sync_id, page, position, runner_id, reason, "
                 "raw_json) VALUES (?, ?, ?, ?, ?, ?)",

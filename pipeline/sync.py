@@ -54,6 +54,7 @@ from pipeline.records import (
     Rejection,
     RunnerRecord,
     fingerprinter,
+    page_digester,
     parse_runner,
 )
 from pipeline.settings import Settings
@@ -111,11 +112,14 @@ class _Sightings:
 
     #: Runners parsed into records (new, changed, or sent differently than last time).
     parsed: dict[str, RunnerRecord]
-    #: Present runners sent exactly as stored (matching raw fingerprint): not parsed at all.
+    #: Present runners sent exactly as stored (matching raw fingerprint or page digest):
+    #: not parsed at all.
     unchanged: set[str]
     rejections: list[Rejection]
     #: Ids the complete walk missed that a re-read did not prove gone: not deleted.
     spared: frozenset[str]
+    #: Digests of the pages the store will hold exactly as sent, for the next sync.
+    pages: list[str]
 
     @property
     def count(self) -> int:
@@ -125,10 +129,11 @@ class _Sightings:
 class _Collector:
     """Handles each page as it arrives; the latest sighting of a runner wins.
 
-    A runner whose raw fingerprint matches the stored one is only noted as seen: on a quiet
-    sync that skips nearly all validation, redaction and hashing. Everything else is parsed,
-    and a runner the store never held is handed to ``early`` to be written while the walk
-    goes on (the final decision can still take it back).
+    A page whose digest the last sync recorded (``known_pages``) holds only runners stored
+    exactly as sent: they are noted as seen and nothing else. On other pages, a runner whose
+    raw fingerprint matches the stored one is only noted as seen; everything else is
+    parsed, and a runner the store never held is handed to ``early`` to be written while
+    the walk goes on (the final decision can still take it back).
     """
 
     def __init__(
@@ -139,6 +144,7 @@ class _Collector:
         on_progress: ProgressCallback | None,
         early: store.EarlyCreations | None = None,
         deleted_ids: frozenset[str] = frozenset(),
+        known_pages: Collection[str] = frozenset(),
     ):
         self.key = key
         self.store_header_values = store_header_values
@@ -155,12 +161,24 @@ class _Collector:
         self.rejections: list[tuple[int, Rejection]] = []
         self.pages_in_walk = 0
         self.walk = 0
+        self.known_pages = known_pages
+        self.page_digest = page_digester(key, store_header_values)
+        #: walk number -> (digests of its pages, runners sighted on them)
+        self.pages_read: dict[int, tuple[list[str], int]] = {}
 
     def __call__(self, page: Page, walk: int) -> None:
         if walk != self.walk:
             self.walk, self.pages_in_walk = walk, 0
         runners = page.runners
         ids = _string_ids(runners)
+        digest = self.page_digest(page.body)
+        digests, sighted = self.pages_read.get(walk, ([], 0))
+        digests.append(digest)
+        self.pages_read[walk] = (digests, sighted + len(runners))
+        if digest in self.known_pages and None not in ids:
+            self.records.update(zip(cast(list[str], ids), itertools.repeat((walk, None))))
+            self._count_page(page)
+            return
         fingerprints = list(map(self.fingerprint, runners))
         stored = self.fingerprints.get
         # Positions to parse: everything but a runner whose fingerprint matches the stored
@@ -183,6 +201,9 @@ class _Collector:
                 if position not in parsing and runner_id is not None
             )
             self._sight(page, walk, to_parse, ids, fingerprints)
+        self._count_page(page)
+
+    def _count_page(self, page: Page) -> None:
         self.pages_in_walk += 1
         if self.on_progress is not None:
             expected = pages_needed(page.total, page.per_page)
@@ -228,6 +249,18 @@ class _Collector:
     def rejected_in(self, walk: int) -> bool:
         return any(n == walk for n, _ in self.rejections)
 
+    def pages_to_vouch_for(self, walk: WalkResult) -> list[str]:
+        """Digests of the last walk's pages, if the store will hold each runner as they sent it.
+
+        That is when the walk was complete, rejected nothing and saw every runner once: a
+        runner sighted twice (the list moved under the walk) is stored as its later sighting,
+        which the earlier page does not show.
+        """
+        digests, sighted = self.pages_read.get(walk.walks, ([], 0))
+        if not walk.complete or self.rejected_in(walk.walks):
+            return []
+        return digests if sighted == len(self.seen_in(walk.walks)) else []
+
     def final(self, walk: WalkResult) -> _Sightings:
         """What to apply: the last walk's sightings if it is complete, else all sightings."""
         last = walk.walks
@@ -245,6 +278,7 @@ class _Collector:
             unchanged=unchanged,
             rejections=[rej for n, rej in self.rejections if n == last],
             spared=walk.kept,
+            pages=self.pages_to_vouch_for(walk),
         )
 
 
@@ -331,6 +365,7 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
             seams.on_progress,
             early=early,
             deleted_ids=frozenset(store.load_deleted_ids(db)),
+            known_pages=store.load_page_digests(db),
         )
 
         def missing_after(walk_number: int) -> dict[str, str]:
@@ -552,6 +587,7 @@ def _decide_and_apply(
         owners=owners,
         early=early,
         finished_at=finished_at,
+        page_digests=seen.pages,
     )
     for warning in warnings:
         log.warning("%s", warning)

@@ -152,14 +152,18 @@ CREATE TABLE "account_owners" (
    "first_sync_id" INTEGER NOT NULL
 );
 CREATE INDEX runners_deleted ON runners (id) WHERE deleted_at IS NOT NULL;
-CREATE INDEX runners_unusual_status ON runners (id) WHERE deleted_at IS NULL AND (status IS NULL OR status NOT IN ('active', 'disabled'));"""
+CREATE INDEX runners_unusual_status ON runners (id) WHERE deleted_at IS NULL AND (status IS NULL OR status NOT IN ('active', 'disabled'));
+CREATE TABLE "page_digests" (
+   "digest" TEXT PRIMARY KEY,
+   "sync_id" INTEGER NOT NULL
+);"""
 
 
 def test_a_new_database_has_exactly_the_documented_schema(tmp_path: Path):
     db = open_store(tmp_path / "new.db")
     assert db.schema == EXPECTED_SCHEMA
     assert db.journal_mode == "wal"
-    assert read_meta(db, "schema_version") == str(SCHEMA_VERSION) == "6"
+    assert read_meta(db, "schema_version") == str(SCHEMA_VERSION) == "7"
     assert read_meta(db, "application") == "comfysync"
     assert len(bytes.fromhex(read_meta(db, "redaction_key") or "")) == 32
 
@@ -170,7 +174,7 @@ def test_opening_again_is_idempotent_and_keeps_the_redaction_key(tmp_path: Path)
     first.close()
     again = open_store(tmp_path / "m.db")
     assert again.schema == EXPECTED_SCHEMA and read_meta(again, "redaction_key") == key
-    assert again.execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == (6,)
+    assert again.execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == (7,)
 
 
 def test_each_database_gets_its_own_redaction_key(tmp_path: Path):

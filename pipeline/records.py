@@ -60,10 +60,7 @@ def _redactor(key: bytes) -> Callable[[str], str]:
     of the cost of redacting 100,000 runners' headers). ``test_records`` checks it against
     ``hmac`` itself.
     """
-    block = hashlib.sha256().block_size
-    padded = (hashlib.sha256(key).digest() if len(key) > block else key).ljust(block, b"\0")
-    inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in padded))
-    outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in padded))
+    inner, outer = _hmac_sha256_states(key)
 
     def redact(value: str) -> str:
         digest = inner.copy()
@@ -73,6 +70,15 @@ def _redactor(key: bytes) -> Callable[[str], str]:
         return REDACTED_PREFIX + mac.hexdigest()[:12]
 
     return redact
+
+
+def _hmac_sha256_states(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
+    """HMAC-SHA256's inner and outer states for ``key``, each to be copied per message."""
+    block = hashlib.sha256().block_size
+    padded = (hashlib.sha256(key).digest() if len(key) > block else key).ljust(block, b"\0")
+    inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in padded))
+    outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in padded))
+    return inner, outer
 
 
 def redact_headers(headers: Mapping[str, Any], key: bytes) -> dict[str, str]:
@@ -195,20 +201,25 @@ def fingerprinter(key: bytes, store_header_values: bool = False) -> Callable[[An
 
 
 def page_digester(key: bytes, store_header_values: bool = False) -> Callable[[bytes], str]:
-    """Keyed BLAKE2b of a list page's body exactly as sent, for ``page_digests``.
+    """Keyed digest of a list page's body exactly as sent, for ``page_digests``.
 
     Why: a quiet sync reads the same pages byte for byte as the last one. A page whose
     digest the last sync recorded holds only runners stored exactly as sent, so none of
     them needs fingerprinting (a whole page costs one hash of its bytes instead of a hash
-    per runner). Keyed and mode-bound like ``raw_fingerprint``, and for the same reasons.
+    per runner). Keyed and mode-bound like ``raw_fingerprint``, for the same reasons:
+    HMAC-SHA256 (SHA-256 has CPU instructions, 2.5x faster than BLAKE2b over a 34 KB
+    page, paid by every sync) of a prefix naming the mode, then the body; 128 bits kept.
     """
-    person = b"page-clear" if store_header_values else b"page-redacted"
-    keyed = hashlib.blake2b(key=key[:64], person=person, digest_size=16)
+    inner, outer = _hmac_sha256_states(key)
+    mode = b"clear" if store_header_values else b"redacted"
+    inner.update(b"comfysync page, headers " + mode + b"\n")
 
     def digest(body: bytes) -> str:
-        state = keyed.copy()
-        state.update(body)
-        return state.hexdigest()
+        message = inner.copy()
+        message.update(body)
+        mac = outer.copy()
+        mac.update(message.digest())
+        return mac.hexdigest()[:32]
 
     return digest
 

@@ -173,3 +173,14 @@ def test_a_complete_walk_that_saw_a_runner_twice_vouches_for_no_page():
     assert vouched == [page_digester(key)(b"1"), page_digester(key)(b"2")]
     incomplete = WalkResult(complete=False, walks=1, pages_fetched=2, total_reported=3, reasons=())
     assert once.pages_to_vouch_for(incomplete) == []
+
+
+def test_a_page_digest_is_hmac_sha256_of_the_mode_and_the_body():
+    import hashlib
+    import hmac
+
+    key, body = b"k" * 32, b'{"runners":[],"total":0}'
+    for clear, mode in ((False, b"redacted"), (True, b"clear")):
+        message = b"comfysync page, headers " + mode + b"\n" + body
+        expected = hmac.new(key, message, hashlib.sha256).hexdigest()[:32]
+        assert page_digester(key, clear)(body) == expected

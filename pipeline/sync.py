@@ -244,6 +244,8 @@ class _Collector:
 
     def seen_in(self, walk: int) -> set[str]:
         """Ids last seen in walk number ``walk`` (all of that walk's, while it is the latest)."""
+        if walk == 1 == self.walk:  # a single walk: every sighting is its own (C-speed copy)
+            return set(self.records)
         return {runner_id for runner_id, (n, _) in self.records.items() if n == walk}
 
     def rejected_in(self, walk: int) -> bool:
@@ -383,10 +385,10 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
 
         with _cyclic_collection_paused():
             walk = asyncio.run(_walk_unless_stopped(settings, seams, collector, missing_after))
-        early.finish()
-        summary, finished_at = _decide_and_apply(
-            db, settings, sync_id, walk, present, collector.final(walk), seams, started, early
-        )
+            early.finish()
+            summary, finished_at = _decide_and_apply(
+                db, settings, sync_id, walk, present, collector.final(walk), seams, started, early
+            )
     except BaseException as exc:
         early.abandon()
         error = exc.message if isinstance(exc, ComfySyncError) else _describe(exc)
@@ -405,12 +407,13 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
 
 @contextlib.contextmanager
 def _cyclic_collection_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector for the walk.
+    """Pause Python's cyclic garbage collector for the walk and the apply.
 
     Why: a walk allocates millions of short-lived objects (each page's parsed JSON) while it
     holds 100,000 long-lived ones (the sightings), so the collector keeps re-scanning those
-    and finds nothing to free: a twentieth of a quiet sync's CPU. Reference counting still
-    frees every page as soon as it is handled; only cycles wait, and the walk makes few.
+    and finds nothing to free: a twentieth of a quiet sync's CPU (and the plan built after
+    the walk would set off one more full pass). Reference counting still frees every page
+    as soon as it is handled; only cycles wait, and a sync makes few.
     """
     was_enabled = gc.isenabled()
     gc.disable()

@@ -208,7 +208,7 @@ def page_digester(key: bytes, store_header_values: bool = False) -> Callable[[by
     them needs fingerprinting (a whole page costs one hash of its bytes instead of a hash
     per runner). Keyed and mode-bound like ``raw_fingerprint``, for the same reasons:
     HMAC-SHA256 (SHA-256 has CPU instructions, 2.5x faster than BLAKE2b over a 34 KB
-    page, paid by every sync) of a prefix naming the mode, then the body; 128 bits kept.
+    page, paid by every sync) of a prefix naming the mode, then the body.
     """
     inner, outer = _hmac_sha256_states(key)
     mode = b"clear" if store_header_values else b"redacted"
@@ -219,7 +219,7 @@ def page_digester(key: bytes, store_header_values: bool = False) -> Callable[[by
         message.update(body)
         mac = outer.copy()
         mac.update(message.digest())
-        return mac.hexdigest()[:32]
+        return mac.hexdigest()
 
     return digest
 

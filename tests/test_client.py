@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import UTC, datetime
 
@@ -46,7 +47,9 @@ def test_a_page_is_requested_with_auth_user_agent_and_paging_parameters():
         seen.append(request)
         return httpx.Response(200, json={"runners": [{"id": "a"}], "total": 201})
 
-    assert fetch(handler) == Page(3, 100, [{"id": "a"}], 201)
+    page = fetch(handler)
+    assert page == Page(3, 100, [{"id": "a"}], 201)
+    assert json.loads(page.body) == {"runners": [{"id": "a"}], "total": 201}  # as received
     [request] = seen
     assert request.url.path == "/v1/runner"
     assert dict(request.url.params) == {"page": "3", "per_page": "100"}

@@ -8,6 +8,7 @@ lets the deletion rule (never delete unless the walk proved itself complete) be 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -127,14 +128,15 @@ def plan_changes(
             unchanged += 1
             if record.fingerprint and record.fingerprint != state.fingerprint:
                 changes.refingerprinted.append((runner_id, record.fingerprint))
-    seen_unchanged = set(seen_unchanged)
     if present is None:
         present = [runner_id for runner_id, state in stored.items() if not state.deleted]
-    missing = [
+    # Set arithmetic in C over the 100,000 present ids, then sorted: the few missing ones
+    # come out in the same order whatever order the sets kept.
+    missing = sorted(
         runner_id
-        for runner_id in present
-        if runner_id not in seen and runner_id not in seen_unchanged
-    ]
+        for runner_id in _as_set(present) - _as_set(seen_unchanged)
+        if runner_id not in seen
+    )
     if deletions_allowed:
         spared = set(spared)
         changes.deleted.extend(runner_id for runner_id in missing if runner_id not in spared)
@@ -148,3 +150,8 @@ def plan_changes(
         deletions_withheld=withheld,
         refingerprinted=changes.refingerprinted,
     )
+
+
+def _as_set(ids: Collection[str]) -> AbstractSet[str]:
+    """``ids`` as a set, without copying one that already is (a set or a dict's keys)."""
+    return ids if isinstance(ids, AbstractSet) else set(ids)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import httpx
 import hypothesis.strategies as st
@@ -42,6 +43,7 @@ from hypothesis.stateful import (
 )
 from test_sync import expected_mirror, present_mirror, redaction_key
 
+import pipeline.walk
 from pipeline.client import ComfyControlClient, Page
 from pipeline.errors import ComfySyncError
 from pipeline.faults import FaultPlan
@@ -72,7 +74,8 @@ class WalkWatcher(ComfyControlClient):
     """The real client, noting the account as it was at each walk's start and end.
 
     A walk reads page 1 exactly twice, first and last (the closing re-read), so the page-1
-    requests delimit the walks.
+    requests delimit the walks. The re-reads that prove deletions come after the walk and
+    may read a page 1 of their own size: those are not the walk's (``rechecking``).
     """
 
     def __init__(self, account: SimulatedAccount, **options: Any) -> None:
@@ -80,8 +83,11 @@ class WalkWatcher(ComfyControlClient):
         self.account = account
         self.walks: list[WalkBoundary] = []
         self._page_one_calls = 0
+        self.rechecking = False
 
     async def fetch_page(self, number: int, per_page: int) -> Page:
+        if self.rechecking:
+            return await super().fetch_page(number, per_page)
         if number == 1 and self._page_one_calls % 2 == 0:
             self.walks.append(WalkBoundary(start=self.account.list_runners()))
         page = await super().fetch_page(number, per_page)
@@ -235,8 +241,18 @@ class MirrorMachine(RuleBasedStateMachine):
         )
         self.syncs += 1
         self.store_changed = True
+        real_recheck = pipeline.walk.recheck_absences
+
+        async def watched_recheck(*args: Any, **options: Any) -> Any:
+            client.rechecking = True
+            try:
+                return await real_recheck(*args, **options)
+            finally:
+                client.rechecking = False
+
         try:
-            summary = run_sync(settings, client=client)
+            with mock.patch.object(pipeline.walk, "recheck_absences", watched_recheck):
+                summary = run_sync(settings, client=client)
         except ComfySyncError as exc:
             event(f"sync failed: {type(exc).__name__}")
             self.check_failed_sync_changed_only_the_run_log(before)

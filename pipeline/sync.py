@@ -35,7 +35,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import httpx
 
@@ -59,7 +59,7 @@ from pipeline.records import (
 )
 from pipeline.settings import Settings
 from pipeline.sqlite import Database
-from pipeline.walk import MissingAfter, WalkResult, pages_needed, walk_all_pages
+from pipeline.walk import MissingAfter, WalkResult, pages_needed, string_ids, walk_all_pages
 
 if TYPE_CHECKING:
     from pipeline.export import FileWriter
@@ -170,7 +170,7 @@ class _Collector:
         if walk != self.walk:
             self.walk, self.pages_in_walk = walk, 0
         runners = page.runners
-        ids = _string_ids(runners)
+        ids = string_ids(runners)
         digest = self.page_digest(page.body)
         digests, sighted = self.pages_read.get(walk, ([], 0))
         digests.append(digest)
@@ -282,17 +282,6 @@ class _Collector:
             spared=walk.kept,
             pages=self.pages_to_vouch_for(walk),
         )
-
-
-def _string_ids(runners: list[Any]) -> list[str | None]:
-    """Each runner's id, or None where it is not an object with a string id (a rejection)."""
-    try:
-        ids = [runner.get("id") for runner in runners]
-    except AttributeError:  # an element that is not an object
-        ids = [runner.get("id") if type(runner) is dict else None for runner in runners]
-    if all(type(runner_id) is str for runner_id in ids):
-        return ids
-    return [runner_id if type(runner_id) is str else None for runner_id in ids]
 
 
 @dataclass(frozen=True)

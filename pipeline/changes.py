@@ -103,7 +103,8 @@ def plan_changes(
     """Compare the walk with the store.
 
     ``seen`` holds the runners the walk parsed; ``seen_unchanged`` the ids it did not need
-    to parse because their raw fingerprint matched the stored one (``StoredState.matches``).
+    to parse because their raw fingerprint matched a present runner's stored one, or their
+    page's digest matched the last sync's (the collector in ``pipeline.sync`` decides).
     ``stored`` must hold the state of every stored runner in ``seen``; ``present`` is every
     stored runner not deleted (by default, those of ``stored``). ``stored_fields`` must hold
     the fields of every id ``ids_needing_fields`` named.

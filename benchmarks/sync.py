@@ -149,7 +149,7 @@ def emptied(folder: Path) -> Callable[[], None]:
 
 def fresh(db: Path) -> Callable[[], None]:
     def remove() -> None:
-        for suffix in ("", "-wal", "-shm", ".lock"):
+        for suffix in ("", "-journal", "-wal", "-shm", ".lock"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
 
     return remove

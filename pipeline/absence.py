@@ -145,9 +145,7 @@ def _has_string_id(raw: dict[str, Any]) -> bool:
     return isinstance(raw.get("id"), str)
 
 
-def judge_page(
-    page: Page, missing: Mapping[str, Any]
-) -> tuple[set[str], set[str], set[str]]:
+def judge_page(page: Page, missing: Mapping[str, Any]) -> tuple[set[str], set[str], set[str]]:
     """Split the runners looked for on ``page`` into (gone, found, unproven).
 
     Pure: the whole proof for one page. Nothing is proven gone from a page whose order is

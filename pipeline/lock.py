@@ -16,7 +16,8 @@ pid and start time into the file after locking it and empties it before unlockin
 itself stays (deleting it would let two processes lock two different files of one name).
 
 Readers (exports, pandas, Datasette, read-only commands) never take this lock: the database
-is in WAL mode, so they never wait for a sync.
+is in WAL mode, so they never wait for a sync (only a store's first sync, written through the
+rollback journal, may make them wait for its commit: ``schema.journal_for_first_sync``).
 """
 
 from __future__ import annotations

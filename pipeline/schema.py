@@ -386,6 +386,51 @@ def open_store(path: Path) -> Database:
     return db
 
 
+@contextmanager
+def journal_for_first_sync(db: Database) -> Iterator[None]:
+    """Write a store's first sync through SQLite's rollback journal, then go back to WAL.
+
+    Why: in WAL mode every page a sync writes goes to the log first and, at the checkpoint,
+    into the database again. A first sync writes only new pages (100 MB at 100,000
+    runners), and the rollback journal never copies a page past the file's old end, so
+    each is written once: about 0.2 s of a 3.5 s first sync of 100,000 runners. Atomicity
+    is the same in both modes. Leaving WAL needs the database to itself, so the switch is
+    tried without waiting: a store someone else has open stays in WAL (the sync is only
+    slower). While the first sync runs, a reader may wait for its commit, as with any
+    rollback journal.
+    WAL comes back as the sync ends; should that fail, ``open_store`` restores it next time.
+    """
+    if not _store_is_empty(db) or not _set_journal_mode(db, "delete", wait=False):
+        yield
+        return
+    try:
+        yield
+    finally:
+        _set_journal_mode(db, "wal", wait=True)
+
+
+def _store_is_empty(db: Database) -> bool:
+    [(empty,)] = db.execute("SELECT NOT EXISTS (SELECT 1 FROM runners)")
+    return bool(empty)
+
+
+def _set_journal_mode(db: Database, mode: str, *, wait: bool) -> bool:
+    """Switch the journal mode if SQLite can at once (or within the busy timeout)."""
+    conn = db.conn
+    if conn.in_transaction:
+        return False
+    if not wait:
+        conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        [(now_in,)] = conn.execute(f"PRAGMA journal_mode = {mode}")
+        return bool(now_in == mode)
+    except sqlite3.OperationalError:
+        return False  # another connection holds the database: keep the mode it has
+    finally:
+        if not wait:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+
 def open_store_read_only(path: Path) -> Database:
     """Open an existing comfysync database without ever writing to it."""
     if not path.is_file():

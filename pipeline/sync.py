@@ -342,6 +342,21 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
     now = seams.now
     store.close_abandoned_runs(db, finished_at=now())
     sync_id = store.begin_run(db, base_url=settings.base_url, started_at=now())
+    with schema.journal_for_first_sync(db):
+        summary, finished_at = _walk_and_apply(db, settings, seams, started, sync_id)
+    # Committed: from here on nothing may turn the sync into a failure.
+    if settings.export_dir is not None:
+        summary = _write_snapshots(
+            db, settings.export_dir, settings, summary, finished_at, seams.write_export_file
+        )
+    return summary
+
+
+def _walk_and_apply(
+    db: Database, settings: Settings, seams: _Seams, started: float, sync_id: int
+) -> tuple[SyncSummary, str]:
+    """Walk, decide and apply in one transaction; a failure is recorded and re-raised."""
+    now = seams.now
     try:
         fingerprints = store.load_present_fingerprints(db)
         present = fingerprints.keys()
@@ -386,12 +401,7 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
         except StorageError as unrecorded:  # a full disk: the first failure is the news
             log.warning("%s", unrecorded)
         raise
-    # Committed: from here on nothing may turn the sync into a failure.
-    if settings.export_dir is not None:
-        summary = _write_snapshots(
-            db, settings.export_dir, settings, summary, finished_at, seams.write_export_file
-        )
-    return summary
+    return summary, finished_at
 
 
 @contextlib.contextmanager

@@ -25,9 +25,11 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Collection, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
@@ -35,7 +37,7 @@ import orjson
 from pipeline.changes import ChangeSet, Revision, StoredState
 from pipeline.errors import StorageError
 from pipeline.records import TRACKED_FIELDS, Rejection, RunnerRecord
-from pipeline.schema import SEARCH_COLUMNS, UNUSUAL_STATUS
+from pipeline.schema import SEARCH_COLUMNS, UNUSUAL_STATUS, open_store_read_only
 from pipeline.sqlite import Database
 
 if TYPE_CHECKING:
@@ -85,6 +87,35 @@ def load_present_fingerprints(db: Database) -> dict[str, str | None]:
     )
     fingerprints: dict[str, str | None] = orjson.loads(text)
     return fingerprints
+
+
+def read_present_fingerprints_aside(db: Database, path: Path) -> Future[dict[str, str | None]]:
+    """``load_present_fingerprints``, read on a connection of its own in a second thread.
+
+    Why: at 100,000 runners the read takes 0.1 s, most of it SQLite building one JSON text
+    with the GIL released; read aside, it overlaps the walk's first requests (the pages
+    that arrive meanwhile wait for it), a fourteenth of a quiet sync. ``path`` is the file
+    ``db`` has open. Only in WAL mode, where a reader never waits for a writer: in
+    rollback-journal mode (a store's first sync) it could wait for this sync's own commit,
+    so there they are read at once on ``db``.
+    """
+    if db.journal_mode != "wal":
+        read: Future[dict[str, str | None]] = Future()
+        read.set_result(load_present_fingerprints(db))
+        return read
+
+    def read_aside() -> dict[str, str | None]:
+        reader = open_store_read_only(path)
+        try:
+            return load_present_fingerprints(reader)
+        finally:
+            reader.close()
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comfysync-fingerprints")
+    try:
+        return pool.submit(read_aside)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def load_page_digests(db: Database) -> set[str]:

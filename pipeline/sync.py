@@ -31,7 +31,8 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, KeysView, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -134,13 +135,17 @@ class _Collector:
     raw fingerprint matches the stored one is only noted as seen; everything else is
     parsed, and a runner the store never held is handed to ``early`` to be written while
     the walk goes on (the final decision can still take it back).
+
+    The stored fingerprints may still be being read when the first pages come: those pages
+    wait, in order, in a backlog that the first page after the read (or the first question
+    asked of the collector) works through.
     """
 
     def __init__(
         self,
         key: bytes,
         store_header_values: bool,
-        fingerprints: Mapping[str, str | None],
+        fingerprints: Future[dict[str, str | None]],
         on_progress: ProgressCallback | None,
         early: store.EarlyCreations | None = None,
         deleted_ids: frozenset[str] = frozenset(),
@@ -148,8 +153,10 @@ class _Collector:
     ):
         self.key = key
         self.store_header_values = store_header_values
-        #: id -> stored raw fingerprint, for every present runner
-        self.fingerprints = fingerprints
+        #: id -> stored raw fingerprint, for every present runner (once read)
+        self.fingerprints: Mapping[str, str | None] = {}
+        self._fingerprints_read: Future[dict[str, str | None]] | None = fingerprints
+        self._backlog: list[tuple[Page, int]] = []
         self.fingerprint = fingerprinter(key, store_header_values)
         self.on_progress = on_progress
         #: Where runners the store never held go as soon as they are parsed; the stored
@@ -166,7 +173,28 @@ class _Collector:
         #: walk number -> (digests of its pages, runners sighted on them)
         self.pages_read: dict[int, tuple[list[str], int]] = {}
 
+    @property
+    def present(self) -> KeysView[str]:
+        """The ids of every runner the store holds as present."""
+        self._catch_up()
+        return self.fingerprints.keys()
+
+    def _catch_up(self) -> None:
+        """Wait for the stored fingerprints, then handle the pages that came before them."""
+        if self._fingerprints_read is None:
+            return
+        self.fingerprints = self._fingerprints_read.result()
+        self._fingerprints_read = None
+        backlog, self._backlog = self._backlog, []
+        for page, walk in backlog:
+            self(page, walk)
+
     def __call__(self, page: Page, walk: int) -> None:
+        if self._fingerprints_read is not None:
+            if not self._fingerprints_read.done():
+                self._backlog.append((page, walk))
+                return
+            self._catch_up()
         if walk != self.walk:
             self.walk, self.pages_in_walk = walk, 0
         runners = page.runners
@@ -244,11 +272,13 @@ class _Collector:
 
     def seen_in(self, walk: int) -> set[str]:
         """Ids last seen in walk number ``walk`` (all of that walk's, while it is the latest)."""
+        self._catch_up()
         if walk == 1 == self.walk:  # a single walk: every sighting is its own (C-speed copy)
             return set(self.records)
         return {runner_id for runner_id, (n, _) in self.records.items() if n == walk}
 
     def rejected_in(self, walk: int) -> bool:
+        self._catch_up()
         return any(n == walk for n, _ in self.rejections)
 
     def pages_to_vouch_for(self, walk: WalkResult) -> list[str]:
@@ -265,6 +295,7 @@ class _Collector:
 
     def final(self, walk: WalkResult) -> _Sightings:
         """What to apply: the last walk's sightings if it is complete, else all sightings."""
+        self._catch_up()
         last = walk.walks
         parsed: dict[str, RunnerRecord] = {}
         unchanged: set[str] = set()
@@ -358,8 +389,6 @@ def _walk_and_apply(
     """Walk, decide and apply in one transaction; a failure is recorded and re-raised."""
     now = seams.now
     try:
-        fingerprints = store.load_present_fingerprints(db)
-        present = fingerprints.keys()
         # One time for everything this sync changes (its versions' valid_from), taken before
         # the walk because new runners are written while it goes on.
         applied_at = now()
@@ -367,7 +396,7 @@ def _walk_and_apply(
         collector = _Collector(
             schema.redaction_key(db),
             settings.store_header_values,
-            fingerprints,
+            store.read_present_fingerprints_aside(db, settings.db_path),
             seams.on_progress,
             early=early,
             deleted_ids=frozenset(store.load_deleted_ids(db)),
@@ -381,6 +410,7 @@ def _walk_and_apply(
                 return {}  # a walk with rejected records deletes nothing: no need to look
             early.finish()  # the last page is in: the connection is the main thread's again
             seen = collector.seen_in(walk_number)
+            present = collector.present
             missing = present - seen
             if not missing or _mass_deletion(settings, len(missing), len(present), len(seen)):
                 return {}
@@ -390,8 +420,9 @@ def _walk_and_apply(
         with _cyclic_collection_paused():
             walk = asyncio.run(_walk_unless_stopped(settings, seams, collector, missing_after))
             early.finish()
+            sightings = collector.final(walk)
             summary, finished_at = _decide_and_apply(
-                db, settings, sync_id, walk, present, collector.final(walk), seams, started, early
+                db, settings, sync_id, walk, collector.present, sightings, seams, started, early
             )
     except BaseException as exc:
         early.abandon()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import rows
+from conftest import already_read, rows
 
 import pipeline.sync
 from pipeline.client import Page
@@ -131,11 +131,13 @@ def test_a_known_page_is_taken_as_stored_without_fingerprints():
     runners = [{"id": "r1", "name": "new"}, {"id": "r2"}]
     body = b'{"runners":[{"id":"r1","name":"new"},{"id":"r2"}],"total":2}'
     page = Page(number=1, per_page=100, runners=runners, total=2, body=body)
-    known = _Collector(key, False, {}, None, known_pages={page_digester(key)(body)})
+    known = _Collector(key, False, already_read({}), None, known_pages={page_digester(key)(body)})
     known(page, 1)
     assert known.records == {"r1": (1, None), "r2": (1, None)}
 
-    unknown = _Collector(key, False, {}, None, known_pages={page_digester(key)(body + b" ")})
+    unknown = _Collector(
+        key, False, already_read({}), None, known_pages={page_digester(key)(body + b" ")}
+    )
     unknown(page, 1)
     assert all(record is not None for _, record in unknown.records.values())
 
@@ -158,7 +160,7 @@ def runner(runner_id: str, name: str = "a") -> dict[str, Any]:
 
 def test_a_complete_walk_that_saw_a_runner_twice_vouches_for_no_page():
     key = b"k" * 32
-    collector = _Collector(key, False, {}, None)
+    collector = _Collector(key, False, already_read({}), None)
     first = [runner("r1"), runner("r2")]
     second = [runner("r2", name="moved and changed"), runner("r3")]
     for number, runners in ((1, first), (2, second)):
@@ -166,7 +168,7 @@ def test_a_complete_walk_that_saw_a_runner_twice_vouches_for_no_page():
     walk = WalkResult(complete=True, walks=1, pages_fetched=2, total_reported=3, reasons=())
     assert collector.pages_to_vouch_for(walk) == []
 
-    once = _Collector(key, False, {}, None)
+    once = _Collector(key, False, already_read({}), None)
     once(Page(1, 2, first, 3, body=b"1"), 1)
     once(Page(2, 2, [runner("r3")], 3, body=b"2"), 1)
     vouched = once.pages_to_vouch_for(walk)

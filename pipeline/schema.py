@@ -397,8 +397,8 @@ def journal_for_first_sync(db: Database) -> Iterator[None]:
     is the same in both modes. Leaving WAL needs the database to itself, so the switch is
     tried without waiting: a store someone else has open stays in WAL (the sync is only
     slower). While the first sync runs, a reader may wait for its commit, as with any
-    rollback journal.
-    WAL comes back as the sync ends; should that fail, ``open_store`` restores it next time.
+    rollback journal. WAL comes back as the sync ends; should that fail, ``open_store``
+    restores it the next time it opens the store.
     """
     if not _store_is_empty(db) or not _set_journal_mode(db, "delete", wait=False):
         yield

@@ -7,7 +7,7 @@ lets the deletion rule (never delete unless the walk proved itself complete) be 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -73,14 +73,18 @@ class ChangeSet:
 
 
 def ids_needing_fields(
-    stored: Mapping[str, StoredState], seen: Iterable[RunnerRecord]
+    stored: Mapping[str, StoredState], seen: Mapping[str, RunnerRecord]
 ) -> list[str]:
-    """Ids whose stored fields must be loaded to name what changed (hash differs, or deleted)."""
+    """Ids whose stored fields must be loaded to name what changed (hash differs, or deleted).
+
+    Only runners both stored and seen can need them, so the loop runs over the (usually far
+    fewer) stored ones: none at all on a first sync of 100,000 runners.
+    """
     needed = []
-    for record in seen:
-        state = stored.get(record.id)
-        if state is not None and (state.deleted or state.content_hash != record.content_hash):
-            needed.append(record.id)
+    for runner_id, state in stored.items():
+        record = seen.get(runner_id)
+        if record is not None and (state.deleted or state.content_hash != record.content_hash):
+            needed.append(runner_id)
     return needed
 
 
@@ -115,7 +119,11 @@ def plan_changes(
     """
     changes = ChangeSet()
     unchanged = len(seen_unchanged)
-    for runner_id, record in seen.items():
+    to_compare: Mapping[str, RunnerRecord] = seen
+    if not stored:  # nothing seen was stored before (a first sync): all created, in C
+        changes.created.extend(seen.values())
+        to_compare = {}
+    for runner_id, record in to_compare.items():
         state = stored.get(runner_id)
         if state is None:
             changes.created.append(record)

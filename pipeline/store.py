@@ -24,7 +24,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -254,11 +254,9 @@ def apply_changes(
                 "VALUES (?, ?, ?)",
                 [(owner, applied_at, sync_id) for owner in sorted(set(owners))],
             )
-            created = {record.id: record for record in changes.created}
-            _remove_created([i for i, record in written.items() if created.get(i) != record], conn)
-            _insert_created(
-                conn, [r for r in changes.created if written.get(r.id) != r], sync_id, applied_at
-            )
+            taken_back, to_insert = _settle_early_writes(written, changes.created)
+            _remove_created(taken_back, conn)
+            _insert_created(conn, to_insert, sync_id, applied_at)
             # An external-content FTS5 entry is removed by repeating the values it indexed,
             # so the old entries go before the rows change and the new ones go in after.
             _update_search_index(conn, reindexed, "remove")
@@ -477,6 +475,28 @@ def _insert_created(
         [_ALL_FIELDS_JSON, now, sync_id, last_rowid],
     )
     _index_rows_after(conn, last_rowid)
+
+
+def _settle_early_writes(
+    written: Mapping[str, RunnerRecord], created: Sequence[RunnerRecord]
+) -> tuple[list[str], list[RunnerRecord]]:
+    """(ids written early to take back, new runners still to insert).
+
+    A runner written early stays only if the sync creates it exactly as written; one pass
+    over the created runners (usually the very records written) says whether all do.
+    """
+    to_insert: list[RunnerRecord] = []
+    kept = 0
+    for record in created:
+        early = written.get(record.id)
+        if early is record or early == record:
+            kept += 1
+        else:
+            to_insert.append(record)
+    if kept == len(written):
+        return [], to_insert
+    created_as_written = {r.id for r in created if written.get(r.id) == r}
+    return [i for i in written if i not in created_as_written], to_insert
 
 
 def _remove_created(ids: Sequence[str], conn: sqlite3.Connection) -> None:

@@ -570,8 +570,8 @@ def _decide_and_apply(
     unknown_statuses += len(store.load_unknown_status_ids(db) & seen.unchanged)
     warnings = list(_warnings(walk, rejections, unknown_statuses))
     # Runners written early were never in the store: nothing to compare them with.
-    stored = store.load_stored_states(db, [i for i in records if i not in early.written])
-    stored_fields = store.load_stored_fields(db, ids_needing_fields(stored, records.values()))
+    stored = store.load_stored_states(db, list(records.keys() - early.written.keys()))
+    stored_fields = store.load_stored_fields(db, ids_needing_fields(stored, records))
     changes = plan_changes(
         stored,
         stored_fields,

@@ -34,7 +34,7 @@ def test_plan_names_created_updated_restored_deleted_and_unchanged():
     back = record("d", tags=["x"])
     stored = {"a": state(same), "b": state(old_b), "c": state(gone), "d": state(back_old, True)}
     seen = {"a": same, "b": new_b, "d": back, "e": record("e")}
-    assert ids_needing_fields(stored, seen.values()) == ["b", "d"]
+    assert ids_needing_fields(stored, seen) == ["b", "d"]
     fields = {"b": old_b.fields(), "d": back_old.fields()}
 
     plan = plan_changes(stored, fields, seen, deletions_allowed=True)
@@ -94,3 +94,21 @@ def test_an_unchanged_runner_with_a_stale_fingerprint_is_refingerprinted_not_ver
     assert not stale.matches(parsed.fingerprint)
     assert StoredState(parsed.content_hash, False, 1, parsed.fingerprint).matches(parsed.fingerprint)
     assert not StoredState(parsed.content_hash, True, 1, parsed.fingerprint).matches(parsed.fingerprint)
+
+
+def test_with_nothing_seen_in_the_store_all_is_created_in_order_and_absences_still_count():
+    seen = {"e": record("e"), "f": record("f")}
+    plan = plan_changes({}, {}, seen, present={"a", "b"}, deletions_allowed=True)
+    assert plan.created == [seen["e"], seen["f"]]
+    assert plan.deleted == ["a", "b"]
+    assert (plan.updated, plan.restored, plan.unchanged) == ([], [], 0)
+
+    withheld = plan_changes({}, {}, seen, present={"a"}, deletions_allowed=False)
+    assert withheld.created == [seen["e"], seen["f"]] and withheld.deletions_withheld == 1
+
+
+def test_fields_are_needed_only_for_runners_both_stored_and_seen_that_differ():
+    same, changed = record("a"), record("b", name="renamed")
+    stored = {"a": state(same), "b": state(record("b")), "gone": state(record("gone"))}
+    assert ids_needing_fields(stored, {"a": same, "b": changed, "new": record("new")}) == ["b"]
+    assert ids_needing_fields({}, {"a": same}) == []

@@ -13,8 +13,10 @@ import pytest
 from conftest import rows
 
 from pipeline.errors import AuthenticationError
+from pipeline.records import RunnerRecord
 from pipeline.settings import Settings
 from pipeline.simulator import SimulatedAccount, create_app
+from pipeline.store import _settle_early_writes
 from pipeline.sync import run_sync
 
 
@@ -124,3 +126,18 @@ def test_the_garbage_collector_paused_for_the_walk_is_running_again_after(tmp_pa
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def early_record(runner_id: str, name: str = "n") -> RunnerRecord:
+    return RunnerRecord(runner_id, "u", name, "active", "e", "[]", "{}", "t", "t", "{}", "h")
+
+
+def test_settling_early_writes_keeps_exactly_the_runners_created_as_written():
+    a, b = early_record("a"), early_record("b")
+    assert _settle_early_writes({"a": a, "b": b}, [a, b]) == ([], [])
+    assert _settle_early_writes({"a": a}, [early_record("a"), b]) == ([], [b])  # equal, not same
+
+    changed = early_record("b", name="renamed")
+    assert _settle_early_writes({"a": a, "b": b}, [a, changed]) == (["b"], [changed])
+    assert _settle_early_writes({"a": a, "b": b}, [b]) == (["a"], [])  # not created at all
+    assert _settle_early_writes({}, [a]) == ([], [a])

@@ -415,20 +415,24 @@ def _store_is_empty(db: Database) -> bool:
 
 
 def _set_journal_mode(db: Database, mode: str, *, wait: bool) -> bool:
-    """Switch the journal mode if SQLite can at once (or within the busy timeout)."""
+    """Switch to ``mode`` ("wal" or "delete") with sqlite-utils' own switches, if SQLite can
+    at once (or, with ``wait``, within the busy timeout); True if the store is in it now."""
     conn = db.conn
     if conn.in_transaction:
         return False
     if not wait:
         conn.execute("PRAGMA busy_timeout = 0")
     try:
-        [(now_in,)] = conn.execute(f"PRAGMA journal_mode = {mode}")
-        return bool(now_in == mode)
+        if mode == "wal":
+            db.enable_wal()
+        else:
+            db.disable_wal()
     except sqlite3.OperationalError:
-        return False  # another connection holds the database: keep the mode it has
+        pass  # another connection holds the database: it keeps the mode it has
     finally:
         if not wait:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return db.journal_mode == mode
 
 
 def open_store_read_only(path: Path) -> Database:

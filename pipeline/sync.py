@@ -204,7 +204,7 @@ class _Collector:
         digests.append(digest)
         self.pages_read[walk] = (digests, sighted + len(runners))
         if digest in self.known_pages and None not in ids:
-            self.records.update(zip(cast(list[str], ids), itertools.repeat((walk, None))))
+            self._note_all_unchanged(cast(list[str], ids), walk)
             self._count_page(page)
             return
         fingerprints = list(map(self.fingerprint, runners))
@@ -216,13 +216,12 @@ class _Collector:
             for position, (runner_id, fingerprint) in enumerate(zip(ids, fingerprints, strict=True))
             if runner_id is None or not fingerprint or stored(runner_id) != fingerprint
         ]
-        unchanged = (walk, None)
         if not to_parse:  # so every id is a string
-            self.records.update(zip(cast(list[str], ids), itertools.repeat(unchanged)))
+            self._note_all_unchanged(cast(list[str], ids), walk)
         elif len(set(ids)) < len(ids):  # an id twice on one page: the later sighting wins
             self._sight(page, walk, range(len(runners)), ids, fingerprints)
         else:
-            parsing = set(to_parse)
+            parsing, unchanged = set(to_parse), (walk, None)
             self.records.update(
                 (runner_id, unchanged)
                 for position, runner_id in enumerate(ids)
@@ -230,6 +229,10 @@ class _Collector:
             )
             self._sight(page, walk, to_parse, ids, fingerprints)
         self._count_page(page)
+
+    def _note_all_unchanged(self, ids: list[str], walk: int) -> None:
+        """Every runner on the page sent exactly as stored: noted as seen, in one update."""
+        self.records.update(zip(ids, itertools.repeat((walk, None))))
 
     def _count_page(self, page: Page) -> None:
         self.pages_in_walk += 1

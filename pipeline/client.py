@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 LIST_PATH = "/v1/runner"
 RETRY_STATUSES = frozenset((429, 500, 502, 503, 504))
+#: The largest ``total`` taken at its word (SQLite's largest integer, where the run log keeps
+#: it); a larger one could only be recorded by failing after the walk.
+MAX_TOTAL = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +259,11 @@ class ComfyControlClient:
             )
         if total < 0:
             raise ApiResponseError(f"page {number} reported a negative total; nothing was applied")
+        if total > MAX_TOTAL:
+            raise ApiResponseError(
+                f"page {number} reported a total of {total} runners, more than any store can "
+                "count; nothing was applied"
+            )
         log.debug("page %d: %d runners, total %d", number, len(runners), total)
         return Page(number=number, per_page=per_page, runners=runners, total=total, body=content)
 

@@ -102,6 +102,8 @@ def test_a_body_that_is_not_json_is_an_api_error_naming_the_page():
         [1, 2],
         {"runners": [], "total": True},
         {"runners": [], "total": -1},
+        {"runners": [], "total": 2**63},
+        {"runners": [], "total": 2**64 - 1},
     ],
 )
 def test_json_of_the_wrong_shape_is_an_api_error_naming_the_page(body):

@@ -544,7 +544,7 @@ async def _walk(
             concurrency=settings.concurrency,
             retry_wait_initial=settings.retry_wait_initial,
             retry_wait_max=settings.retry_wait_max,
-            retry_after_cap=settings.retry_after_cap,
+            max_retry_after=settings.max_retry_after,
             transport=transport,
         )
     async with client:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,6 +45,9 @@ log = logging.getLogger(__name__)
 
 LIST_PATH = "/v1/runner"
 RETRY_STATUSES = frozenset((429, 500, 502, 503, 504))
+#: The most of a redirect's Location an error message quotes.
+MAX_SHOWN_LOCATION = 300
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:)?(//)?[^/?#@]*@")
 #: A Retry-After wait longer than this is announced on stderr while it runs.
 NOTICEABLE_WAIT_SECONDS = 5.0
 #: The largest ``total`` taken at its word (SQLite's largest integer, where the run log keeps
@@ -272,6 +277,8 @@ class ComfyControlClient:
                     f"{self._max_retry_after:g}; nothing was applied, try again later"
                 )
             raise _RetryableFailure(f"HTTP {status}, Retry-After {_wait_text(wait)}", wait)
+        if 300 <= status < 400:
+            raise ConfigurationError(self._redirect_message(response, number))
         if status == 404:
             raise ConfigurationError(
                 f"{response.url.copy_with(query=None)} was not found (404); check --base-url"
@@ -302,6 +309,60 @@ class ComfyControlClient:
             )
         log.debug("page %d: %d runners, total %d", number, len(runners), total)
         return Page(number=number, per_page=per_page, runners=runners, total=total, body=content)
+
+    def _redirect_message(self, response: httpx.Response, number: int) -> str:
+        """Why a redirect stops the sync, and where it points, safe to print.
+
+        Never followed: the request carries the token, and a redirect may lead to another host.
+        The Location is upstream text, so it is shown resolved against the request, quoted with
+        every non-ASCII or control character escaped, length-capped, and with the token (if
+        the server echoed it) blanked out.
+        """
+        said = f"ComfyControl answered HTTP {response.status_code} on page {number}"
+        location = response.headers.get("Location")
+        if not location:
+            return (
+                f"{said}, a redirect without a Location; redirects are not followed: "
+                "check --base-url"
+            )
+        try:
+            target: httpx.URL | None = response.request.url.join(location)
+        except (httpx.InvalidURL, ValueError, TypeError):
+            target = None
+        # Userinfo is dropped: it may be a credential, and is no part of a --base-url.
+        shown = (
+            _USERINFO.sub(r"\1\2", location) if target is None else str(_without_userinfo(target))
+        )
+        shown = self._blank_token(shown)
+        if len(shown) > MAX_SHOWN_LOCATION:
+            shown = shown[:MAX_SHOWN_LOCATION] + "..."
+        base = _base_url_of(target) if target is not None else None
+        hint = f" (perhaps {ascii(base)[1:-1]})" if base and base == self._blank_token(base) else ""
+        return (
+            f"{said}, redirecting to {shown!a} (Location); redirects are not followed, so "
+            f"the token never goes anywhere but --base-url: check --base-url{hint}"
+        )
+
+    def _blank_token(self, text: str) -> str:
+        if not self._token:
+            return text
+        for form in {self._token, urllib.parse.quote(self._token, safe="")}:
+            text = text.replace(form, "[token]")
+        return text
+
+
+def _without_userinfo(url: httpx.URL) -> httpx.URL:
+    return url.copy_with(username=None, password=None)
+
+
+def _base_url_of(target: httpx.URL) -> str | None:
+    """The --base-url a redirect to the runner list suggests, or None if it is not one."""
+    if target.scheme not in ("http", "https") or not target.path.endswith(LIST_PATH):
+        return None
+    root = target.path[: -len(LIST_PATH)] or "/"
+    return str(_without_userinfo(target).copy_with(path=root, query=None, fragment=None)).rstrip(
+        "/"
+    )
 
 
 def _wait_text(seconds: float) -> str:

@@ -94,7 +94,9 @@ class Settings:
         if self.max_retries < 0:
             raise ConfigurationError("--max-retries must be 0 or more")
         if not 0 <= self.max_retry_after < math.inf:  # also refuses NaN
-            raise ConfigurationError("--max-retry-after must be a finite number of seconds, 0 or more")
+            raise ConfigurationError(
+                "--max-retry-after must be a finite number of seconds, 0 or more"
+            )
         unknown = sorted(set(self.export_formats) - set(EXPORT_FORMATS))
         if unknown or not self.export_formats:
             raise ConfigurationError(

@@ -173,6 +173,32 @@ def test_endless_full_pages_of_new_runners_end_at_the_walks_runner_limit(total):
     assert api.calls <= 1000 // 10 + 1  # the pages the limit allows, and the closing re-read
 
 
+class DamagedMiddlePages(LyingTotal):
+    """An honest listing whose pages 2 and 3 hold only records without a usable id."""
+
+    async def fetch_page(self, number: int, per_page: int) -> Page:
+        page = await super().fetch_page(number, per_page)
+        if number in (2, 3):
+            return Page(number, per_page, [{"name": "no id"}] * len(page.runners), page.total)
+        return page
+
+
+def test_pages_of_records_without_ids_are_damage_not_a_repeat_and_the_walk_reads_on():
+    api = DamagedMiddlePages(total=50, real=50)
+    pages: list[int] = []
+    result = asyncio.run(
+        walk_all_pages(
+            api,
+            per_page=10,
+            concurrency=1,
+            max_walks=1,
+            on_page=lambda p, w: pages.append(p.number),
+        )
+    )
+    assert pages == [1, 2, 3, 4, 5] and api.calls == 5 + 1  # and the closing re-read
+    assert not any("repeats itself" in reason for reason in result.reasons)
+
+
 def test_the_walks_runner_limit_leaves_a_listing_within_it_complete():
     api = LyingTotal(total=1000, real=1000)
     result = asyncio.run(

@@ -158,6 +158,13 @@ _SYNC_OPTIONS = (
         help="Retries per page on connection errors, timeouts, 429 and 5xx.",
     ),
     click.option(
+        "--max-retry-after",
+        type=click.FloatRange(min=0),
+        default=60.0,
+        metavar="SECONDS",
+        help="Fail at once (exit 4) when the API asks (Retry-After) to wait longer than this.",
+    ),
+    click.option(
         "--allow-http",
         is_flag=True,
         help="Allow plain http:// to a non-loopback host (sends the token unencrypted).",

@@ -5,13 +5,24 @@ go wrong into one of the errors in ``pipeline.errors`` and never lets a bad resp
 for an empty page. Requests go straight to an httpx transport (see ``ComfyControlClient``).
 Retries (connection errors, timeouts, 429, 500, 502, 503, 504) use
 stamina's exponential backoff with jitter; a ``Retry-After`` header replaces the backoff when
-it is a positive number of seconds or a future HTTP date, capped so a hostile value cannot
-park the sync for hours, and ignored (backoff as usual) when zero, negative or unparsable.
+it is a positive number of seconds or a future HTTP date, and is ignored (backoff as usual)
+when zero, negative or unparsable. A wait longer than ``max_retry_after`` is not waited: the
+page fails at once (UpstreamError) naming the wait asked for, so a sync neither sits silent
+for an hour nor gives up without saying why. A wait long enough to notice is logged as a
+warning while it runs.
+
+**Redirects are never followed.** The token goes only to ``--base-url``; a 3xx answer is a
+ConfigurationError (exit 2) naming where its ``Location`` points (resolved against the request,
+upstream text quoted so it carries no control character, the token blanked out), so the user
+can correct ``--base-url`` knowingly.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +45,14 @@ log = logging.getLogger(__name__)
 
 LIST_PATH = "/v1/runner"
 RETRY_STATUSES = frozenset((429, 500, 502, 503, 504))
+#: The most of a redirect's Location an error message quotes.
+MAX_SHOWN_LOCATION = 300
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:)?(//)?[^/?#@]*@")
+#: A Retry-After wait longer than this is announced on stderr while it runs.
+NOTICEABLE_WAIT_SECONDS = 5.0
+#: The largest ``total`` taken at its word (SQLite's largest integer, where the run log keeps
+#: it); a larger one could only be recorded by failing after the walk.
+MAX_TOTAL = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +71,8 @@ class Page:
 
 
 class _RetryableFailure(Exception):
-    """A failure worth another attempt; ``retry_after`` is the server's hint, if any."""
+    """A failure worth another attempt; ``retry_after`` is the server's hint, if any (the
+    bound was already checked when it was read)."""
 
     def __init__(
         self, description: str, retry_after: float | None = None, *, malformed: bool = False
@@ -110,7 +130,7 @@ class ComfyControlClient:
         concurrency: int = 4,
         retry_wait_initial: float = 0.5,
         retry_wait_max: float = 30.0,
-        retry_after_cap: float = 120.0,
+        max_retry_after: float = 60.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._list_url = base_url.rstrip("/") + LIST_PATH
@@ -133,7 +153,8 @@ class ComfyControlClient:
         self._max_retries = max_retries
         self._wait_initial = retry_wait_initial
         self._wait_max = retry_wait_max
-        self._retry_after_cap = retry_after_cap
+        self._max_retry_after = max_retry_after
+        self._token = token
         self.requests_sent = 0
 
     async def __aenter__(self) -> ComfyControlClient:
@@ -170,15 +191,21 @@ class ComfyControlClient:
 
         attempts = self._max_retries + 1
         replay: _RetryableFailure | None = first_failure
+        attempt_number = 1
+
+        def backoff_for(exc: Exception) -> bool | float:
+            return self._backoff_for(exc, number, last=attempt_number >= attempts)
+
         try:
             async for attempt in stamina.retry_context(
-                on=self._backoff_for,
+                on=backoff_for,
                 attempts=attempts,
                 timeout=None,
                 wait_initial=self._wait_initial,
                 wait_max=self._wait_max,
                 wait_jitter=self._wait_initial,
             ):
+                attempt_number = attempt.num
                 with attempt:
                     if replay is not None:
                         failure, replay = replay, None
@@ -192,14 +219,24 @@ class ComfyControlClient:
             ) from failure
         raise AssertionError("unreachable: stamina either returns or raises")
 
-    def _backoff_for(self, exc: Exception) -> bool | float:
-        """stamina's hook: retry our transient failures, waiting ``Retry-After`` when given."""
+    def _backoff_for(self, exc: Exception, number: int, *, last: bool) -> bool | float:
+        """stamina's hook: retry our transient failures, waiting ``Retry-After`` when given.
+
+        Called after every failed attempt, the last one too (stamina checks the attempt count
+        after asking), hence ``last``: no wait is announced that will not happen.
+        """
         if not isinstance(exc, _RetryableFailure):
             return False
         log.info("retrying a page request after: %s", exc)
-        if exc.retry_after is not None:
-            return min(exc.retry_after, self._retry_after_cap)
-        return True
+        if exc.retry_after is None:
+            return True
+        if exc.retry_after > NOTICEABLE_WAIT_SECONDS and not last:
+            log.warning(
+                "ComfyControl asked to wait %s before retrying page %d (Retry-After); waiting",
+                _wait_text(exc.retry_after),
+                number,
+            )
+        return exc.retry_after
 
     async def _fetch_once(self, number: int, per_page: int) -> Page:
         self.requests_sent += 1
@@ -230,9 +267,18 @@ class ComfyControlClient:
                 "check COMFYCONTROL_TOKEN (or --token)"
             )
         if status in RETRY_STATUSES:
-            raise _RetryableFailure(
-                f"HTTP {status}", parse_retry_after(response.headers.get("Retry-After"))
-            )
+            wait = parse_retry_after(response.headers.get("Retry-After"))
+            if wait is None:
+                raise _RetryableFailure(f"HTTP {status}")
+            if not wait <= self._max_retry_after:
+                raise UpstreamError(
+                    f"ComfyControl asked to wait {_wait_text(wait)} before retrying page "
+                    f"{number} (Retry-After), more than --max-retry-after "
+                    f"{self._max_retry_after:g}; nothing was applied, try again later"
+                )
+            raise _RetryableFailure(f"HTTP {status}, Retry-After {_wait_text(wait)}", wait)
+        if 300 <= status < 400:
+            raise ConfigurationError(self._redirect_message(response, number))
         if status == 404:
             raise ConfigurationError(
                 f"{response.url.copy_with(query=None)} was not found (404); check --base-url"
@@ -256,8 +302,72 @@ class ComfyControlClient:
             )
         if total < 0:
             raise ApiResponseError(f"page {number} reported a negative total; nothing was applied")
+        if total > MAX_TOTAL:
+            raise ApiResponseError(
+                f"page {number} reported a total of {total} runners, more than any store can "
+                "count; nothing was applied"
+            )
         log.debug("page %d: %d runners, total %d", number, len(runners), total)
         return Page(number=number, per_page=per_page, runners=runners, total=total, body=content)
+
+    def _redirect_message(self, response: httpx.Response, number: int) -> str:
+        """Why a redirect stops the sync, and where it points, safe to print.
+
+        Never followed: the request carries the token, and a redirect may lead to another host.
+        The Location is upstream text, so it is shown resolved against the request, quoted with
+        every non-ASCII or control character escaped, length-capped, and with the token (if
+        the server echoed it) blanked out.
+        """
+        said = f"ComfyControl answered HTTP {response.status_code} on page {number}"
+        location = response.headers.get("Location")
+        if not location:
+            return (
+                f"{said}, a redirect without a Location; redirects are not followed: "
+                "check --base-url"
+            )
+        try:
+            target: httpx.URL | None = response.request.url.join(location)
+        except (httpx.InvalidURL, ValueError, TypeError):
+            target = None
+        # Userinfo is dropped: it may be a credential, and is no part of a --base-url.
+        shown = (
+            _USERINFO.sub(r"\1\2", location) if target is None else str(_without_userinfo(target))
+        )
+        shown = self._blank_token(shown)
+        if len(shown) > MAX_SHOWN_LOCATION:
+            shown = shown[:MAX_SHOWN_LOCATION] + "..."
+        base = _base_url_of(target) if target is not None else None
+        hint = f" (perhaps {ascii(base)[1:-1]})" if base and base == self._blank_token(base) else ""
+        return (
+            f"{said}, redirecting to {shown!a} (Location); redirects are not followed, so "
+            f"the token never goes anywhere but --base-url: check --base-url{hint}"
+        )
+
+    def _blank_token(self, text: str) -> str:
+        if not self._token:
+            return text
+        for form in {self._token, urllib.parse.quote(self._token, safe="")}:
+            text = text.replace(form, "[token]")
+        return text
+
+
+def _without_userinfo(url: httpx.URL) -> httpx.URL:
+    return url.copy_with(username=None, password=None)
+
+
+def _base_url_of(target: httpx.URL) -> str | None:
+    """The --base-url a redirect to the runner list suggests, or None if it is not one."""
+    if target.scheme not in ("http", "https") or not target.path.endswith(LIST_PATH):
+        return None
+    root = target.path[: -len(LIST_PATH)] or "/"
+    return str(_without_userinfo(target).copy_with(path=root, query=None, fragment=None)).rstrip(
+        "/"
+    )
+
+
+def _wait_text(seconds: float) -> str:
+    """A wait as the user reads it: whole seconds, rounded up (a date gives fractions)."""
+    return f"{math.ceil(seconds)} s" if math.isfinite(seconds) else "forever"
 
 
 def environment_proxy(url: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,8 @@ class Settings:
     allow_mass_delete: bool = False
     retry_wait_initial: float = 0.5
     retry_wait_max: float = 30.0
-    retry_after_cap: float = 120.0
+    #: A server asking (Retry-After) for a longer wait fails the page at once instead.
+    max_retry_after: float = 60.0
     export_dir: Path | None = None
     export_formats: tuple[str, ...] = EXPORT_FORMATS
     keep_snapshots: int | None = None
@@ -91,6 +93,10 @@ class Settings:
             raise ConfigurationError("--timeout must be a positive number of seconds")
         if self.max_retries < 0:
             raise ConfigurationError("--max-retries must be 0 or more")
+        if not 0 <= self.max_retry_after < math.inf:  # also refuses NaN
+            raise ConfigurationError(
+                "--max-retry-after must be a finite number of seconds, 0 or more"
+            )
         unknown = sorted(set(self.export_formats) - set(EXPORT_FORMATS))
         if unknown or not self.export_formats:
             raise ConfigurationError(

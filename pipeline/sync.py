@@ -60,7 +60,14 @@ from pipeline.records import (
 )
 from pipeline.settings import Settings
 from pipeline.sqlite import Database
-from pipeline.walk import MissingAfter, WalkResult, pages_needed, string_ids, walk_all_pages
+from pipeline.walk import (
+    MAX_RUNNERS_PER_WALK,
+    MissingAfter,
+    WalkResult,
+    pages_needed,
+    string_ids,
+    walk_all_pages,
+)
 
 if TYPE_CHECKING:
     from pipeline.export import FileWriter
@@ -237,7 +244,8 @@ class _Collector:
     def _count_page(self, page: Page) -> None:
         self.pages_in_walk += 1
         if self.on_progress is not None:
-            expected = pages_needed(page.total, page.per_page)
+            # No more than a walk ever reads: a total of billions is no page count to show.
+            expected = pages_needed(min(page.total, MAX_RUNNERS_PER_WALK), page.per_page)
             self.on_progress(self.pages_in_walk, expected, len(self.records))
 
     def _sight(
@@ -536,7 +544,7 @@ async def _walk(
             concurrency=settings.concurrency,
             retry_wait_initial=settings.retry_wait_initial,
             retry_wait_max=settings.retry_wait_max,
-            retry_after_cap=settings.retry_after_cap,
+            max_retry_after=settings.max_retry_after,
             transport=transport,
         )
     async with client:

@@ -11,10 +11,26 @@ is **complete** when, and only when:
 * no id was seen twice;
 * the number of distinct ids equals ``total``.
 
-An incomplete walk is retried, up to ``max_walks`` times. Every walk ends: it requests at
-most ceil(total / per_page) pages plus the closing re-read, stops early at a short page that
-should have been full, and never takes an error response for an empty page (the client
-raises instead). No more than ``concurrency`` requests are ever in flight.
+An incomplete walk is retried, up to ``max_walks`` times, unless its ``total`` is more than
+any walk reads (below): then no walk could prove it, and one is enough.
+
+**Every walk ends, and costs what it received, never what ``total`` claims.** ``total`` is
+upstream text: 10**11 over empty pages must not size a list or a loop. So a walk:
+
+* requests pages 2, 3, ... one number at a time (nothing is scheduled ahead), never past
+  ceil(total / per_page) nor past ``max_runners`` runners (``MAX_RUNNERS_PER_WALK``);
+* stops at the first page short of ``per_page`` before the last one (the listing ended or
+  shrank: it is already incomplete, and reading on could mean billions of empty pages);
+* stops at the first page that brings no runner id it has not already seen in this walk
+  (the upstream ignores ``page`` or repeats itself: reading on brings nothing new).
+
+Each page it keeps reading past page 1 therefore brought at least one new runner, so the
+pages read (at most ``max_runners``, plus the ``concurrency`` in flight when it stopped,
+plus the closing re-read) and the memory held grow only with runners actually received.
+Stopping early only ever leaves a walk incomplete, which deletes nothing. The judgement
+(``judge_walk``) is sized the same way: it compares the pages received with ``total``
+arithmetically. The client never takes an error response for an empty page (it raises
+instead). No more than ``concurrency`` requests are ever in flight.
 
 **Absences.** These checks are a proof against the changes the API makes by itself (a new
 runner goes to the head of the list; deletes and updates happen anywhere). They are not a
@@ -32,7 +48,6 @@ import asyncio
 import dataclasses
 import functools
 import itertools
-import math
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +55,10 @@ from typing import Any, Protocol
 
 from pipeline.absence import Recheck, judge_page, plan_rechecks
 from pipeline.client import Page
+
+#: The most runner records one walk reads. A listing whose ``total`` is larger can never be
+#: proven complete; the limit is what makes an upstream that serves new runners forever end.
+MAX_RUNNERS_PER_WALK = 1_000_000
 
 
 class PageFetcher(Protocol):
@@ -108,16 +127,24 @@ class WalkResult:
 
 
 def pages_needed(total: int, per_page: int) -> int:
-    """Pages a list of ``total`` runners fills; page 1 is always read, even when empty."""
-    return max(1, math.ceil(total / per_page))
+    """Pages a list of ``total`` runners fills; page 1 is always read, even when empty.
+
+    Integer arithmetic: exact for any ``total``, however large.
+    """
+    return max(1, -(-total // per_page))
 
 
 def judge_walk(
-    pages: Sequence[PageSummary], closing: PageSummary | None, *, per_page: int
+    pages: Sequence[PageSummary],
+    closing: PageSummary | None,
+    *,
+    per_page: int,
+    max_runners: int = MAX_RUNNERS_PER_WALK,
 ) -> WalkVerdict:
     """Decide whether pages 1..n plus a closing re-read of page 1 form a still picture.
 
-    Pure: the whole proof is here, over plain values, so it is tested without a server.
+    Pure: the whole proof is here, over plain values, so it is tested without a server. Its
+    cost follows the pages received, never ``total`` (see the module docstring).
     """
     reasons: list[str] = []
     if not pages or pages[0].number != 1:
@@ -125,8 +152,31 @@ def judge_walk(
     total = pages[0].total
     expected = pages_needed(total, per_page)
     numbers = [page.number for page in pages]
-    if numbers != list(range(1, expected + 1)):
+    received = sum(len(page.ids) for page in pages)
+    if any(number != position for position, number in enumerate(numbers, 1)):
         reasons.append(f"read pages {_ranges(numbers)} of the {expected} that total {total} needs")
+    elif len(pages) < expected:
+        if len(pages[-1].ids) < per_page:
+            reasons.append(
+                f"the listing ended short of its total: {received} runners on {len(pages)} "
+                f"of the {expected} pages that total {total} needs"
+            )
+        elif received >= max_runners:
+            reasons.append(
+                f"stopped after {received} runners, the most one walk reads, short of the "
+                f"{total} that total claims"
+            )
+        else:
+            reasons.append(
+                f"stopped at page {len(pages)} of the {expected} that total {total} needs"
+            )
+    elif len(pages) > expected:
+        reasons.append(f"read {len(pages)} pages where total {total} needs {expected}")
+    repeat = _first_page_with_nothing_new(pages)
+    if repeat is not None:
+        reasons.append(
+            f"page {repeat} brought no runner not already seen (the listing repeats itself)"
+        )
     totals = {page.total for page in pages}
     if len(totals) > 1:
         reasons.append(f"pages reported different totals: {sorted(totals)}")
@@ -152,6 +202,26 @@ def judge_walk(
     return WalkVerdict(not reasons, tuple(reasons))
 
 
+def _first_page_with_nothing_new(pages: Sequence[PageSummary]) -> int | None:
+    """The number of the first page whose runner ids all came on earlier pages, if any."""
+    seen: set[str | None] = set()
+    for page in pages:
+        if _brings_nothing_new(page.ids, seen):
+            return page.number
+    return None
+
+
+def _brings_nothing_new(ids: Sequence[str | None], seen: set[str | None]) -> bool:
+    """Add ``ids`` to ``seen``; True when the page had runner ids and none was new.
+
+    A page without one usable id (every record rejected) is not counted as a repeat: that is
+    a damaged page, not a loop, and ``MAX_RUNNERS_PER_WALK`` bounds a stream of them.
+    """
+    before = len(seen)
+    seen.update(ids)
+    return len(seen) == before and any(ids)
+
+
 def _ranges(numbers: Sequence[int]) -> str:
     shown = ", ".join(str(number) for number in numbers[:8])
     return shown + (", ..." if len(numbers) > 8 else "")
@@ -171,6 +241,7 @@ async def walk_all_pages(
     max_walks: int,
     on_page: OnPage,
     missing_after: MissingAfter | None = None,
+    max_runners: int = MAX_RUNNERS_PER_WALK,
 ) -> WalkResult:
     """Walk the list until one walk is complete or ``max_walks`` walks were made.
 
@@ -178,18 +249,25 @@ async def walk_all_pages(
     caller can parse and drop it (a 100,000-runner walk never holds all raw JSON at once).
     When a walk is complete and ``missing_after(walk_number)`` names runners it would delete,
     their pages are re-read (``pipeline.absence``) and the result says which are ``gone``.
-    Errors from the client propagate: a walk that cannot read a page has no verdict.
+    Errors from the client propagate: a walk that cannot read a page has no verdict. Each
+    walk reads at most ``max_runners`` runners (see the module docstring).
     """
     pages_fetched = 0
     walk_number = 0
     while True:
         walk_number += 1
         summaries, closing, fetched = await _walk_once(
-            client, per_page, concurrency, functools.partial(_hand_over, on_page, walk_number)
+            client,
+            per_page,
+            concurrency,
+            functools.partial(_hand_over, on_page, walk_number),
+            max_runners,
         )
         pages_fetched += fetched
-        verdict = judge_walk(summaries, closing, per_page=per_page)
-        if verdict.complete or walk_number >= max_walks:
+        verdict = judge_walk(summaries, closing, per_page=per_page, max_runners=max_runners)
+        # A total beyond what a walk reads cannot be proven by another walk either.
+        unreachable = summaries[0].total > max_runners
+        if verdict.complete or walk_number >= max_walks or unreachable:
             break
     result = WalkResult(
         complete=verdict.complete,
@@ -220,28 +298,37 @@ async def _walk_once(
     per_page: int,
     concurrency: int,
     on_page: Callable[[Page], None],
+    max_runners: int,
 ) -> tuple[list[PageSummary], PageSummary | None, int]:
+    """One walk: page 1, then the rest until a stop rule of the module docstring holds."""
     first = await client.fetch_page(1, per_page)
     on_page(first)
     summaries = {1: PageSummary.of(first)}
-    last = pages_needed(first.total, per_page)
-    remaining: Iterator[int] = iter(range(2, last + 1))
-    stopped = False
+    seen: set[str | None] = set(summaries[1].ids)
+    received = len(first.runners)
+    last = min(pages_needed(first.total, per_page), pages_needed(max_runners, per_page))
+    # A short page 1 is the whole listing: there is nothing after it to read.
+    stopped = last == 1 or len(first.runners) < per_page
+    remaining: Iterator[int] = itertools.count(2)  # lazily: nothing is scheduled ahead
 
     async def worker() -> None:
-        nonlocal stopped
+        nonlocal stopped, received
         for number in remaining:
-            if stopped:
+            if stopped or number > last:
                 return
             page = await client.fetch_page(number, per_page)
             on_page(page)
-            summaries[number] = PageSummary.of(page)
-            if number < last and len(page.runners) < per_page:
-                # The list shrank under us, or `total` lies: the walk is already incomplete,
-                # and reading on could mean thousands of empty pages.
+            summary = summaries[number] = PageSummary.of(page)
+            received += len(page.runners)
+            if (
+                (number < last and len(page.runners) < per_page)  # the listing ended early
+                or _brings_nothing_new(summary.ids, seen)  # the upstream repeats itself
+                or received >= max_runners
+            ):
                 stopped = True
 
-    await _run_workers(worker, min(concurrency, last - 1))
+    if not stopped:
+        await _run_workers(worker, min(concurrency, last - 1))
     closing_page = await client.fetch_page(1, per_page)
     closing = PageSummary.of(closing_page)
     ordered = [summaries[number] for number in sorted(summaries)]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import httpx
 import pytest
@@ -102,6 +104,8 @@ def test_a_body_that_is_not_json_is_an_api_error_naming_the_page():
         [1, 2],
         {"runners": [], "total": True},
         {"runners": [], "total": -1},
+        {"runners": [], "total": 2**63},
+        {"runners": [], "total": 2**64 - 1},
     ],
 )
 def test_json_of_the_wrong_shape_is_an_api_error_naming_the_page(body):
@@ -116,16 +120,38 @@ def test_other_statuses_are_errors_not_empty_pages():
         fetch(lambda request: httpx.Response(404))
 
 
-def test_a_huge_retry_after_is_capped():
-    answers = iter(
-        [
-            httpx.Response(429, headers={"Retry-After": "86400"}),
-            httpx.Response(200, json={"runners": [], "total": 0}),
-        ]
-    )
+@pytest.mark.parametrize("status", [429, 503])
+@pytest.mark.parametrize(
+    "retry_after", ["86400", "61", "1e400", timedelta(hours=1), timedelta(days=30)], ids=str
+)
+def test_a_retry_after_beyond_the_bound_fails_the_page_at_once(status, retry_after):
+    if isinstance(retry_after, timedelta):  # the HTTP-date form, that far from now
+        retry_after = format_datetime(datetime.now(UTC) + retry_after, usegmt=True)
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(status, headers={"Retry-After": retry_after})
+
     began = time.monotonic()
-    fetch(lambda request: next(answers), retry_after_cap=0.2)
-    assert time.monotonic() - began < 2
+    with pytest.raises(UpstreamError) as caught:
+        fetch(handler, max_retry_after=60)
+    assert time.monotonic() - began < 2 and len(calls) == 1
+    assert type(caught.value) is UpstreamError
+    assert re.fullmatch(
+        r"ComfyControl asked to wait (\d+ s|forever) before retrying page 3 \(Retry-After\), "
+        r"more than --max-retry-after 60; nothing was applied, try again later",
+        str(caught.value),
+    )
+
+
+def test_the_wait_a_retry_after_asked_for_is_named_when_retries_run_out():
+    with pytest.raises(UpstreamError, match=r"after 2 attempts \(HTTP 429, Retry-After 1 s\)"):
+        fetch(
+            lambda request: httpx.Response(429, headers={"Retry-After": "1"}),
+            max_retries=1,
+            max_retry_after=60,
+        )
 
 
 def test_the_proxy_comes_from_the_environment_as_httpx_would_take_it(monkeypatch):

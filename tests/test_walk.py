@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
+import tracemalloc
 
 import httpx
+import pytest
 
 from pipeline.client import ComfyControlClient, Page
 from pipeline.simulator import SimulatedAccount, create_app
-from pipeline.walk import PageSummary, judge_walk, walk_all_pages
+from pipeline.walk import MAX_RUNNERS_PER_WALK, PageSummary, judge_walk, walk_all_pages
 
 
 def summary(number: int, total: int, ids: str) -> PageSummary:
@@ -55,8 +59,20 @@ def test_every_way_a_picture_can_move_is_caught():
             [summary(1, 5, "ab"), summary(2, 5, "cd"), summary(3, 5, "e")],
             None,
         ),
-        "read pages 1, 2 of the 3 that total 5 needs": (
+        "the listing ended short of its total: 3 runners on 2 of the 3 pages that total 5 needs": (
+            [summary(1, 5, "ab"), summary(2, 5, "c")],
+            closing,
+        ),
+        "stopped at page 2 of the 3 that total 5 needs": (
             [summary(1, 5, "ab"), summary(2, 5, "cd")],
+            closing,
+        ),
+        "page 2 brought no runner not already seen (the listing repeats itself)": (
+            [summary(1, 5, "ab"), summary(2, 5, "ba"), summary(3, 5, "e")],
+            closing,
+        ),
+        "read pages 1, 3 of the 3 that total 5 needs": (
+            [summary(1, 5, "ab"), summary(3, 5, "e")],
             closing,
         ),
     }
@@ -69,42 +85,161 @@ def test_every_way_a_picture_can_move_is_caught():
 class RepeatsPageOne:
     """An API that ignores `page`: the walk must end, incomplete, never loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, total: int = 1000) -> None:
         self.calls = 0
+        self.total = total
 
     async def fetch_page(self, number: int, per_page: int) -> Page:
         self.calls += 1
-        return Page(number, per_page, [{"id": f"r{i}"} for i in range(per_page)], total=1000)
+        return Page(number, per_page, [{"id": f"r{i}"} for i in range(per_page)], self.total)
 
 
-def test_an_api_that_ignores_page_ends_as_an_incomplete_walk():
-    api = RepeatsPageOne()
+@pytest.mark.parametrize("total", [1000, 10**6, 10**11, 2**63 - 1])
+def test_an_api_that_ignores_page_ends_at_the_first_page_that_brings_nothing_new(total):
+    api = RepeatsPageOne(total)
     result = asyncio.run(
         walk_all_pages(api, per_page=100, concurrency=4, max_walks=2, on_page=lambda p, w: None)
     )
-    assert not result.complete and result.walks == 2
-    assert api.calls == 2 * (10 + 1)  # ceil(1000/100) pages + the closing re-read, per walk
+    assert not result.complete
+    assert any("brought no runner not already seen" in reason for reason in result.reasons)
+    # Per walk: page 1, the pages in flight when page 2 came back a repeat, the closing re-read.
+    assert api.calls <= result.walks * (1 + 4 + 1)
 
 
 class LyingTotal:
-    """Claims a million runners but has 3: the walk stops at the first short page."""
+    """Claims ``total`` runners but has ``real``: the walk stops at the first short page."""
 
-    def __init__(self) -> None:
+    def __init__(self, total: int = 1_000_000, real: int = 3) -> None:
         self.calls = 0
+        self.total = total
+        self.real = real
 
     async def fetch_page(self, number: int, per_page: int) -> Page:
         self.calls += 1
-        runners = [{"id": f"r{i}"} for i in range(3)] if number == 1 else []
-        return Page(number, per_page, runners, total=1_000_000)
+        first = (number - 1) * per_page
+        ids = range(first, min(first + per_page, self.real))
+        return Page(number, per_page, [{"id": f"r{i}"} for i in ids], total=self.total)
 
 
-def test_a_lying_total_does_not_make_the_walk_read_ten_thousand_pages():
-    api = LyingTotal()
+HOSTILE_TOTALS = [10**6, 10**9, 10**11, 2**63 - 1]
+
+
+@pytest.mark.parametrize("total", HOSTILE_TOTALS)
+@pytest.mark.parametrize("real", [0, 3, 100, 250])
+def test_a_lying_total_ends_the_walk_at_the_first_short_page(total, real):
+    api = LyingTotal(total, real)
+    started = time.monotonic()
     result = asyncio.run(
-        walk_all_pages(api, per_page=100, concurrency=2, max_walks=1, on_page=lambda p, w: None)
+        walk_all_pages(api, per_page=100, concurrency=2, max_walks=3, on_page=lambda p, w: None)
     )
-    assert not result.complete
-    assert api.calls <= 1 + 2 + 1  # page 1, the pages in flight when the short one came, closing
+    assert time.monotonic() - started < 2
+    assert not result.complete and result.total_reported == total
+    assert any(r.startswith("the listing ended short of its total") for r in result.reasons)
+    # Per walk: the pages with runners, the first short one, the one in flight beside it, and
+    # the closing re-read. A total no walk can reach is not walked again.
+    assert api.calls <= result.walks * (real // 100 + 1 + 1 + 1)
+    assert result.walks == (3 if total <= MAX_RUNNERS_PER_WALK else 1)
+
+
+class EndlessNewRunners:
+    """Full pages of runners never seen before, for as long as anyone asks."""
+
+    def __init__(self, total: int) -> None:
+        self.calls = 0
+        self.total = total
+        self.ids = itertools.count()
+
+    async def fetch_page(self, number: int, per_page: int) -> Page:
+        self.calls += 1
+        runners = [{"id": f"r{next(self.ids)}"} for _ in range(per_page)]
+        return Page(number, per_page, runners, total=self.total)
+
+
+@pytest.mark.parametrize("total", [10**11, 2**63 - 1])
+def test_endless_full_pages_of_new_runners_end_at_the_walks_runner_limit(total):
+    api = EndlessNewRunners(total)
+    result = asyncio.run(
+        walk_all_pages(
+            api,
+            per_page=10,
+            concurrency=3,
+            max_walks=3,
+            max_runners=1000,
+            on_page=lambda p, w: None,
+        )
+    )
+    assert not result.complete and result.walks == 1
+    assert any("the most one walk reads" in reason for reason in result.reasons)
+    assert api.calls <= 1000 // 10 + 1  # the pages the limit allows, and the closing re-read
+
+
+class DamagedMiddlePages(LyingTotal):
+    """An honest listing whose pages 2 and 3 hold only records without a usable id."""
+
+    async def fetch_page(self, number: int, per_page: int) -> Page:
+        page = await super().fetch_page(number, per_page)
+        if number in (2, 3):
+            return Page(number, per_page, [{"name": "no id"}] * len(page.runners), page.total)
+        return page
+
+
+def test_pages_of_records_without_ids_are_damage_not_a_repeat_and_the_walk_reads_on():
+    api = DamagedMiddlePages(total=50, real=50)
+    pages: list[int] = []
+    result = asyncio.run(
+        walk_all_pages(
+            api,
+            per_page=10,
+            concurrency=1,
+            max_walks=1,
+            on_page=lambda p, w: pages.append(p.number),
+        )
+    )
+    assert pages == [1, 2, 3, 4, 5] and api.calls == 5 + 1  # and the closing re-read
+    assert not any("repeats itself" in reason for reason in result.reasons)
+
+
+def test_the_walks_runner_limit_leaves_a_listing_within_it_complete():
+    api = LyingTotal(total=1000, real=1000)
+    result = asyncio.run(
+        walk_all_pages(
+            api,
+            per_page=10,
+            concurrency=3,
+            max_walks=1,
+            max_runners=1000,
+            on_page=lambda p, w: None,
+        )
+    )
+    assert result.complete and api.calls == 100 + 1
+
+
+def shapes_received(total: int) -> dict[str, list[PageSummary]]:
+    """What a walk can hold when an upstream claims ``total``: a few pages, never more."""
+    return {
+        "page 1 empty": [summary(1, total, "")],
+        "page 1 short": [summary(1, total, "ab")],
+        "page 2 empty": [summary(1, total, "abc"), summary(2, total, "")],
+        "page 2 short": [summary(1, total, "abc"), summary(2, total, "d")],
+    }
+
+
+@pytest.mark.parametrize("total", HOSTILE_TOTALS)
+@pytest.mark.parametrize("shape", ["page 1 empty", "page 1 short", "page 2 empty", "page 2 short"])
+def test_judging_a_walk_costs_what_was_received_whatever_the_total_claims(total, shape):
+    pages = shapes_received(total)[shape]
+    tracemalloc.start()
+    try:
+        started = time.monotonic()
+        verdict = judge_walk(pages, pages[0], per_page=3)
+        elapsed = time.monotonic() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not verdict.complete
+    assert verdict.reasons[0].startswith("the listing ended short of its total"), verdict.reasons
+    assert str(total) in verdict.reasons[0]
+    assert peak < 64 * 1024 and elapsed < 0.5
 
 
 def test_the_walk_never_has_more_requests_in_flight_than_its_concurrency():

@@ -167,6 +167,31 @@ def test_canonical_text_is_kept_exactly_as_sent(moment):
     assert (record.created_at, record.updated_at) == (text, text)
 
 
+@st.composite
+def near_canonical_texts(draw: st.DrawFn) -> str:
+    """A canonical text with one character replaced, inserted or removed."""
+    text = canonical(draw(st.datetimes(min_value=datetime(1, 1, 1))).replace(tzinfo=UTC))
+    at = draw(st.integers(0, len(text)))
+    char = draw(st.sampled_from("0123456789-:.,TtZz +W"))
+    edit = draw(st.sampled_from(["replace", "insert", "remove"]))
+    if edit == "insert":
+        return text[:at] + char + text[at:]
+    return text[:at] + (char if edit == "replace" else "") + text[at + 1 :]
+
+
+@given(st.one_of(near_canonical_texts(), spelt_instants().map(lambda spelt: spelt[1])))
+def test_the_fast_path_takes_only_text_already_in_the_stored_form(text):
+    fast = records._looks_valid(dict(RUNNER, created_at=text))
+    try:
+        stored = records.normalise_timestamp(text)
+    except ValueError:
+        assert not fast
+        return
+    assert fast == (stored == text)
+    assert records.normalise_timestamp(stored) == stored
+    assert records._looks_valid(dict(RUNNER, updated_at=stored))
+
+
 @pytest.mark.parametrize(
     ("value", "reason"),
     [

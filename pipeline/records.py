@@ -5,6 +5,10 @@ validated against the reference (``../shared/api/list-runners.md``); fields the 
 not name are kept in ``extra`` so nothing the API sends is dropped; a record that cannot be
 stored becomes a ``Rejection`` that carries the reason and its raw JSON, redacted.
 
+Timestamps: ``created_at`` and ``updated_at`` are stored in one form, ``normalise_timestamp``'s,
+whatever ISO 8601 spelling the API used, so every reader (SQL, pandas, Parquet, CSV) sees the
+same instant and a respelling of the same instant is not a change.
+
 Secrets: ``headers`` values are credentials for the runner's endpoint, and so is any
 user:password in the endpoint URL. Unless the user opts in, each is replaced by
 ``redacted:`` + the first 12 hex digits of HMAC-SHA256 under a random per-database key, so a
@@ -15,9 +19,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
@@ -104,6 +109,79 @@ def redact_endpoint(endpoint: str, key: bytes) -> str:
         return endpoint
     netloc = f"{redact_value(userinfo, key)}@{hostport}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+_fromisoformat = datetime.fromisoformat
+#: Between an ISO 8601 date and its time: "T", or a space as RFC 3339 allows. Python accepts
+#: any character there, which would read "2024-01-15+01:00" (a date and an offset) as 01:00.
+_DATE_TIME_SEPARATOR = re.compile(r"[Tt ]")
+_ORDINAL_DATE = re.compile(r"([0-9]{4})-?([0-9]{3})").fullmatch
+#: A year before 0001 or after 9999 (year 0, a signed or a five-digit year).
+_YEAR_OUT_OF_RANGE = re.compile(r"0000|[+-][0-9]|[0-9]{5,}-").match
+NOT_A_TIMESTAMP = "is not an ISO 8601 timestamp"
+DATE_WITHOUT_TIME = "is a date without a time"
+#: The instants storable are Python's datetime range in UTC; the readers hold all of them
+#: (pandas ``datetime64[us]``, Arrow ``timestamp[us]``), which ``test_timestamps`` checks.
+OUT_OF_RANGE = "is outside the years 0001 to 9999 (UTC)"
+
+
+def normalise_timestamp(text: str) -> str:
+    """The stored form of an ISO 8601 timestamp: ``YYYY-MM-DDTHH:MM:SS[.ffffff]Z`` in UTC.
+
+    Accepts what ``datetime.fromisoformat`` reads (basic or extended format, week dates, a
+    comma or a point before the fraction, ``Z`` or any offset) plus ordinal dates, with "T"
+    or a space before the time; a time without an offset is UTC, the project's convention.
+    Digits below a microsecond are truncated: no reader holds them. Raises ValueError whose
+    text is the reason (``NOT_A_TIMESTAMP``, ``DATE_WITHOUT_TIME`` or ``OUT_OF_RANGE``) for
+    anything else: a date alone names a day, not an instant.
+    """
+    try:
+        if _fromisoformat(text) is not None and _parsed_is_canonical(text):
+            return text  # the usual value, as the API sends it
+    except ValueError:
+        pass
+    day, separator, clock = _split_date_time(text)
+    if not separator:
+        raise ValueError(DATE_WITHOUT_TIME if _calendar_date(text) else NOT_A_TIMESTAMP)
+    calendar_day = _calendar_date(day)
+    try:
+        if calendar_day is None:
+            raise ValueError(text)
+        moment = _fromisoformat(f"{calendar_day}T{clock}")
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        moment = moment.astimezone(UTC)
+    except ValueError:
+        raise ValueError(OUT_OF_RANGE if _YEAR_OUT_OF_RANGE(text) else NOT_A_TIMESTAMP) from None
+    except OverflowError:
+        raise ValueError(OUT_OF_RANGE) from None
+    return timestamp_text(moment)
+
+
+def timestamp_text(moment: datetime) -> str:
+    """An aware datetime as ``normalise_timestamp`` stores it (UTC, fraction only if any)."""
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat() + "Z"
+
+
+def _split_date_time(text: str) -> tuple[str, str, str]:
+    found = _DATE_TIME_SEPARATOR.search(text)
+    if found is None:
+        return text, "", ""
+    return text[: found.start()], found.group(), text[found.end() :]
+
+
+def _calendar_date(text: str) -> str | None:
+    """An ISO 8601 date (calendar, week or ordinal) as YYYY-MM-DD; None if it is not one."""
+    ordinal = _ORDINAL_DATE(text)
+    try:
+        if ordinal is None:
+            return date.fromisoformat(text).isoformat()
+        year, day = int(ordinal.group(1)), int(ordinal.group(2))
+        first = date(year, 1, 1)
+        found = first + timedelta(days=day - 1)
+    except (ValueError, OverflowError):
+        return None
+    return found.isoformat() if day >= 1 and found.year == year else None
 
 
 def _header_text(value: Any) -> str:
@@ -237,16 +315,21 @@ def parse_runner(
 
     ``fingerprint`` is the object's ``raw_fingerprint`` when the caller has it already.
     """
-    problem = _find_problem(raw)
-    if problem is not None:
-        runner_id = raw.get("id") if isinstance(raw, dict) else None
-        return Rejection(
-            page=page,
-            position=position,
-            runner_id=runner_id if isinstance(runner_id, str) else None,
-            reason=problem,
-            raw_json=redacted_raw_json(raw, redaction_key),
-        )
+    if type(raw) is dict and _looks_valid(raw):
+        created_at, updated_at = raw["created_at"], raw["updated_at"]
+    else:
+        problem = _describe_problem(raw)
+        if problem is not None:
+            runner_id = raw.get("id") if isinstance(raw, dict) else None
+            return Rejection(
+                page=page,
+                position=position,
+                runner_id=runner_id if isinstance(runner_id, str) else None,
+                reason=problem,
+                raw_json=redacted_raw_json(raw, redaction_key),
+            )
+        created_at = normalise_timestamp(raw["created_at"])
+        updated_at = normalise_timestamp(raw["updated_at"])
     headers = raw["headers"]
     if store_header_values:
         headers = {name: _header_text(value) for name, value in headers.items()}
@@ -266,8 +349,8 @@ def parse_runner(
         redact_endpoint(endpoint, redaction_key) if "@" in endpoint else endpoint,
         _dumps(raw["tags"]).decode(),
         _dumps(headers, option=_SORT_KEYS).decode() if headers else "{}",
-        raw["created_at"],
-        raw["updated_at"],
+        created_at,
+        updated_at,
         extra_text,
     )
     return RunnerRecord(
@@ -278,12 +361,6 @@ def parse_runner(
         or raw_fingerprint(raw, redaction_key, store_header_values=store_header_values)
         or "",
     )
-
-
-def _find_problem(raw: Any) -> str | None:
-    if type(raw) is dict and _looks_valid(raw):
-        return None  # the usual record, checked in one expression
-    return _describe_problem(raw)
 
 
 def _describe_problem(raw: Any) -> str | None:
@@ -305,16 +382,18 @@ def _describe_problem(raw: Any) -> str | None:
         return "field 'headers' is not an object"
     for name in _TIMESTAMP_FIELDS:
         try:
-            datetime.fromisoformat(raw[name])
-        except ValueError:
-            return f"field {name!r} is not an ISO 8601 timestamp"
+            normalise_timestamp(raw[name])
+        except ValueError as exc:
+            return f"field {name!r} {exc}"
     return None
 
 
 def _looks_valid(raw: dict[str, Any]) -> bool:
-    """The fast path of ``_find_problem``: True only for a record it would pass."""
+    """The fast path of ``parse_runner``: True only for a record ``_describe_problem`` passes
+    whose timestamps are already canonical, so they are stored as sent."""
     get = raw.get
     runner_id, tags = get("id"), get("tags")
+    created, updated = get("created_at"), get("updated_at")
     try:
         return (
             type(runner_id) is str
@@ -326,11 +405,28 @@ def _looks_valid(raw: dict[str, Any]) -> bool:
             and type(get("headers")) is dict
             and type(tags) is list
             and all(type(tag) is str for tag in tags)
-            and datetime.fromisoformat(get("created_at")) is not None  # type: ignore[arg-type]
-            and datetime.fromisoformat(get("updated_at")) is not None  # type: ignore[arg-type]
+            and _fromisoformat(created) is not None  # type: ignore[arg-type]
+            and _fromisoformat(updated) is not None  # type: ignore[arg-type]
+            and _parsed_is_canonical(created)  # type: ignore[arg-type]
+            and _parsed_is_canonical(updated)  # type: ignore[arg-type]
         )
     except (TypeError, ValueError):
         return False
+
+
+def _parsed_is_canonical(text: str) -> bool:
+    """Whether ``text``, which ``fromisoformat`` has read, is in the stored form.
+
+    The stored form is ``YYYY-MM-DDTHH:MM:SSZ`` (UTC, to the second, the form the API sends),
+    or with ``.ffffff`` before the ``Z`` when the microseconds are not zero. The parse has
+    checked the digits, so the length and the separators at their places prove the form:
+    a slice and a comparison, cheaper than a pattern, for a check made twice per runner.
+    """
+    if len(text) == 20:
+        return text[4:20:3] == "--T::Z"
+    return (
+        len(text) == 27 and text[4:20:3] == "--T::." and text[26] == "Z" and text[20:26] != "000000"
+    )
 
 
 def redacted_raw_json(raw: Any, key: bytes) -> str:

@@ -14,6 +14,8 @@ Tables (see README for every column):
 * ``comfysync_meta``: schema version and the per-database redaction key.
 * ``snapshots``: one row per snapshot file a sync wrote (or failed to write).
 * ``runners.raw_fingerprint`` (m005): a keyed digest of each runner as the API last sent it.
+* Runner ``created_at``/``updated_at`` in the one form ``records.normalise_timestamp`` stores
+  (m008 rewrites the times older versions kept as the API spelt them).
 * ``account_owners``: every runner owner (``user_id``) the mirror has seen, so a token for
   another account is noticed (m004).
 
@@ -35,11 +37,18 @@ import secrets
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ComfySyncError, DatabaseError, StorageError
-from pipeline.records import KNOWN_STATUSES, TRACKED_FIELDS
+from pipeline.records import (
+    KNOWN_STATUSES,
+    TRACKED_FIELDS,
+    content_hash,
+    normalise_timestamp,
+    timestamp_text,
+)
 from pipeline.sqlite import Database, Migrations
 
 META_TABLE = "comfysync_meta"
@@ -248,6 +257,51 @@ def m007_page_digests(db: Database) -> None:
     db.table("page_digests").create(
         {"digest": str, "sync_id": int}, pk="digest", not_null={"sync_id"}
     )
+
+
+@migrations()
+def m008_canonical_timestamps(db: Database) -> None:
+    """Runner times in the one stored form, with the content hashes of the rows rewritten.
+
+    Older versions stored ``created_at``/``updated_at`` as the API spelt them, which the
+    pandas API could not always read and which made a respelling look like a change. Rows
+    already canonical are left untouched, so their hashes stay valid. The raw fingerprints
+    are kept: the bytes they vouch for now parse to the values stored here (or, for a date
+    alone, are rejected, which a sync only does once they change).
+    """
+    time_columns = (TRACKED_FIELDS.index("created_at"), TRACKED_FIELDS.index("updated_at"))
+    fields = ", ".join(TRACKED_FIELDS)
+    assign = ", ".join(f"{name} = ?" for name in TRACKED_FIELDS)
+    for table in ("runners", "runner_versions"):
+        rewritten = []
+        for rowid, *values in db.execute(f"SELECT rowid, {fields} FROM {table}"):
+            new_values = list(values)
+            for column in time_columns:
+                new_values[column] = _legacy_time_in_stored_form(values[column])
+            if new_values != values:
+                rewritten.append((*new_values, content_hash(tuple(new_values)), rowid))
+        db.conn.executemany(
+            f"UPDATE {table} SET {assign}, content_hash = ? WHERE rowid = ?", rewritten
+        )
+
+
+def _legacy_time_in_stored_form(value: str | None) -> str | None:
+    """A time an older version stored, in the stored form; as it was if it reads as no instant.
+
+    Older versions accepted whatever ``datetime.fromisoformat`` reads, a date alone included,
+    which they and every reader took for its midnight UTC: that instant is kept.
+    """
+    if value is None:
+        return None
+    try:
+        return normalise_timestamp(value)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+        return timestamp_text(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    except (ValueError, OverflowError):
+        return value
 
 
 #: Known migrations, in order; the schema version is how many of them a database has.

@@ -163,7 +163,7 @@ def test_a_new_database_has_exactly_the_documented_schema(tmp_path: Path):
     db = open_store(tmp_path / "new.db")
     assert db.schema == EXPECTED_SCHEMA
     assert db.journal_mode == "wal"
-    assert read_meta(db, "schema_version") == str(SCHEMA_VERSION) == "7"
+    assert read_meta(db, "schema_version") == str(SCHEMA_VERSION) == "8"
     assert read_meta(db, "application") == "comfysync"
     assert len(bytes.fromhex(read_meta(db, "redaction_key") or "")) == 32
 
@@ -174,7 +174,7 @@ def test_opening_again_is_idempotent_and_keeps_the_redaction_key(tmp_path: Path)
     first.close()
     again = open_store(tmp_path / "m.db")
     assert again.schema == EXPECTED_SCHEMA and read_meta(again, "redaction_key") == key
-    assert again.execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == (7,)
+    assert again.execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == (8,)
 
 
 def test_each_database_gets_its_own_redaction_key(tmp_path: Path):

@@ -237,7 +237,7 @@ def test_a_database_made_before_m002_migrates_forward_with_views_and_index(
     make_m001_database(path, tmp_path / "new.db")
 
     migrated = open_store(path)
-    assert schema.schema_version(migrated) == schema.SCHEMA_VERSION == 7
+    assert schema.schema_version(migrated) == schema.SCHEMA_VERSION == 8
     assert sorted(migrated.view_names()) == ["current_runners", "runner_changes", "runner_tags"]
     migrated.close()
     first = account.list_runners()[0]

@@ -262,6 +262,7 @@ def test_history_json(mirror: Mirror, run_cli):
         "runner_id": runner_id,
         "name": "Research H100 Runner 535",
         "deleted_at": None,
+        "matched": {"by": "id prefix", "version": None},
         "versions": [
             {**version, "version": 1, "change": "created",
              "changed_at": mirror.applied_at(1), "sync_id": 1, "fields": []},
@@ -293,7 +294,7 @@ def test_an_unknown_runner_exits_2_with_one_line(mirror: Mirror, run_cli):
     result = run_cli("history", "no-such-runner", "--db", str(mirror.path))
     assert (result.exit_code, result.stdout) == (2, "")
     assert result.stderr == (
-        "comfysync: error: no runner has the id, id prefix or exact name 'no-such-runner'; "
+        "comfysync: error: no runner has or had the id, id prefix or name 'no-such-runner'; "
         "`comfysync changes --since 30d` lists recent ones\n"
     )
 

@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from pipeline.printable import printable
+from pipeline.printable import printable, printable_lines
 
 LOG_FORMATS = ("text", "json")
 
@@ -31,7 +31,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = f"{_utc(record)} comfysync: {record.levelname}: {printable(record.getMessage())}"
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "\n" + printable_lines(self.formatException(record.exc_info))
         return line
 
 

@@ -26,7 +26,7 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import ComfySyncError
-from pipeline.printable import PrintableFormatter, printable, printable_json
+from pipeline.printable import PrintableFormatter, printable, printable_json, printable_lines
 from pipeline.settings import (
     DEFAULT_BASE_URL,
     DEFAULT_DB_PATH,
@@ -771,7 +771,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except ComfySyncError as exc:
         if _debug:  # the traceback too, but still the documented exit code
-            traceback.print_exc()
+            click.echo(printable_lines(traceback.format_exc().rstrip("\n")), err=True)
         click.echo(f"comfysync: error: {printable(exc.message)}", err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:

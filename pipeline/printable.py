@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 #: Every character printed only as an escape (the backslash is escaped as well).
 UNPRINTABLE = frozenset(
@@ -62,6 +63,11 @@ def printable(text: str) -> str:
     return _IN_TEXT.sub(_escape, text)
 
 
+def printable_lines(text: str) -> str:
+    """Multi-line text (a traceback) with each line through ``printable``; its newlines stay."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 def printable_json(text: str) -> str:
     """JSON text (as ``json.dumps``/orjson write it) with what JSON leaves raw escaped.
 
@@ -75,11 +81,17 @@ def printable_json(text: str) -> str:
 class PrintableFormatter(logging.Formatter):
     """A log formatter that prints each message through ``printable``: one line per record.
 
-    Only the message is escaped; a traceback (``--debug``) keeps its own lines.
+    A traceback (``--debug``) keeps its own lines, each escaped the same way.
     """
 
-    def formatMessage(self, record: logging.LogRecord) -> str:
+    def format(self, record: logging.LogRecord) -> str:
         # A copy: other handlers of the same record must still see it as it was logged.
-        shown = logging.makeLogRecord(record.__dict__)
-        shown.message = printable(record.message)
-        return super().formatMessage(shown)
+        message = printable(record.getMessage())
+        shown = {**record.__dict__, "msg": message, "args": None, "exc_text": None}
+        return super().format(logging.makeLogRecord(shown))
+
+    def formatException(self, ei: Any) -> str:
+        return printable_lines(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return printable_lines(super().formatStack(stack_info))

@@ -241,6 +241,23 @@ def test_every_human_output_escapes_upstream_controls_and_keeps_its_lines(
     assert any(f"other-{text}" in entry["message"] for entry in logged)
 
 
+def test_debug_shows_the_traceback_escaped_too(serve_account, tmp_path):
+    text = HOSTILE["ESC sequences and a forged line"]
+    db = tmp_path / "m.db"
+    upstream = serve_account(runners=2, seed=7, user_id="owner")
+    run_sync(Settings(base_url=upstream.url, token="test-token", db_path=db, export_dir=None))
+    foreign = serve_account(runners=2, seed=8, user_id=f"other-{text}")
+    result = run_raw(tmp_path, "sync", "--debug", "--base-url", foreign.url, "--db", str(db))
+    assert result.exit_code == 2, result.stderr
+    assert "Traceback (most recent call last):" in result.stderr
+    assert raw_output_problems(result.stderr) == set()
+    assert (
+        f"comfysync: error: the API listed runners of owner other-{shown(text)}, " in result.stderr
+    )
+    first_line = text.split("\n")[0]  # in the traceback, the exception's own newline stays
+    assert result.stderr.count(f"other-{shown(first_line)}") == 2
+
+
 def test_a_text_that_looks_like_an_escape_is_shown_apart_from_the_control_itself(
     serve_account, tmp_path
 ):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.printable import PrintableFormatter, printable, printable_json
+from pipeline.printable import PrintableFormatter, printable, printable_json, printable_lines
 
 DANGEROUS = frozenset(
     chr(code)
@@ -82,13 +83,20 @@ def test_printable_json_keeps_json_exact_and_shows_no_dangerous_character(value)
 def test_the_log_formatter_escapes_the_message_but_keeps_a_traceback_s_lines(text):
     formatter = PrintableFormatter("comfysync: %(levelname)s: %(message)s")
     try:
-        raise ValueError("boom")
+        raise ValueError(f"boom {text}")
     except ValueError:
-        import sys
-
         info = sys.exc_info()
     record = logging.LogRecord("pipeline", logging.WARNING, __file__, 1, "said %s", (text,), info)
     first, *traceback = formatter.format(record).split("\n")
     assert first == f"comfysync: WARNING: said {printable(text)}"
     assert traceback[0] == "Traceback (most recent call last):"
+    # A newline in an exception's text still breaks the traceback's line: only there.
+    assert "\n".join(traceback).endswith(f"ValueError: boom {printable_lines(text)}")
+    assert not set("".join(traceback)) & DANGEROUS
     assert record.getMessage() == f"said {text}"  # other handlers still get the record as is
+
+
+@given(st.lists(texts, max_size=5))
+def test_printable_lines_escapes_each_line_and_keeps_the_line_breaks(lines):
+    text = "\n".join(lines)
+    assert printable_lines(text).split("\n") == [printable(line) for line in text.split("\n")]

@@ -461,7 +461,16 @@ def test_the_read_commands_never_write_the_database(mirror: Mirror, run_cli, tmp
 def test_a_restored_runner_and_a_partial_run(serve_account, run_cli, tmp_path):
     upstream = serve_account(runners=6, seed=3)
     account = upstream.account
-    sync = ("sync", "--base-url", upstream.url, "--token", "test-token", "--db", "r.db", "--no-export")
+    sync = (
+        "sync",
+        "--base-url",
+        upstream.url,
+        "--token",
+        "test-token",
+        "--db",
+        "r.db",
+        "--no-export",
+    )
     assert run_cli(*sync).exit_code == 0
     gone = account.delete_runner(account.runner_ids()[1])
     assert run_cli(*sync).exit_code == 0

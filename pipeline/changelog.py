@@ -56,17 +56,17 @@ class VersionEntry:
     fields: tuple[FieldChange, ...]
 
 
+#: What ``resolve_runner`` matched a query with (``Match.by``), in the order it tries them.
+BY_ID, BY_ID_PREFIX, BY_NAME, BY_FORMER_NAME = "id", "id prefix", "name", "former name"
+
+
 @dataclass(frozen=True)
 class Match:
-    """How a lookup named its runner: ``by`` one of MATCH_KINDS; for a former name,
+    """How a lookup named its runner: ``by`` one of the BY_* kinds; for a former name,
     ``version`` is the last version that had the name."""
 
     by: str
     version: int | None = None
-
-
-#: What ``resolve_runner`` matched a query with, in the order it tries them.
-MATCH_KINDS = ("id", "id prefix", "name", "former name")
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def resolve_runner(db: Database, query: str) -> tuple[str, Match]:
         raise RunnerLookupError("give a runner id, a unique id prefix or an exact name")
     exact = db.execute("SELECT id FROM runners WHERE id = ?", [query]).fetchone()
     if exact is not None:
-        return str(exact[0]), Match("id")
+        return str(exact[0]), Match(BY_ID)
     candidates = db.execute(
         "SELECT id, name, name = ? FROM runners WHERE lower(substr(id, 1, ?)) = lower(?) "
         "OR name = ? ORDER BY id",
@@ -104,7 +104,7 @@ def resolve_runner(db: Database, query: str) -> tuple[str, Match]:
     ).fetchall()
     if len(candidates) == 1:
         runner_id, _, by_name = candidates[0]
-        return str(runner_id), Match("name" if by_name else "id prefix")
+        return str(runner_id), Match(BY_NAME if by_name else BY_ID_PREFIX)
     if len(candidates) > 1:
         shown = _candidates(f"{row[0]} ({row[1]})" for row in candidates)
         raise RunnerLookupError(
@@ -121,7 +121,7 @@ def _resolve_former_name(db: Database, query: str) -> tuple[str, Match]:
         [query],
     ).fetchall()
     if len(formerly) == 1:
-        return str(formerly[0][0]), Match("former name", formerly[0][1])
+        return str(formerly[0][0]), Match(BY_FORMER_NAME, formerly[0][1])
     if not formerly:
         raise RunnerLookupError(
             f"no runner has or had the id, id prefix or name '{query}'; "

@@ -14,7 +14,7 @@ import json
 import textwrap
 from collections.abc import Sequence
 
-from pipeline.changelog import FieldChange, RunnerHistory, VersionEntry
+from pipeline.changelog import BY_FORMER_NAME, FieldChange, RunnerHistory, VersionEntry
 from pipeline.overview import MirrorStatus, Snapshots, SyncRun
 from pipeline.printable import printable, printable_json
 
@@ -195,7 +195,7 @@ def describe_history(history: RunnerHistory) -> str:
     state = f"deleted {show_time(history.deleted_at)} UTC" if history.deleted_at else "present"
     lines = [f"{printable(history.runner_id)}  {printable(history.name)}  ({state})"]
     matched = history.matched
-    if matched is not None and matched.by == "former name":
+    if matched is not None and matched.by == BY_FORMER_NAME:
         for entry in history.versions:
             if entry.version == matched.version:
                 name = show_value("name", entry.name)

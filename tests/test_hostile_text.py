@@ -5,7 +5,8 @@ Hostile strings go where upstream puts text (runner ids, names, tags, endpoint, 
 header names, the owner's user_id), are synced for real, and every human command runs as a
 process. Each output is compared with that of a "twin" mirror, built the same way from the
 hostile strings as they should be shown with every backslash made plain: a plain text of the
-same shape, so both outputs must have the same lines.
+same shape, so both outputs must have the same lines. The table covers each kind of control
+end to end; hypothesis then drives any text through every report and log formatter in process.
 """
 
 from __future__ import annotations

@@ -275,16 +275,24 @@ def test_a_text_that_looks_like_an_escape_is_shown_apart_from_the_control_itself
     assert lookalike.stdout.splitlines()[0] == f"{ids[1]}  a\\\\nb  (present)"
 
 
-def test_an_export_path_with_controls_is_printed_escaped(serve_account, tmp_path):
+def test_local_paths_with_controls_are_printed_escaped(serve_account, tmp_path):
+    """Not upstream text, but printed the same way: sync's summary, status, export's line."""
     upstream = serve_account(runners=2, seed=9)
-    db = tmp_path / "m.db"
-    run_sync(Settings(base_url=upstream.url, token="test-token", db_path=db, export_dir=None))
+    folder = "snap\x1b[2J\rforged"
+    db = "m\x1b]0;t\x07.db"
+    sync = run_raw(tmp_path, "sync", "--base-url", upstream.url, "--db", db, "--export-dir", folder)
+    status = run_raw(tmp_path, "status", "--db", db, "--export-dir", folder)
     name = "out\x1b[2J\rforged.csv"
-    result = run_raw(tmp_path, "export", "-o", name, "--db", str(db))
-    assert result.exit_code == 0, result.stderr
+    export = run_raw(tmp_path, "export", "-o", name, "--db", db)
+    for result in (sync, status, export):
+        assert result.exit_code == 0, result.stderr
+        assert raw_output_problems(result.stdout + result.stderr) == set(), result.stdout
+    assert f"  database: {shown(db)}\n" in sync.stdout
+    assert sync.stdout.count(f"  snapshot: {shown(folder)}/") == 2
+    assert status.stdout.startswith(f"database:      {shown(db)} (")
     assert (tmp_path / name).is_file()
-    assert result.stdout.startswith(f"2 rows written to {shown(name)} (")
-    assert result.stdout.count("\n") == 1 and raw_output_problems(result.stdout) == set()
+    assert export.stdout.startswith(f"2 rows written to {shown(name)} (")
+    assert export.stdout.count("\n") == 1
 
 
 # -- the class, in process: every report and log line, for any hostile text ----------------

@@ -3,7 +3,9 @@
 A scheduled sync runs unattended for months; its log is how the operator (or a log shipper)
 learns what it did. Text lines carry a UTC timestamp, since nothing else may add one; JSON
 lines carry the same message plus the record's structured ``fields`` (the run's status,
-counts, duration and next run time), so nothing has to be parsed out of prose.
+counts, duration and next run time), so nothing has to be parsed out of prose. A text line
+shows its message through ``pipeline.printable`` (upstream text in it cannot forge a line or
+drive a terminal); JSON escapes every control character itself.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import logging
 import time
 from typing import Any
+
+from pipeline.printable import printable, printable_lines
 
 LOG_FORMATS = ("text", "json")
 
@@ -25,9 +29,9 @@ class TextFormatter(logging.Formatter):
     """``2026-11-28T19:05:12.123Z comfysync: INFO: run 1 success: ...``"""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_utc(record)} comfysync: {record.levelname}: {record.getMessage()}"
+        line = f"{_utc(record)} comfysync: {record.levelname}: {printable(record.getMessage())}"
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "\n" + printable_lines(self.formatException(record.exc_info))
         return line
 
 

@@ -13,7 +13,7 @@ puts them in the database and its exports, not on terminals, in cron mail or in 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -56,55 +56,98 @@ class VersionEntry:
     fields: tuple[FieldChange, ...]
 
 
+#: What ``resolve_runner`` matched a query with (``Match.by``), in the order it tries them.
+BY_ID, BY_ID_PREFIX, BY_NAME, BY_FORMER_NAME = "id", "id prefix", "name", "former name"
+
+
+@dataclass(frozen=True)
+class Match:
+    """How a lookup named its runner: ``by`` one of the BY_* kinds; for a former name,
+    ``version`` is the last version that had the name."""
+
+    by: str
+    version: int | None = None
+
+
 @dataclass(frozen=True)
 class RunnerHistory:
-    """A runner's current name and state, and every version, oldest first."""
+    """A runner's current name and state, every version (oldest first), and how the lookup
+    found it (None when it was not looked up)."""
 
     runner_id: str
     name: str
     deleted_at: str | None
     versions: tuple[VersionEntry, ...]
+    matched: Match | None = None
 
 
-def resolve_runner(db: Database, query: str) -> str:
-    """The id of the one runner ``query`` names: a full id, a unique id prefix or an exact name.
+def resolve_runner(db: Database, query: str) -> tuple[str, Match]:
+    """The id of the one runner ``query`` names, and how: a full id, a unique id prefix, an
+    exact name, or a name it had before.
 
-    A full id always wins. Otherwise every runner whose id starts with ``query`` (ignoring
-    case) or whose name is exactly ``query`` is a candidate, deleted runners included; one
-    candidate is the answer, none or several raise RunnerLookupError (naming them).
+    A full id always wins. Then every runner whose id starts with ``query`` (ignoring case)
+    or whose name is exactly ``query`` is a candidate, deleted runners included. Only when
+    there is none are former names looked at (any version's name): a name some runner has
+    now means that runner, even if another had it once. One candidate is the answer; none
+    or several raise RunnerLookupError (naming them). Messages carry the query and names as
+    they are: the CLI escapes the whole line.
     """
     if not query.strip():
         raise RunnerLookupError("give a runner id, a unique id prefix or an exact name")
     exact = db.execute("SELECT id FROM runners WHERE id = ?", [query]).fetchone()
     if exact is not None:
-        return str(exact[0])
+        return str(exact[0]), Match(BY_ID)
     candidates = db.execute(
-        "SELECT id, name FROM runners WHERE lower(substr(id, 1, ?)) = lower(?) OR name = ? "
-        "ORDER BY id",
-        [len(query), query, query],
+        "SELECT id, name, name = ? FROM runners WHERE lower(substr(id, 1, ?)) = lower(?) "
+        "OR name = ? ORDER BY id",
+        [query, len(query), query, query],
     ).fetchall()
     if len(candidates) == 1:
-        return str(candidates[0][0])
-    if not candidates:
+        runner_id, _, by_name = candidates[0]
+        return str(runner_id), Match(BY_NAME if by_name else BY_ID_PREFIX)
+    if len(candidates) > 1:
+        shown = _candidates(f"{row[0]} ({row[1]})" for row in candidates)
         raise RunnerLookupError(
-            f"no runner has the id, id prefix or exact name {query!r}; "
+            f"'{query}' matches {len(candidates)} runners: {shown}; pass more of the id"
+        )
+    return _resolve_former_name(db, query)
+
+
+def _resolve_former_name(db: Database, query: str) -> tuple[str, Match]:
+    formerly = db.execute(
+        "SELECT v.runner_id, max(v.version), r.name FROM runner_versions AS v "
+        "JOIN runners AS r ON r.id = v.runner_id WHERE v.name = ? "
+        "GROUP BY v.runner_id ORDER BY v.runner_id",
+        [query],
+    ).fetchall()
+    if len(formerly) == 1:
+        return str(formerly[0][0]), Match(BY_FORMER_NAME, formerly[0][1])
+    if not formerly:
+        raise RunnerLookupError(
+            f"no runner has or had the id, id prefix or name '{query}'; "
             "`comfysync changes --since 30d` lists recent ones"
         )
-    shown = ", ".join(f"{row[0]} ({row[1]})" for row in candidates[:MAX_CANDIDATES_SHOWN])
-    more = len(candidates) - MAX_CANDIDATES_SHOWN
-    rest = f" and {more} more" if more > 0 else ""
+    shown = _candidates(f"{row[0]} ({row[2]}, as v{row[1]})" for row in formerly)
     raise RunnerLookupError(
-        f"{query!r} matches {len(candidates)} runners: {shown}{rest}; pass more of the id"
+        f"'{query}' was a former name of {len(formerly)} runners: {shown}; pass the id of one"
     )
 
 
-def runner_history(db: Database, runner_id: str) -> RunnerHistory:
-    """Every version of one runner (an id ``resolve_runner`` returned), oldest first."""
+def _candidates(descriptions: Iterable[str]) -> str:
+    """The first MAX_CANDIDATES_SHOWN runners of an ambiguous lookup, and how many more."""
+    listed = list(descriptions)
+    more = len(listed) - MAX_CANDIDATES_SHOWN
+    return ", ".join(listed[:MAX_CANDIDATES_SHOWN]) + (f" and {more} more" if more > 0 else "")
+
+
+def runner_history(db: Database, runner_id: str, *, matched: Match | None = None) -> RunnerHistory:
+    """Every version of one runner (an id ``resolve_runner`` returned), oldest first, with
+    how it was ``matched``."""
     row = db.execute("SELECT name, deleted_at FROM runners WHERE id = ?", [runner_id]).fetchone()
     if row is None:
-        raise RunnerLookupError(f"no runner has the id {runner_id!r}")
+        raise RunnerLookupError(f"no runner has the id '{runner_id}'")
     versions = _versions(db, runner_id=runner_id)
-    return RunnerHistory(runner_id, row[0], row[1], tuple(versions))
+    return RunnerHistory(runner_id, row[0], row[1], tuple(versions), matched)
 
 
 def changes_since(db: Database, since: str) -> list[VersionEntry]:

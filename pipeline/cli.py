@@ -1,8 +1,10 @@
 """The ``comfysync`` command. The only module that knows about click and exit codes.
 
 Errors from the library arrive as ``pipeline.errors`` classes, each carrying its exit code;
-``main`` turns them into one line on stderr (a traceback only with ``--debug``). Heavy
-modules are imported inside the commands so ``comfysync --help`` starts instantly.
+``main`` turns them into one line on stderr (a traceback only with ``--debug``), shown through
+``pipeline.printable`` like every log line and every value printed for people, so text from
+upstream can never drive the terminal or forge a line. Heavy modules are imported inside the
+commands so ``comfysync --help`` starts instantly.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import ComfySyncError
+from pipeline.printable import PrintableFormatter, printable, printable_json, printable_lines
 from pipeline.settings import (
     DEFAULT_BASE_URL,
     DEFAULT_DB_PATH,
@@ -365,13 +368,13 @@ def describe_summary(summary: SyncSummary) -> str:
         f"  created {summary.created}, updated {summary.updated}, deleted {summary.deleted}, "
         f"restored {summary.restored}, unchanged {summary.unchanged}, "
         f"rejected {summary.rejected}",
-        f"  database: {summary.db_path}",
+        f"  database: {printable(summary.db_path)}",
     ]
     for snapshot in summary.snapshots:
         if snapshot.error is None:
-            lines.append(f"  snapshot: {snapshot.path} ({snapshot.rows} rows)")
+            lines.append(f"  snapshot: {printable(snapshot.path)} ({snapshot.rows} rows)")
         else:
-            lines.append(f"  snapshot {snapshot.format} NOT written: {snapshot.error}")
+            lines.append(f"  snapshot {snapshot.format} NOT written: {printable(snapshot.error)}")
     if summary.snapshots_pruned:
         lines.append(f"  pruned {len(summary.snapshots_pruned)} old snapshot file(s)")
     return "\n".join(lines)
@@ -553,7 +556,7 @@ def export(
         all_versions=all_versions,
         csv_safe=csv_safe,
     )
-    click.echo(f"{result.rows} rows written to {result.path} ({result.description})")
+    click.echo(printable(f"{result.rows} rows written to {result.path} ({result.description})"))
 
 
 @cli.command()
@@ -590,7 +593,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON o
 
 
 def _echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+    # Exact JSON still, with the controls JSON leaves raw (C1, bidi, separators) escaped.
+    click.echo(printable_json(json.dumps(value, indent=2, ensure_ascii=False)))
 
 
 @cli.command()
@@ -653,16 +657,18 @@ def runs(db_path: Path, limit: int, run_status: str | None, as_json: bool) -> No
 def history(runner: str, db_path: Path, as_json: bool) -> None:
     """Show every version of one runner.
 
-    RUNNER is a full id, a unique id prefix or an exact name; an ambiguous one lists the
-    runners it matches and exits 2. Updates show each changed field as old -> new (header
-    values stay redacted).
+    RUNNER is a full id, a unique id prefix, an exact name, or else a name the runner had
+    before (the output says which version had it); an ambiguous one lists the runners it
+    matches and exits 2. Updates show each changed field as old -> new (header values stay
+    redacted).
     """
     from pipeline.changelog import resolve_runner, runner_history
     from pipeline.report import describe_history
     from pipeline.schema import open_store_read_only
 
     with closing(open_store_read_only(db_path)) as db:
-        result = runner_history(db, resolve_runner(db, runner))
+        runner_id, matched = resolve_runner(db, runner)
+        result = runner_history(db, runner_id, matched=matched)
     if as_json:
         _echo_json(dataclasses.asdict(result))
     else:
@@ -729,12 +735,18 @@ def browse(db_path: Path, port: int, metadata_out: Path | None) -> None:
         else:
             metadata_out.write_text(text, encoding="utf-8")
             click.echo(
-                f"wrote {metadata_out}; run: datasette {db_path} --metadata {metadata_out}",
+                printable(
+                    f"wrote {metadata_out}; run: datasette {db_path} --metadata {metadata_out}"
+                ),
                 err=True,
             )
         return
     url = f"http://{HOST}:{port}/{database_name(db_path)}"
-    serve(db_path, port=port, on_start=lambda: click.echo(f"browse {url} (Ctrl+C stops)", err=True))
+    serve(
+        db_path,
+        port=port,
+        on_start=lambda: click.echo(printable(f"browse {url} (Ctrl+C stops)"), err=True),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -745,9 +757,9 @@ def main(argv: list[str] | None = None) -> None:
     # interpreter exit, so an embedder that calls main() keeps a working collector until then.
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.WARNING, format="comfysync: %(levelname)s: %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter("comfysync: %(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # stamina logs a bare "stamina.retry_scheduled" warning per retry; the client logs its own.
     logging.getLogger("stamina").setLevel(logging.ERROR)
@@ -766,8 +778,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except ComfySyncError as exc:
         if _debug:  # the traceback too, but still the documented exit code
-            traceback.print_exc()
-        click.echo(f"comfysync: error: {exc.message}", err=True)
+            click.echo(printable_lines(traceback.format_exc().rstrip("\n")), err=True)
+        click.echo(f"comfysync: error: {printable(exc.message)}", err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:
         if _debug:

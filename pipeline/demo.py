@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline import schema
 from pipeline.changelog import changes_in_sync
+from pipeline.printable import printable
 from pipeline.settings import EXPORT_FORMATS, Settings
 from pipeline.simulator import LoopbackServer, SimulatedAccount
 from pipeline.sync import SyncSummary, run_sync
@@ -70,10 +71,11 @@ def run_demo(db_path: Path, *, echo: Callable[[str], None] = print) -> None:
         account.rename_runner(renamed_id, old_name + " (renamed)")
         account.rotate_header(rotated_id)
         deleted = account.delete_runner(deleted_id)
+        rotated_name = account.get_runner(rotated_id)["name"]
         echo(
-            "2. upstream:    created "
-            f"{created['name']!r}, renamed {old_name!r}, rotated a header secret of "
-            f"{account.get_runner(rotated_id)['name']!r}, deleted {deleted['name']!r}"
+            f"2. upstream:    created '{printable(created['name'])}', renamed "
+            f"'{printable(old_name)}', rotated a header secret of '{printable(rotated_name)}', "
+            f"deleted '{printable(deleted['name'])}'"
         )
 
         second = run_sync(settings)
@@ -84,7 +86,10 @@ def run_demo(db_path: Path, *, echo: Callable[[str], None] = print) -> None:
         for change in changes_in_sync(db, second.sync_id):
             names = ", ".join(field.field for field in change.fields)
             fields = f"  [{names}]" if change.change == "updated" else ""
-            echo(f"   {change.change:<9} {change.runner_id[:8]}  {change.name}{fields}")
+            echo(
+                f"   {change.change:<9} {printable(change.runner_id[:8])}  "
+                f"{printable(change.name)}{fields}"
+            )
     finally:
         db.close()
 

@@ -3,7 +3,9 @@
 Plain functions from the read modules' dataclasses to strings (no click, no SQL), so each
 output is tested exactly. Lines fit an 80-column terminal, except a single value (a path, a
 long endpoint) that is itself wider: values are never cut. Times are shown to the second in
-UTC; ``--json`` carries them in full.
+UTC; ``--json`` carries them in full. Every value that came from upstream, the user or the
+disk goes through ``pipeline.printable`` field by field, so it can neither drive the terminal
+nor add a line; the reports' own line breaks are the only ones.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import json
 import textwrap
 from collections.abc import Sequence
 
-from pipeline.changelog import FieldChange, RunnerHistory, VersionEntry
+from pipeline.changelog import BY_FORMER_NAME, FieldChange, RunnerHistory, VersionEntry
 from pipeline.overview import MirrorStatus, Snapshots, SyncRun
+from pipeline.printable import printable, printable_json
 
 WIDTH = 80
 #: Columns that hold JSON text: shown as stored (compact), not quoted again.
@@ -64,15 +67,17 @@ def _counts(run: SyncRun) -> str:
 
 def _run_notes(run: SyncRun, indent: str) -> list[str]:
     """The error of a failed run and the warnings of a partial one, wrapped."""
-    notes = [f"error: {run.error}"] if run.error else []
-    notes += [f"warning: {warning}" for warning in run.warnings]
+    notes = [f"error: {printable(run.error)}"] if run.error else []
+    notes += [f"warning: {printable(warning)}" for warning in run.warnings]
     return [line for note in notes for line in _wrap(note, indent + "  ", indent)]
 
 
 def describe_status(status: MirrorStatus) -> str:
     """The ``comfysync status`` report."""
     pad = " " * _LABEL
-    lines = _labelled("database", [f"{status.db_path} ({human_size(status.size_bytes)})"])
+    lines = _labelled(
+        "database", [f"{printable(status.db_path)} ({human_size(status.size_bytes)})"]
+    )
     lines += _labelled("schema", [f"version {status.schema_version}"])
     last = status.last_sync
     if last is None:
@@ -104,21 +109,26 @@ def describe_status(status: MirrorStatus) -> str:
 
 def _describe_snapshots(snapshots: Snapshots, pad: str) -> list[str]:
     """The snapshot lines of ``status``: how many, oldest, newest, then what is wrong."""
+    export_dir = printable(snapshots.export_dir)
     if snapshots.files == 0:
-        lines = _labelled("snapshots", [f"none under {snapshots.export_dir}"])
+        lines = _labelled("snapshots", [f"none under {export_dir}"])
     else:
         lines = _labelled(
             "snapshots",
             [
-                f"{snapshots.files} file(s) under {snapshots.export_dir}",
-                f"oldest {snapshots.oldest}",
-                f"newest {snapshots.newest}",
+                f"{snapshots.files} file(s) under {export_dir}",
+                f"oldest {printable(str(snapshots.oldest))}",
+                f"newest {printable(str(snapshots.newest))}",
             ],
         )
     problems = [
-        f"DAMAGED (sync {d.sync_id} wrote {d.written_bytes} bytes, now {d.bytes}): {d.path}"
+        f"DAMAGED (sync {d.sync_id} wrote {d.written_bytes} bytes, now {d.bytes}): "
+        f"{printable(d.path)}"
         for d in snapshots.damaged
-    ] + [f"NOT written (sync {f.sync_id}, {f.format}): {f.error}" for f in snapshots.not_written]
+    ] + [
+        f"NOT written (sync {f.sync_id}, {f.format}): {printable(f.error)}"
+        for f in snapshots.not_written
+    ]
     return lines + [line for problem in problems for line in _wrap(problem, pad + "  ", pad)]
 
 
@@ -154,12 +164,16 @@ def describe_runs(runs: Sequence[SyncRun]) -> str:
 
 
 def show_value(field: str, value: str | None) -> str:
-    """A stored value as one token: JSON columns as their compact JSON, text quoted."""
+    """A stored value as one token: JSON columns as their compact JSON, text quoted as JSON.
+
+    Either way it is JSON with every control character escaped (``printable_json``), so it
+    reads back as the exact value.
+    """
     if value is None:
         return "null"
     if field in JSON_FIELDS:
-        return value
-    return json.dumps(value, ensure_ascii=False)
+        return printable_json(value)
+    return printable_json(json.dumps(value, ensure_ascii=False))
 
 
 def _field_lines(change: FieldChange) -> list[str]:
@@ -176,9 +190,16 @@ def _version_lines(head: str, entry: VersionEntry) -> list[str]:
 
 
 def describe_history(history: RunnerHistory) -> str:
-    """Every version of one runner, oldest first, with each changed field as old -> new."""
+    """Every version of one runner, oldest first, with each changed field as old -> new;
+    when it was found by a former name, which version had that name."""
     state = f"deleted {show_time(history.deleted_at)} UTC" if history.deleted_at else "present"
-    lines = [f"{history.runner_id}  {history.name}  ({state})"]
+    lines = [f"{printable(history.runner_id)}  {printable(history.name)}  ({state})"]
+    matched = history.matched
+    if matched is not None and matched.by == BY_FORMER_NAME:
+        for entry in history.versions:
+            if entry.version == matched.version:
+                name = show_value("name", entry.name)
+                lines.append(f"  found by former name {name} (the name in v{entry.version})")
     for entry in history.versions:
         head = (
             f"  v{entry.version:<3} {show_time(entry.changed_at)} UTC  "
@@ -196,7 +217,7 @@ def describe_changes(entries: Sequence[VersionEntry], since: str) -> str:
     for entry in entries:
         head = (
             f"{show_time(entry.changed_at)} UTC  {entry.change:<8}  "
-            f"{entry.runner_id[:8]}  v{entry.version:<3} {entry.name}"
+            f"{printable(entry.runner_id[:8])}  v{entry.version:<3} {printable(entry.name)}"
         )
         lines += _version_lines(head, entry)
     return "\n".join(lines)

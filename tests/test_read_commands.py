@@ -262,6 +262,7 @@ def test_history_json(mirror: Mirror, run_cli):
         "runner_id": runner_id,
         "name": "Research H100 Runner 535",
         "deleted_at": None,
+        "matched": {"by": "id prefix", "version": None},
         "versions": [
             {**version, "version": 1, "change": "created",
              "changed_at": mirror.applied_at(1), "sync_id": 1, "fields": []},
@@ -293,7 +294,7 @@ def test_an_unknown_runner_exits_2_with_one_line(mirror: Mirror, run_cli):
     result = run_cli("history", "no-such-runner", "--db", str(mirror.path))
     assert (result.exit_code, result.stdout) == (2, "")
     assert result.stderr == (
-        "comfysync: error: no runner has the id, id prefix or exact name 'no-such-runner'; "
+        "comfysync: error: no runner has or had the id, id prefix or name 'no-such-runner'; "
         "`comfysync changes --since 30d` lists recent ones\n"
     )
 
@@ -460,7 +461,16 @@ def test_the_read_commands_never_write_the_database(mirror: Mirror, run_cli, tmp
 def test_a_restored_runner_and_a_partial_run(serve_account, run_cli, tmp_path):
     upstream = serve_account(runners=6, seed=3)
     account = upstream.account
-    sync = ("sync", "--base-url", upstream.url, "--token", "test-token", "--db", "r.db", "--no-export")
+    sync = (
+        "sync",
+        "--base-url",
+        upstream.url,
+        "--token",
+        "test-token",
+        "--db",
+        "r.db",
+        "--no-export",
+    )
     assert run_cli(*sync).exit_code == 0
     gone = account.delete_runner(account.runner_ids()[1])
     assert run_cli(*sync).exit_code == 0

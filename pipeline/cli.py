@@ -31,6 +31,7 @@ from pipeline.settings import (
     EXPORT_FORMATS,
     MAX_PER_PAGE,
     Settings,
+    refuse_blank_path,
 )
 
 if TYPE_CHECKING:
@@ -51,12 +52,25 @@ def _enable_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bo
     return value
 
 
+class PathOption(click.Path):
+    """A path option that refuses an empty or blank value with one line (exit 2).
+
+    click turns ``''`` into ``Path('.')``, the current folder: ``--db ''`` or
+    ``--export-dir ''`` would then act on it. The text is checked before that happens.
+    """
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str):
+            refuse_blank_path(value, param.opts[0] if param is not None else "a path")
+        return super().convert(value, param, ctx)
+
+
 def store_option(help_text: str) -> Callable[[FC], FC]:
     """``--db`` / COMFYSYNC_DB, the same for every command that works on the store."""
     return click.option(
         "--db",
         "db_path",
-        type=click.Path(path_type=Path),
+        type=PathOption(path_type=Path),
         envvar="COMFYSYNC_DB",
         default=DEFAULT_DB_PATH,
         show_envvar=True,
@@ -169,7 +183,7 @@ _SYNC_OPTIONS = (
     ),
     click.option(
         "--export-dir",
-        type=click.Path(path_type=Path),
+        type=PathOption(path_type=Path),
         envvar="COMFYSYNC_EXPORT_DIR",
         default=DEFAULT_EXPORT_DIR,
         show_envvar=True,
@@ -499,7 +513,7 @@ def simulate(
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    type=PathOption(path_type=Path),
     required=True,
     help="File to write; its suffix, .parquet or .csv, sets the format.",
 )
@@ -553,7 +567,7 @@ def export(
 @click.option(
     "--db",
     "db_path",
-    type=click.Path(path_type=Path),
+    type=PathOption(path_type=Path),
     default=Path("data") / "demo.db",
     help="Demo database (recreated on each run); its snapshots go to exports/<name> beside it.",
 )
@@ -573,7 +587,7 @@ def demo(db_path: Path) -> None:
 read_db_option = click.option(
     "--db",
     "db_path",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=PathOption(path_type=Path, dir_okay=False),
     envvar="COMFYSYNC_DB",
     default=DEFAULT_DB_PATH,
     show_envvar=True,
@@ -590,7 +604,7 @@ def _echo_json(value: Any) -> None:
 @read_db_option
 @click.option(
     "--export-dir",
-    type=click.Path(path_type=Path),  # not a folder: one line from find_snapshots, exit 2
+    type=PathOption(path_type=Path),  # not a folder: one line from find_snapshots, exit 2
     envvar="COMFYSYNC_EXPORT_DIR",
     default=DEFAULT_EXPORT_DIR,
     show_envvar=True,
@@ -697,7 +711,7 @@ def changes(since: str, db_path: Path, as_json: bool) -> None:
 )
 @click.option(
     "--metadata-out",
-    type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
+    type=PathOption(path_type=Path, dir_okay=False, allow_dash=True),
     default=None,
     help="Write the Datasette metadata for --db to this file ('-': stdout) and exit.",
 )

@@ -632,9 +632,9 @@ def status(db_path: Path, export_dir: Path, as_json: bool) -> None:
 @click.option(
     "--status",
     "run_status",
-    type=click.Choice(["running", "success", "partial", "failed"]),
+    type=click.Choice(["running", "interrupted", "success", "partial", "failed"]),
     default=None,
-    help="Only runs that ended with this status.",
+    help="Only runs with this status (interrupted: left running by a sync that was killed).",
 )
 @json_option
 @debug_option
@@ -645,7 +645,7 @@ def runs(db_path: Path, limit: int, run_status: str | None, as_json: bool) -> No
     from pipeline.schema import open_store_read_only
 
     with closing(open_store_read_only(db_path)) as db:
-        result = list_runs(db, limit=limit, status=run_status)
+        result = list_runs(db, limit=limit, status=run_status, db_path=db_path)
     if as_json:
         _echo_json([dataclasses.asdict(run) for run in result])
     else:

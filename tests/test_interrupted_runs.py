@@ -56,7 +56,10 @@ def test_a_killed_sync_is_shown_interrupted_by_status_and_runs(walking_sync, run
     [run] = json.loads(read(run_cli, "runs", "--json"))
     assert (run["id"], run["status"], run["error"]) == (1, "interrupted", ABANDONED_RUN_ERROR)
     table = read(run_cli, "runs").splitlines()
-    assert table[1].split()[:4] == ["1", *run["started_at"][:19].split("T"), "interrupted"]
+    started = run["started_at"][:19].replace("T", " ")
+    # Aligned with the header: the longer status takes the room of the seconds it lacks.
+    assert table[0].index("secs") + 3 == table[1].index(" -") + 1
+    assert table[1] == f"    1  {started}  interrupted  -       -     -     -     -    -    -"
     assert [
         r["id"] for r in json.loads(read(run_cli, "runs", "--status", "interrupted", "--json"))
     ] == [1]

@@ -61,7 +61,10 @@ class PathOption(click.Path):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str):
-            refuse_blank_path(value, param.opts[0] if param is not None else "a path")
+            if param is None:
+                refuse_blank_path(value, "a path", required=True)
+            else:  # named by its long form: --output, not -o
+                refuse_blank_path(value, max(param.opts, key=len), required=param.required)
         return super().convert(value, param, ctx)
 
 

@@ -106,8 +106,8 @@ def why_not_replaceable(db_path: Path) -> str | None:
             )
     if _holds_snapshot_files(demo_export_dir(db_path)):
         return (
-            f"{demo_export_dir(db_path)} holds snapshot files that the demo did not write: "
-            "pass another --db (or move them away)"
+            f"{demo_export_dir(db_path)} already holds snapshot files, and no demo database "
+            "beside it accounts for them: pass another --db (or move them away)"
         )
     return None
 

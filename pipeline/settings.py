@@ -29,16 +29,15 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def refuse_blank_path(value: str, option: str) -> None:
+def refuse_blank_path(value: str, option: str, *, required: bool = False) -> None:
     """Raise ConfigurationError if ``value``, given for ``option``, is empty or blank.
 
     An empty path would quietly mean the current folder (``Path("")`` is ``.``), so the
     command line checks the text before turning it into a path.
     """
     if not value.strip():
-        raise ConfigurationError(
-            f"{option} is empty: pass a path, or leave the option out for its default"
-        )
+        default = "" if required else ", or leave the option out for its default"
+        raise ConfigurationError(f"{option} is empty: pass a path{default}")
 
 
 def _export_dir_problem(export_dir: Path, db_path: Path) -> str | None:

@@ -190,3 +190,23 @@ def test_settings_validation_refuses_the_same_export_dirs(tmp_path):
     fine = Settings(**{**base.__dict__, "export_dir": tmp_path / "exports"})
     assert fine.validated() is fine
     assert os.listdir(tmp_path) == ["file"]
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (("export", "--output", " "), "--output is empty: pass a path"),
+        (("export", "-o", ""), "--output is empty: pass a path"),
+        (
+            ("browse", "--metadata-out", ""),
+            "--metadata-out is empty: pass a path, or leave the option out for its default",
+        ),
+    ],
+)
+def test_every_path_option_refuses_an_empty_value(args, line, run_cli, tmp_path, mirror):
+    shutil.copy(mirror.path, tmp_path / "m.db")
+    before = listing(tmp_path)
+    result = run_cli(*args, "--db", "m.db")
+    assert (result.exit_code, result.stdout) == (2, ""), result.stderr
+    assert one_error_line(result.stderr) == line
+    assert listing(tmp_path) == before

@@ -63,6 +63,23 @@ def metadata_json(db_path: Path) -> str:
     return json.dumps(metadata_for(db_path), indent=2, ensure_ascii=False) + "\n"
 
 
+def write_metadata(db_path: Path, out: Path) -> None:
+    """Write the metadata for ``db_path`` to the file ``out``, never over the database itself.
+
+    ConfigurationError if ``out`` is ``db_path`` (or one of its side files): a slip of the
+    options must not replace a mirror with a JSON file.
+    """
+    database = db_path.resolve()
+    target = out.resolve()
+    own = {database.name + suffix for suffix in ("", "-wal", "-shm", "-journal", ".lock")}
+    if target.parent == database.parent and target.name in own:
+        raise ConfigurationError(
+            f"--metadata-out {out} is the database (--db {db_path}) or one of its files; "
+            "pass another file name"
+        )
+    out.write_text(metadata_json(db_path), encoding="utf-8")
+
+
 def listen_on(port: int) -> socket.socket:
     """A socket bound to 127.0.0.1:``port``, or ConfigurationError naming the port.
 

@@ -730,14 +730,13 @@ def browse(db_path: Path, port: int, metadata_out: Path | None) -> None:
       comfysync browse --metadata-out metadata.json
       datasette data/comfysync.db --metadata metadata.json
     """
-    from pipeline.browse import HOST, database_name, metadata_json, serve
+    from pipeline.browse import HOST, database_name, metadata_json, serve, write_metadata
 
     if metadata_out is not None:
-        text = metadata_json(db_path)
         if str(metadata_out) == "-":
-            click.echo(text, nl=False)
+            click.echo(metadata_json(db_path), nl=False)
         else:
-            metadata_out.write_text(text, encoding="utf-8")
+            write_metadata(db_path, metadata_out)
             click.echo(
                 f"wrote {metadata_out}; run: datasette {db_path} --metadata {metadata_out}",
                 err=True,

@@ -302,3 +302,20 @@ def test_browse_prints_its_url_only_once_it_answers(mirror: Mirror, tmp_path):
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("name", ["m.db", "./m.db", "m.db-wal", "m.db.lock"])
+def test_metadata_out_never_overwrites_the_database_or_its_files(name, run_cli, tmp_path, mirror):
+    shutil.copy(mirror.path, tmp_path / "m.db")
+    for suffix in ("-wal", ".lock"):
+        (tmp_path / f"m.db{suffix}").write_bytes(b"")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    result = run_cli("browse", "--db", "m.db", "--metadata-out", name)
+    assert (result.exit_code, result.stdout) == (2, ""), result.stderr
+    assert result.stderr == (
+        f"comfysync: error: --metadata-out {Path(name)} is the database (--db m.db) or one of "
+        "its files; pass another file name\n"
+    )
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    beside = run_cli("browse", "--db", "m.db", "--metadata-out", "m.db.json")
+    assert beside.exit_code == 0 and json.loads((tmp_path / "m.db.json").read_text())

@@ -12,8 +12,10 @@ dependency of this module, imported only when a server starts. The server listen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
+import socket
 from collections.abc import Callable
 from functools import cache
 from importlib import resources
@@ -61,12 +63,49 @@ def metadata_json(db_path: Path) -> str:
     return json.dumps(metadata_for(db_path), indent=2, ensure_ascii=False) + "\n"
 
 
+def write_metadata(db_path: Path, out: Path) -> None:
+    """Write the metadata for ``db_path`` to the file ``out``, never over the database itself.
+
+    ConfigurationError if ``out`` is ``db_path`` (or one of its side files): a slip of the
+    options must not replace a mirror with a JSON file.
+    """
+    database = db_path.resolve()
+    target = out.resolve()
+    own = {database.name + suffix for suffix in ("", "-wal", "-shm", "-journal", ".lock")}
+    if target.parent == database.parent and target.name in own:
+        raise ConfigurationError(
+            f"--metadata-out {out} is the database (--db {db_path}) or one of its files; "
+            "pass another file name"
+        )
+    out.write_text(metadata_json(db_path), encoding="utf-8")
+
+
+def listen_on(port: int) -> socket.socket:
+    """A socket bound to 127.0.0.1:``port``, or ConfigurationError naming the port.
+
+    Bound here rather than by uvicorn, which reports a port in use by exiting with its own
+    status (3, the code comfysync means for authentication) after the app has started.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind((HOST, port))
+        sock.listen()
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigurationError(
+            f"cannot listen on {HOST}:{port} ({reason}); pass another --port"
+        ) from exc
+    return sock
+
+
 def serve(db_path: Path, *, port: int, on_start: Callable[[], None] = lambda: None) -> None:
     """Serve ``db_path`` read-only with Datasette on 127.0.0.1:``port`` until interrupted.
 
     Raises DatabaseError if there is no comfysync database there, and ConfigurationError
-    if Datasette is not installed; nothing is started in either case. ``on_start`` is called
-    once both checks have passed.
+    if Datasette is not installed or the port cannot be listened on; nothing is started in
+    those cases. ``on_start`` is called once the server takes requests.
     """
     schema.open_store_read_only(db_path).close()
     try:
@@ -75,10 +114,21 @@ def serve(db_path: Path, *, port: int, on_start: Callable[[], None] = lambda: No
     except ImportError as exc:
         raise ConfigurationError(INSTALL_HINT) from exc
 
-    datasette = Datasette(
-        [str(db_path)], metadata=metadata_for(db_path), settings=DATASETTE_SETTINGS
-    )
-    # What `datasette serve` does before serving: the plugins' startup hooks.
-    asyncio.run(datasette.invoke_startup())
-    on_start()
-    uvicorn.run(datasette.app(), host=HOST, port=port, log_level="info", lifespan="on")
+    class AnnouncingServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                on_start()
+
+    with listen_on(port) as sock:
+        datasette = Datasette(
+            [str(db_path)], metadata=metadata_for(db_path), settings=DATASETTE_SETTINGS
+        )
+        # What `datasette serve` does before serving: the plugins' startup hooks.
+        asyncio.run(datasette.invoke_startup())
+        config = uvicorn.Config(
+            datasette.app(), host=HOST, port=port, log_level="info", lifespan="on"
+        )
+        # uvicorn re-raises the Ctrl+C it has handled; uvicorn.run swallows it the same way.
+        with contextlib.suppress(KeyboardInterrupt):
+            AnnouncingServer(config).run(sockets=[sock])

@@ -34,6 +34,7 @@ from pipeline.settings import (
     EXPORT_FORMATS,
     MAX_PER_PAGE,
     Settings,
+    refuse_blank_path,
 )
 
 if TYPE_CHECKING:
@@ -54,12 +55,28 @@ def _enable_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bo
     return value
 
 
+class PathOption(click.Path):
+    """A path option that refuses an empty or blank value with one line (exit 2).
+
+    click turns ``''`` into ``Path('.')``, the current folder: ``--db ''`` or
+    ``--export-dir ''`` would then act on it. The text is checked before that happens.
+    """
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str):
+            if param is None:
+                refuse_blank_path(value, "a path", required=True)
+            else:  # named by its long form: --output, not -o
+                refuse_blank_path(value, max(param.opts, key=len), required=param.required)
+        return super().convert(value, param, ctx)
+
+
 def store_option(help_text: str) -> Callable[[FC], FC]:
     """``--db`` / COMFYSYNC_DB, the same for every command that works on the store."""
     return click.option(
         "--db",
         "db_path",
-        type=click.Path(path_type=Path),
+        type=PathOption(path_type=Path),
         envvar="COMFYSYNC_DB",
         default=DEFAULT_DB_PATH,
         show_envvar=True,
@@ -179,7 +196,7 @@ _SYNC_OPTIONS = (
     ),
     click.option(
         "--export-dir",
-        type=click.Path(path_type=Path),
+        type=PathOption(path_type=Path),
         envvar="COMFYSYNC_EXPORT_DIR",
         default=DEFAULT_EXPORT_DIR,
         show_envvar=True,
@@ -509,7 +526,7 @@ def simulate(
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    type=PathOption(path_type=Path),
     required=True,
     help="File to write; its suffix, .parquet or .csv, sets the format.",
 )
@@ -563,7 +580,7 @@ def export(
 @click.option(
     "--db",
     "db_path",
-    type=click.Path(path_type=Path),
+    type=PathOption(path_type=Path),
     default=Path("data") / "demo.db",
     help="Demo database (recreated on each run); its snapshots go to exports/<name> beside it.",
 )
@@ -583,7 +600,7 @@ def demo(db_path: Path) -> None:
 read_db_option = click.option(
     "--db",
     "db_path",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=PathOption(path_type=Path, dir_okay=False),
     envvar="COMFYSYNC_DB",
     default=DEFAULT_DB_PATH,
     show_envvar=True,
@@ -601,7 +618,7 @@ def _echo_json(value: Any) -> None:
 @read_db_option
 @click.option(
     "--export-dir",
-    type=click.Path(path_type=Path),  # not a folder: one line from find_snapshots, exit 2
+    type=PathOption(path_type=Path),  # not a folder: one line from find_snapshots, exit 2
     envvar="COMFYSYNC_EXPORT_DIR",
     default=DEFAULT_EXPORT_DIR,
     show_envvar=True,
@@ -629,9 +646,9 @@ def status(db_path: Path, export_dir: Path, as_json: bool) -> None:
 @click.option(
     "--status",
     "run_status",
-    type=click.Choice(["running", "success", "partial", "failed"]),
+    type=click.Choice(["running", "interrupted", "success", "partial", "failed"]),
     default=None,
-    help="Only runs that ended with this status.",
+    help="Only runs with this status (interrupted: left running by a sync that was killed).",
 )
 @json_option
 @debug_option
@@ -642,7 +659,7 @@ def runs(db_path: Path, limit: int, run_status: str | None, as_json: bool) -> No
     from pipeline.schema import open_store_read_only
 
     with closing(open_store_read_only(db_path)) as db:
-        result = list_runs(db, limit=limit, status=run_status)
+        result = list_runs(db, limit=limit, status=run_status, db_path=db_path)
     if as_json:
         _echo_json([dataclasses.asdict(run) for run in result])
     else:
@@ -710,7 +727,7 @@ def changes(since: str, db_path: Path, as_json: bool) -> None:
 )
 @click.option(
     "--metadata-out",
-    type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
+    type=PathOption(path_type=Path, dir_okay=False, allow_dash=True),
     default=None,
     help="Write the Datasette metadata for --db to this file ('-': stdout) and exit.",
 )
@@ -726,14 +743,13 @@ def browse(db_path: Path, port: int, metadata_out: Path | None) -> None:
       comfysync browse --metadata-out metadata.json
       datasette data/comfysync.db --metadata metadata.json
     """
-    from pipeline.browse import HOST, database_name, metadata_json, serve
+    from pipeline.browse import HOST, database_name, metadata_json, serve, write_metadata
 
     if metadata_out is not None:
-        text = metadata_json(db_path)
         if str(metadata_out) == "-":
-            click.echo(text, nl=False)
+            click.echo(metadata_json(db_path), nl=False)
         else:
-            metadata_out.write_text(text, encoding="utf-8")
+            write_metadata(db_path, metadata_out)
             click.echo(
                 printable(
                     f"wrote {metadata_out}; run: datasette {db_path} --metadata {metadata_out}"

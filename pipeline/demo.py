@@ -5,28 +5,134 @@ upstream (one created, one renamed, one header secret rotated, one deleted), syn
 shows what the mirror recorded. It goes through ``run_sync`` like every other entry point,
 snapshots included: they go to ``exports/<database name>`` beside the database
 (``data/exports/demo``), never into the tree of a real mirror.
+
+Each run starts afresh, so it replaces the database at ``--db``, but only one it made
+itself: a demo database carries a ``demo`` row in ``comfysync_meta`` and has only ever
+synced from a loopback simulator. Anything else there (a mirror, another program's file, a
+folder, a link, a stray ``-wal``, snapshot files it did not write) is refused before
+anything is created, and the replacement happens under the database's sync lock, so a demo
+never deletes a database a sync is using.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import sqlite3
+import stat
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pipeline import schema
 from pipeline.changelog import changes_in_sync
+from pipeline.errors import ComfySyncError, DatabaseError
+from pipeline.lock import hold_sync_lock
 from pipeline.printable import printable
-from pipeline.settings import EXPORT_FORMATS, Settings
+from pipeline.settings import EXPORT_FORMATS, Settings, is_loopback_host
 from pipeline.simulator import LoopbackServer, SimulatedAccount
 from pipeline.sync import SyncSummary, run_sync
 
 DEMO_RUNNERS = 250
 DEMO_SEED = 1
+#: The ``comfysync_meta`` row that marks a database as the demo's own, safe to replace.
+DEMO_META_KEY = "demo"
+DEMO_MARK = "comfysync demo"
+#: The files SQLite keeps beside a database, which belong to it.
+_SIDECARS = ("-journal", "-wal", "-shm")
 
 
 def _remove_database(path: Path) -> None:
-    for suffix in ("", "-journal", "-wal", "-shm"):
+    for suffix in ("", *_SIDECARS):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def _is_demo_database(path: Path) -> bool:
+    """True if ``path`` holds a database the demo made and no one has synced elsewhere into."""
+    # Without side files, read the main file as it is, creating none beside it; with them,
+    # SQLite needs them to see the latest commits (and creates no others).
+    alone = not any(os.path.lexists(f"{path}{suffix}") for suffix in _SIDECARS)
+    try:
+        db = schema.open_store_read_only(path, immutable=alone)
+    except ComfySyncError:
+        return False
+    try:
+        if schema.read_meta(db, DEMO_META_KEY) != DEMO_MARK:
+            return False
+        hosts = [
+            urlsplit(url or "").hostname
+            for (url,) in db.execute("SELECT DISTINCT base_url FROM sync_runs")
+        ]
+        return all(host and is_loopback_host(host) for host in hosts)
+    except sqlite3.Error:
+        return False
+    finally:
+        db.close()
+
+
+def _holds_snapshot_files(export_dir: Path) -> bool:
+    trees = [export_dir / fmt / "runners" for fmt in EXPORT_FORMATS]
+    return any(p.is_symlink() or not p.is_dir() for tree in trees for p in tree.rglob("*"))
+
+
+def why_not_replaceable(db_path: Path) -> str | None:
+    """Why the demo must not replace what is at ``db_path``, or None if it may.
+
+    It may replace a demo database (with its snapshots), or create one where there is
+    nothing: no database, none of its side files, no snapshot files in its export folder.
+    """
+    try:
+        mode: int | None = os.lstat(db_path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None:
+        if stat.S_ISLNK(mode):
+            return (
+                f"--db {db_path} is a symbolic link, and the demo replaces only a database "
+                "it made itself: pass another --db"
+            )
+        if stat.S_ISDIR(mode):
+            return f"--db {db_path} is a folder: pass another --db, a file path for the demo"
+        if not stat.S_ISREG(mode) or not _is_demo_database(db_path):
+            return (
+                f"{db_path} is not a database made by `comfysync demo`, and the demo would "
+                "replace it: pass another --db"
+            )
+        return None
+    for suffix in _SIDECARS:
+        if os.path.lexists(f"{db_path}{suffix}"):
+            return (
+                f"{db_path}{suffix} is there without its database, and the demo would "
+                "replace it: pass another --db (or move that file away)"
+            )
+    if _holds_snapshot_files(demo_export_dir(db_path)):
+        return (
+            f"{demo_export_dir(db_path)} already holds snapshot files, and no demo database "
+            "beside it accounts for them: pass another --db (or move them away)"
+        )
+    return None
+
+
+def _start_afresh(db_path: Path, export_dir: Path) -> None:
+    """Replace what the demo may replace at ``db_path`` by an empty, marked demo database.
+
+    Checked before the lock is taken (a refusal leaves nothing behind, not even a lock file)
+    and again while holding it, when nothing can change under it.
+    """
+    refusal = why_not_replaceable(db_path)
+    if refusal is not None:
+        raise DatabaseError(refusal)
+    with hold_sync_lock(db_path):
+        refusal = why_not_replaceable(db_path)
+        if refusal is not None:
+            raise DatabaseError(refusal)
+        _remove_database(db_path)
+        _remove_snapshots(export_dir)
+        db = schema.open_store(db_path)
+        try:
+            schema.write_meta(db, DEMO_META_KEY, DEMO_MARK)
+        finally:
+            db.close()
 
 
 def demo_export_dir(db_path: Path) -> Path:
@@ -50,10 +156,13 @@ def _counts(summary: SyncSummary) -> str:
 
 
 def run_demo(db_path: Path, *, echo: Callable[[str], None] = print) -> None:
-    """Run the demo into ``db_path`` (recreated, with its snapshots), printing each step."""
+    """Run the demo into ``db_path`` (recreated, with its snapshots), printing each step.
+
+    DatabaseError (exit 2) if something other than a demo database is there; SyncLockedError
+    if a sync holds it. Nothing is removed in either case.
+    """
     export_dir = demo_export_dir(db_path)
-    _remove_database(db_path)
-    _remove_snapshots(export_dir)
+    _start_afresh(db_path, export_dir)
     account = SimulatedAccount(runners=DEMO_RUNNERS, seed=DEMO_SEED, token="demo-token")
     with LoopbackServer(account) as server:
         echo(f"Simulated ComfyControl account: {DEMO_RUNNERS} runners at {server.url}")

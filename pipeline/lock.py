@@ -13,11 +13,21 @@ Why an OS lock (``flock``, through filelock) and not a marker file: the kernel d
 its holder dies, however it dies (SIGKILL, the OOM killer, power loss), so a dead sync never
 blocks the next one and nothing has to guess whether a marker is stale. The holder writes its
 pid and start time into the file after locking it and empties it before unlocking; the file
-itself stays (deleting it would let two processes lock two different files of one name).
+itself stays (deleting it would let two processes lock two different files of one name),
+except when the hold created it and ends in a refusal (ConfigurationError: not a comfysync
+database, another account): a refused run leaves no file behind. That file is unlinked while
+still locked, and filelock never takes a lock on an unlinked file, so no two holders ever
+hold two files of one name.
 
-Readers (exports, pandas, Datasette, read-only commands) never take this lock: the database
-is in WAL mode, so they never wait for a sync (only a store's first sync, written through the
-rollback journal, may make them wait for its commit: ``schema.journal_for_first_sync``).
+A reader may ask whether a sync holds the lock (``sync_lock_is_free``: ``status`` and ``runs``
+tell a run left ``running`` by a killed sync from a live one). Its probe holds the lock for
+an instant and writes nothing, so a sync that finds the lock taken but no live holder
+recorded tries again for a moment before it gives up.
+
+Readers (exports, pandas, Datasette, read-only commands) never hold or wait for this lock:
+the database is in WAL mode, so they never wait for a sync (only a store's first sync, written
+through the rollback journal, may make them wait for its commit:
+``schema.journal_for_first_sync``).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from pipeline.errors import DatabaseError, StorageError, SyncLockedError
+from pipeline.errors import ConfigurationError, DatabaseError, StorageError, SyncLockedError
 
 LOCK_SUFFIX = ".lock"
 #: How long a locked-out sync waits for the holder's details, which the holder writes within
@@ -97,11 +107,10 @@ def hold_sync_lock(db_path: Path) -> Iterator[LockHolder]:
         preserve_lock_file=True,
         on_acquired=announce,
     )
+    created = not os.path.lexists(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-    except Timeout:
-        raise SyncLockedError(_locked_message(db_path)) from None
+        _acquire(lock, db_path)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
@@ -115,18 +124,75 @@ def hold_sync_lock(db_path: Path) -> Iterator[LockHolder]:
         ) from exc
     try:
         yield me
+    except ConfigurationError:
+        if created:  # refused: leave no file this run made (unlinked while still locked)
+            with suppress(OSError):
+                path.unlink()
+        raise
     finally:
         with suppress(OSError):
             os.ftruncate(held[0], 0)
         lock.release()
 
 
-def _locked_message(db_path: Path) -> str:
+def _acquire(lock: FileLock, db_path: Path) -> None:
+    """Take ``lock`` or raise SyncLockedError, naming the holder.
+
+    A lock taken but with no live holder recorded is a reader's probe (or a holder that has
+    not written itself yet): that is retried for HOLDER_WAIT_SECONDS rather than refused.
+    """
     deadline = time.monotonic() + HOLDER_WAIT_SECONDS
-    holder = read_holder(db_path)
-    while holder is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-        holder = read_holder(db_path)
+    while True:
+        try:
+            lock.acquire()
+            return
+        except Timeout:
+            holder = read_holder(db_path)
+            if (holder is not None and _is_alive(holder.pid)) or time.monotonic() >= deadline:
+                raise SyncLockedError(_locked_message(holder)) from None
+            time.sleep(0.02)
+
+
+def _is_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def _locked_message(holder: LockHolder | None) -> str:
     if holder is None:
         return "another sync is running (pid unknown: it has not written the lock file yet)"
     return f"another sync is running (pid {holder.pid}, since {holder.since})"
+
+
+def sync_lock_is_free(db_path: Path) -> bool:
+    """True if no sync holds the lock of ``db_path`` now (or there is no lock file at all).
+
+    For readers: it never creates or writes the lock file. False when it cannot tell (the
+    file cannot be opened, or this system has no ``flock``).
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock here: cannot tell
+        return False
+    try:
+        fd = os.open(lock_path_for(db_path), os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # held (EWOULDBLOCK), or flock unsupported: not proven free
+        return False
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(fd)

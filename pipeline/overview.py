@@ -6,10 +6,15 @@ Snapshots are found by their layout, which ``comfysync export`` writes:
 A listed file whose size is not what its sync recorded writing there (``snapshots.bytes``)
 was truncated or overwritten since: it is reported as damaged, as are the snapshot files the
 latest snapshotting sync could not write, with the reason it recorded.
+
+A sync that was killed leaves its run-log row ``running`` until the next sync marks it
+``failed``. Reading it, these functions show such a row ``interrupted``: only the newest run
+can still be going, and only while a sync holds the database's lock (``pipeline.lock``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -20,9 +25,11 @@ from typing import Any
 import orjson
 
 from pipeline.errors import ConfigurationError
+from pipeline.lock import sync_lock_is_free
 from pipeline.schema import schema_version
 from pipeline.snapshot import not_a_folder
 from pipeline.sqlite import Database
+from pipeline.store import ABANDONED_RUN_ERROR
 
 _RUN_COLUMNS = (
     "id, started_at, finished_at, status, base_url, pages, walks, complete, total_reported, "
@@ -31,6 +38,8 @@ _RUN_COLUMNS = (
 _SNAPSHOT_DIR = re.compile(r"snapshot_date=(\d{4}-\d{2}-\d{2})")
 _SNAPSHOT_FILE = re.compile(r"runners-(\d+)\.[A-Za-z0-9]+(?:\.[A-Za-z0-9]+)?")
 _UNFINISHED_SUFFIXES = (".tmp", ".part", ".partial")
+#: How a ``running`` row whose sync is no longer going is shown (it is stored unchanged).
+INTERRUPTED = "interrupted"
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,7 @@ def read_status(db: Database, db_path: Path, export_dir: Path) -> MirrorStatus:
         "SELECT count(*) - count(deleted_at), count(deleted_at) FROM runners"
     ).fetchone()
     (versions,) = db.execute("SELECT count(*) FROM runner_versions").fetchone()
-    last = list_runs(db, limit=1)
+    last = list_runs(db, limit=1, db_path=db_path)
     success = list_runs(db, limit=1, status="success")
     wal = Path(f"{db_path}-wal")
     return MirrorStatus(
@@ -130,8 +139,42 @@ def read_status(db: Database, db_path: Path, export_dir: Path) -> MirrorStatus:
     )
 
 
-def list_runs(db: Database, *, limit: int = 20, status: str | None = None) -> list[SyncRun]:
-    """The most recent ``limit`` runs, newest first, optionally only those with ``status``."""
+def list_runs(
+    db: Database, *, limit: int = 20, status: str | None = None, db_path: Path | None = None
+) -> list[SyncRun]:
+    """The most recent ``limit`` runs, newest first, optionally only those with ``status``.
+
+    With ``db_path`` (the file ``db`` was opened from), a ``running`` row whose sync is not
+    going any more is shown ``interrupted`` (see ``as_seen_now``), and ``status`` may be
+    ``interrupted``. Without it, rows are shown as stored.
+    """
+    if db_path is None:
+        return _select_runs(db, limit, status)
+    # Asked before reading: a sync that starts after this writes a newer row than it sees.
+    sync_live = not sync_lock_is_free(db_path)
+    if status in ("running", INTERRUPTED):
+        # At most one running row (the newest) is live: one more row covers the other kind.
+        found = _select_runs(db, limit + 1, "running")
+    else:
+        found = _select_runs(db, limit, status)
+    (newest_id,) = db.execute("SELECT max(id) FROM sync_runs").fetchone()
+    if not sync_live and any(r.id == newest_id and r.status == "running" for r in found):
+        sync_live = not sync_lock_is_free(db_path)  # unless a sync started since the first look
+    shown = [as_seen_now(run, newest_id=newest_id, sync_live=sync_live) for run in found]
+    if status is not None:
+        shown = [run for run in shown if run.status == status]
+    return shown[:limit]
+
+
+def as_seen_now(run: SyncRun, *, newest_id: int, sync_live: bool) -> SyncRun:
+    """``run`` as it stands now: a ``running`` row is ``interrupted`` unless it is the newest
+    run (``newest_id``) and a sync holds the database's lock (``sync_live``)."""
+    if run.status != "running" or (run.id == newest_id and sync_live):
+        return run
+    return dataclasses.replace(run, status=INTERRUPTED, error=ABANDONED_RUN_ERROR)
+
+
+def _select_runs(db: Database, limit: int, status: str | None) -> list[SyncRun]:
     where, params = ("WHERE status = ?", [status]) if status else ("", [])
     cursor = db.execute(
         f"SELECT {_RUN_COLUMNS} FROM sync_runs {where} ORDER BY id DESC LIMIT ?",

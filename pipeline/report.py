@@ -23,7 +23,7 @@ WIDTH = 80
 JSON_FIELDS = frozenset(("tags", "headers", "extra"))
 _LABEL = 15
 _FIELD_INDENT = " " * 6
-_RUN_ROW = "{:>5}  {:<19}  {:<7} {:>6} {:>7} {:>5} {:>5} {:>5} {:>4} {:>4}"
+_RUN_ROW = "{:>5}  {:<19}  {:<14} {:>7} {:>5} {:>5} {:>5} {:>4} {:>4}"
 
 
 def show_time(timestamp: str | None) -> str:
@@ -132,13 +132,23 @@ def _describe_snapshots(snapshots: Snapshots, pad: str) -> list[str]:
     return lines + [line for problem in problems for line in _wrap(problem, pad + "  ", pad)]
 
 
+def _status_and_secs(status: str, seconds: str) -> str:
+    """The status and seconds columns; a longer status (``interrupted``, whose seconds are
+    ``-``) takes the room the seconds leave, so the columns after it stay aligned."""
+    cell = f"{status:<7} {seconds:>6}"
+    if len(cell) > 14:
+        cell = f"{status} {seconds:>{max(1, 13 - len(status))}}"
+    return cell
+
+
 def describe_runs(runs: Sequence[SyncRun]) -> str:
     """The run log as a table, newest first, with each run's error or warnings under it."""
     if not runs:
         return "no runs recorded"
     header = _RUN_ROW.format(
-        "run", "started (UTC)", "status", "secs", "seen", "new", "upd", "del", "res", "rej"
-    )
+        "run", "started (UTC)", _status_and_secs("status", "secs"), "seen", "new", "upd", "del",
+        "res", "rej",
+    )  # fmt: skip
     lines = [header]
     for run in runs:
         counts = (
@@ -154,8 +164,7 @@ def describe_runs(runs: Sequence[SyncRun]) -> str:
             _RUN_ROW.format(
                 run.id,
                 show_time(run.started_at),
-                run.status,
-                seconds,
+                _status_and_secs(run.status, seconds),
                 *("-" if count is None else count for count in counts),
             ).rstrip()
         )

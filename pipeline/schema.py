@@ -316,10 +316,11 @@ SCHEMA_VERSION = len(migrations._migrations)
 WRITE_CACHE_KIB = 32768
 
 
-def _connect(path: Path, *, read_only: bool) -> Database:
+def _connect(path: Path, *, read_only: bool, immutable: bool = False) -> Database:
     try:
         if read_only:
-            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+            flags = "mode=ro&immutable=1" if immutable else "mode=ro"
+            conn = sqlite3.connect(f"{path.resolve().as_uri()}?{flags}", uri=True)
         else:
             # One sync's transaction is written from two threads in turn (EarlyCreations),
             # never at once: the handover is a join.
@@ -489,17 +490,27 @@ def _set_journal_mode(db: Database, mode: str, *, wait: bool) -> bool:
     return db.journal_mode == mode
 
 
-def open_store_read_only(path: Path) -> Database:
-    """Open an existing comfysync database without ever writing to it."""
+def open_store_read_only(path: Path, *, immutable: bool = False) -> Database:
+    """Open an existing comfysync database without ever writing to it.
+
+    ``immutable`` also keeps SQLite from creating the ``-wal`` and ``-shm`` files a reader
+    of a WAL database otherwise leaves beside it; only for a database with no such files
+    and no writer, whose main file then holds everything.
+    """
     if not path.is_file():
         raise DatabaseError(
             f"no database at {path}; create one with `comfysync sync` (or try `comfysync demo`)"
         )
-    db = _connect(path, read_only=True)
+    db = _connect(path, read_only=True, immutable=immutable)
     with _closed_on_failure(db, path):
         if _check_usable(db, path) == 0:
             raise DatabaseError(f"{path} is empty; create it with `comfysync sync`")
     return db
+
+
+def write_meta(db: Database, key: str, value: str) -> None:
+    """Set ``key`` in the database's ``comfysync_meta`` table (e.g. the demo's mark)."""
+    db.table(META_TABLE).upsert({"key": key, "value": value}, pk="key")
 
 
 def read_meta(db: Database, key: str) -> str | None:

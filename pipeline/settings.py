@@ -30,6 +30,38 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def refuse_blank_path(value: str, option: str, *, required: bool = False) -> None:
+    """Raise ConfigurationError if ``value``, given for ``option``, is empty or blank.
+
+    An empty path would quietly mean the current folder (``Path("")`` is ``.``), so the
+    command line checks the text before turning it into a path.
+    """
+    if not value.strip():
+        default = "" if required else ", or leave the option out for its default"
+        raise ConfigurationError(f"{option} is empty: pass a path{default}")
+
+
+def _export_dir_problem(export_dir: Path, db_path: Path) -> str | None:
+    """Why ``export_dir`` cannot hold snapshot files beside ``db_path``, or None."""
+    for folder in (*reversed(export_dir.parents), export_dir):
+        if folder.exists() and not folder.is_dir():
+            return (
+                f"--export-dir {export_dir} is a file, not a folder; pass a folder for the "
+                "snapshot files (or --no-export)"
+                if folder == export_dir
+                else f"--export-dir {export_dir} is under {folder}, which is a file, not a "
+                "folder; pass a folder for the snapshot files (or --no-export)"
+            )
+    database = db_path.resolve()
+    target = export_dir.resolve()
+    if target == database or database in target.parents:
+        return (
+            f"--export-dir {export_dir} is the database (--db {db_path}) or inside it; "
+            "pass a folder of its own for the snapshot files"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Options of one sync. Construct with keywords; ``validated()`` checks them as a whole.
@@ -67,7 +99,9 @@ class Settings:
         """Return self after checking every option, or raise ConfigurationError.
 
         Refuses to send a token in clear text or to an unknown host by mistake: plain
-        ``http://`` is only allowed to loopback (the simulator) unless ``allow_http``.
+        ``http://`` is only allowed to loopback (the simulator) unless ``allow_http``. Refuses
+        an ``export_dir`` that is blank, a file (or under one), or the database itself,
+        before the sync creates anything.
         """
         parts = urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -107,6 +141,12 @@ class Settings:
             raise ConfigurationError("--keep-snapshots must be at least 1")
         if not 0.0 <= self.max_delete_ratio <= 1.0:
             raise ConfigurationError("--max-delete-ratio must be between 0 and 1")
+        refuse_blank_path(str(self.db_path), "--db")
+        if self.export_dir is not None:
+            refuse_blank_path(str(self.export_dir), "--export-dir")
+            problem = _export_dir_problem(self.export_dir, self.db_path)
+            if problem is not None:
+                raise ConfigurationError(problem)
         return self
 
 

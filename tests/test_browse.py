@@ -263,3 +263,59 @@ def test_browse_without_datasette_says_how_to_install_it(mirror: Mirror):
 def test_browse_refuses_a_port_it_cannot_use(run_cli, port):
     result = run_cli("browse", "--port", port)
     assert result.exit_code == 2 and "--port" in result.stderr
+
+
+@pytest.mark.parametrize("listening", [True, False], ids=["listening", "bound"])
+def test_browse_on_a_port_in_use_exits_2_naming_it_and_never_prints_the_url(
+    mirror: Mirror, run_cli, listening
+):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        if listening:
+            taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("browse", "--port", str(port), "--db", str(mirror.path), timeout=60)
+    assert (result.exit_code, result.stdout) == (2, ""), result.stderr
+    assert result.stderr == (
+        f"comfysync: error: cannot listen on 127.0.0.1:{port} (Address already in use); "
+        "pass another --port\n"
+    )
+
+
+def test_browse_prints_its_url_only_once_it_answers(mirror: Mirror, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "browse", "--port", str(port), "--db", str(mirror.path)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("browse http://"):
+                break
+        else:
+            pytest.fail("browse ended without printing its URL")
+        assert line == f"browse http://127.0.0.1:{port}/mirror (Ctrl+C stops)\n"
+        # No retry: the URL is only printed once the server takes requests.
+        assert httpx.get(f"http://127.0.0.1:{port}/mirror.json", timeout=10).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("name", ["m.db", "./m.db", "m.db-wal", "m.db.lock"])
+def test_metadata_out_never_overwrites_the_database_or_its_files(name, run_cli, tmp_path, mirror):
+    shutil.copy(mirror.path, tmp_path / "m.db")
+    for suffix in ("-wal", ".lock"):
+        (tmp_path / f"m.db{suffix}").write_bytes(b"")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    result = run_cli("browse", "--db", "m.db", "--metadata-out", name)
+    assert (result.exit_code, result.stdout) == (2, ""), result.stderr
+    assert result.stderr == (
+        f"comfysync: error: --metadata-out {Path(name)} is the database (--db m.db) or one of "
+        "its files; pass another file name\n"
+    )
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    beside = run_cli("browse", "--db", "m.db", "--metadata-out", "m.db.json")
+    assert beside.exit_code == 0 and json.loads((tmp_path / "m.db.json").read_text())

@@ -87,12 +87,15 @@ class Case:
     keep_snapshots: int | None = None
     pruned: tuple[str, ...] = ()  # paths `--keep-snapshots` deletes
     damaged: tuple[str, ...] = ()  # paths `status` reports as damaged
+    sync_error: str | None = None  # `sync` refuses to start: this one line, exit 2
 
 
 CASES = {
     "the export folder is a file": Case(
         lambda exports, _: replace_with_file(exports),
-        {"parquet": "exports is a file, not a folder", "csv": "exports is a file, not a folder"},
+        {},
+        sync_error="--export-dir exports is a file, not a folder; pass a folder for the "
+        "snapshot files (or --no-export)",
         status_error="cannot list the snapshots under --export-dir exports: exports is a file, "
         "not a folder; pass the folder the snapshots are written to",
         export_to="exports/fleet.parquet",
@@ -212,26 +215,32 @@ def test_a_corrupt_snapshot_folder(name: str, synced_once, tmp_path: Path) -> No
         shown = run("status", "--export-dir", "exports")
         exported = run("export", "-o", expect(case.export_to)) if case.export_to else None
 
+    if case.sync_error:  # clearly wrong: refused before anything starts, nothing written
+        assert (synced.exit_code, synced.stdout, synced.stderr) == (
+            2, "", f"comfysync: error: {case.sync_error}\n"
+        )  # fmt: skip
+        assert rows(tmp_path / "mirror.db", "SELECT count(*) FROM sync_runs") == [(1,)]
     # sync: a success, whatever the snapshot met; each file it could not write, one line.
     not_written = {
         fmt: f"could not write {SECOND.format(fmt=fmt, today=today)}: {expect(reason)}"
         for fmt, reason in case.not_written.items()
     }
-    assert synced.exit_code == 0
-    assert synced.stderr.splitlines() == [
-        WARNING + not_written[fmt] for fmt in ("parquet", "csv") if fmt in not_written
-    ]
-    for fmt, error in not_written.items():
-        assert f"  snapshot {fmt} NOT written: {error}" in synced.stdout.splitlines()
-    assert rows(tmp_path / "mirror.db", "SELECT status, created FROM sync_runs WHERE id = 2") == [
-        ("success", 0)
-    ]
+    if not case.sync_error:
+        assert synced.exit_code == 0
+        assert synced.stderr.splitlines() == [
+            WARNING + not_written[fmt] for fmt in ("parquet", "csv") if fmt in not_written
+        ]
+        for fmt, error in not_written.items():
+            assert f"  snapshot {fmt} NOT written: {error}" in synced.stdout.splitlines()
+        assert rows(
+            tmp_path / "mirror.db", "SELECT status, created FROM sync_runs WHERE id = 2"
+        ) == [("success", 0)]
     recorded = rows(
         tmp_path / "mirror.db", "SELECT format, rows, error FROM snapshots WHERE sync_id = 2"
     )
-    assert {fmt: error for fmt, _, error in recorded} == {
-        fmt: not_written.get(fmt) for fmt in ("parquet", "csv")
-    }
+    assert {fmt: error for fmt, _, error in recorded} == (
+        {} if case.sync_error else {fmt: not_written.get(fmt) for fmt in ("parquet", "csv")}
+    )
     written = [
         f"exports/{fmt}/runners/snapshot_date={today}/runners-2.{fmt}"
         for fmt, count, _ in recorded

@@ -206,28 +206,23 @@ def test_an_earlier_file_under_the_final_name_survives_a_failed_rewrite(tmp_path
     assert os.listdir(tmp_path) == ["runners-1.csv"]
 
 
-def test_an_unusable_export_dir_is_a_warning_and_the_sync_is_still_a_success(
+def test_an_export_dir_that_is_a_file_is_refused_before_the_sync_starts(
     serve_account, run_cli, tmp_path
 ):
+    """Clearly wrong from the start: exit 2 and one line, nothing synced (issue 13). A folder
+    that breaks later, or a file deeper in the tree, is still only a warning."""
     upstream = serve_account(runners=25, seed=23)
     (tmp_path / "not-a-folder").write_text("a file where the export folder should be")
     result = run_cli(
         "sync", "--base-url", upstream.url, "--token", "test-token", "--export-dir", "not-a-folder"
     )
-    assert result.exit_code == 0, result.stderr
-    warnings = result.stderr.splitlines()
-    assert len(warnings) == 2 and all(
-        line.startswith("comfysync: WARNING: snapshot not written (the sync itself succeeded): ")
-        for line in warnings
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        "comfysync: error: --export-dir not-a-folder is a file, not a folder; pass a folder "
+        "for the snapshot files (or --no-export)\n"
     )
-    assert "Traceback" not in result.stderr
-    assert "  snapshot parquet NOT written: could not write not-a-folder" in result.stdout
-    db = tmp_path / "data" / "comfysync.db"
-    assert rows(db, "SELECT status, created FROM sync_runs") == [("success", 25)]
-    assert rows(db, "SELECT format, rows, error IS NOT NULL FROM snapshots ORDER BY id") == [
-        ("parquet", None, 1),
-        ("csv", None, 1),
-    ]
+    assert not (tmp_path / "data").exists()
+    assert list(upstream.account.requests) == []
 
 
 def test_keep_snapshots_prunes_the_oldest_files_and_their_emptied_date_folders(

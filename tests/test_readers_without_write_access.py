@@ -95,8 +95,17 @@ class SharedMirror:
         finally:
             if not AS_ROOT:
                 self.folder.chmod(0o555)
-            else:
-                hand_over(self.folder)
+
+    def remove_wal_files(self) -> None:
+        """What a read-write connection closing last does, say the owner's `sqlite3 db`."""
+        with self.owner_may_write():
+            conn = sqlite3.connect(self.db)
+            conn.execute("SELECT 1 FROM runners").fetchall()
+            conn.close()
+        assert sorted(p.name for p in self.folder.iterdir()) == [
+            "comfysync.db",
+            "comfysync.db.lock",
+        ]
 
 
 def hand_over(folder: Path) -> None:
@@ -137,11 +146,12 @@ def files_in(folder: Path) -> dict[str, tuple[int, int, int]]:
 
 
 def test_a_sync_leaves_the_wal_and_shm_files_readers_need(shared_mirror: SharedMirror):
+    shared_mirror.remove_wal_files()
+    result = shared_mirror.sync()
+    assert result.exit_code == 0, result.stderr
     db = shared_mirror.db
     found = files_in(shared_mirror.folder)
-    assert sorted(found) == sorted(
-        [db.name, f"{db.name}-wal", f"{db.name}-shm", f"{db.name}.lock"]
-    )
+    assert sorted(found) == sorted([db.name, f"{db.name}-wal", f"{db.name}-shm", f"{db.name}.lock"])
     # As readable, by the same users, as the database itself.
     assert found[f"{db.name}-wal"] == found[f"{db.name}-shm"] == found[db.name]
     assert os.path.getsize(f"{db}-wal") == 0  # checkpointed: everything is in the database
@@ -156,8 +166,8 @@ def test_a_sync_leaves_the_wal_and_shm_files_readers_need(shared_mirror: SharedM
         ["runs", "--json", "--status", "success"],
         ["history", "FIRST_RUNNER"],
         ["history", "FIRST_RUNNER", "--json"],
-        ["changes", "--since", "7d"],
-        ["changes", "--since", "7d", "--json"],
+        ["changes", "--since", "2020-01-01"],
+        ["changes", "--since", "2020-01-01", "--json"],
     ],
 )
 def test_read_commands_show_the_other_user_what_they_show_the_owner(
@@ -294,30 +304,25 @@ def test_a_reader_reading_meanwhile_neither_blocks_nor_harms_the_syncs(
 
     after = shared_mirror.sync()
     assert after.exit_code == 0, after.stderr
-    assert json.loads(
-        shared_mirror.read("status", "--json", "--db", str(shared_mirror.db)).stdout
-    )["runners_present"] == RUNNERS + 1
+    assert (
+        json.loads(shared_mirror.read("status", "--json", "--db", str(shared_mirror.db)).stdout)[
+            "runners_present"
+        ]
+        == RUNNERS + 1
+    )
     conn = sqlite3.connect(f"{shared_mirror.db.as_uri()}?mode=ro", uri=True)
     try:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        assert conn.execute("SELECT status FROM sync_runs ORDER BY id").fetchall() == [
-            ("success",)
-        ] * 3
+        assert (
+            conn.execute("SELECT status FROM sync_runs ORDER BY id").fetchall()
+            == [("success",)] * 3
+        )
     finally:
         conn.close()
 
 
 def test_without_the_wal_files_the_other_user_is_told_what_to_do(shared_mirror: SharedMirror):
-    # A read-write connection that closes last (say the owner's `sqlite3 comfysync.db`)
-    # removes -wal and -shm, which the other user cannot create.
-    with shared_mirror.owner_may_write():
-        conn = sqlite3.connect(shared_mirror.db)
-        conn.execute("SELECT 1 FROM runners").fetchall()
-        conn.close()
-    assert sorted(p.name for p in shared_mirror.folder.iterdir()) == [
-        "comfysync.db",
-        "comfysync.db.lock",
-    ]
+    shared_mirror.remove_wal_files()  # which the other user cannot create
     for command in ("status", "runs"):
         result = shared_mirror.read(command, "--db", str(shared_mirror.db))
         assert (result.exit_code, result.stdout) == (2, "")
@@ -326,3 +331,14 @@ def test_without_the_wal_files_the_other_user_is_told_what_to_do(shared_mirror: 
             f"missing and {shared_mirror.folder} is not writable to create them; the next "
             "`comfysync sync` leaves them for readers\n"
         )
+
+
+@pytest.mark.parametrize("unreadable", ["comfysync.db-wal", "comfysync.db-shm"])
+def test_a_file_the_other_user_may_not_read_is_named(shared_mirror: SharedMirror, unreadable: str):
+    (shared_mirror.folder / unreadable).chmod(0o000)
+    result = shared_mirror.read("changes", "--db", str(shared_mirror.db))
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"comfysync: error: cannot read {shared_mirror.db}: {unreadable} is not readable by "
+        "you; ask its owner to let you read it\n"
+    )

@@ -64,9 +64,11 @@ def metadata_json(db_path: Path) -> str:
 def serve(db_path: Path, *, port: int, on_start: Callable[[], None] = lambda: None) -> None:
     """Serve ``db_path`` read-only with Datasette on 127.0.0.1:``port`` until interrupted.
 
-    Raises DatabaseError if there is no comfysync database there, and ConfigurationError
-    if Datasette is not installed; nothing is started in either case. ``on_start`` is called
-    once both checks have passed.
+    Raises DatabaseError if there is no comfysync database there (or it cannot be read),
+    and ConfigurationError if Datasette is not installed; nothing is started in either case.
+    Datasette opens the file itself with SQLite's ``mode=ro``, as ``open_store_read_only``
+    does, so it serves a user who cannot write the folder for the same reason. ``on_start``
+    is called once both checks have passed.
     """
     schema.open_store_read_only(db_path).close()
     try:

@@ -103,9 +103,11 @@ def listen_on(port: int) -> socket.socket:
 def serve(db_path: Path, *, port: int, on_start: Callable[[], None] = lambda: None) -> None:
     """Serve ``db_path`` read-only with Datasette on 127.0.0.1:``port`` until interrupted.
 
-    Raises DatabaseError if there is no comfysync database there, and ConfigurationError
-    if Datasette is not installed or the port cannot be listened on; nothing is started in
-    those cases. ``on_start`` is called once the server takes requests.
+    Raises DatabaseError if there is no comfysync database there (or it cannot be read),
+    and ConfigurationError if Datasette is not installed or the port cannot be listened on;
+    nothing is started in those cases. Datasette opens the file itself with SQLite's
+    ``mode=ro``, as ``open_store_read_only`` does, so it serves a user who cannot write the
+    folder for the same reason. ``on_start`` is called once the server takes requests.
     """
     schema.open_store_read_only(db_path).close()
     try:

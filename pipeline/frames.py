@@ -6,7 +6,8 @@ tz-aware UTC datetimes (``datetime64[us, UTC]``, as in the Parquet exports), ``t
 
 The database is opened read-only (``schema.open_store_read_only``): a RunnerStore never
 writes, never creates a file, and is safe to use while a sync runs (the store is in WAL
-mode, so each query reads the last committed state without waiting for the writer).
+mode, so each query reads the last committed state without waiting for the writer). It
+also works for a user who cannot write the database's folder (see open_store_read_only).
 """
 
 from __future__ import annotations

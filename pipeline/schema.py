@@ -329,18 +329,18 @@ def _connect(path: Path, *, read_only: bool, immutable: bool = False) -> Databas
         if not read_only:
             conn.execute(f"PRAGMA cache_size = -{WRITE_CACHE_KIB}")
     except sqlite3.Error as exc:
-        raise sqlite_failure(path, exc) from exc
+        raise sqlite_failure(path, exc, reading=read_only) from exc
     return Database(conn)
 
 
 @contextmanager
-def _closed_on_failure(db: Database, path: Path) -> Iterator[None]:
+def _closed_on_failure(db: Database, path: Path, *, reading: bool = False) -> Iterator[None]:
     """Close ``db`` when opening it fails, telling SQLite's failure as one of ours."""
     try:
         yield
     except sqlite3.Error as exc:
         db.close()
-        raise sqlite_failure(path, exc) from exc
+        raise sqlite_failure(path, exc, reading=reading) from exc
     except BaseException:
         db.close()
         raise
@@ -354,11 +354,12 @@ def schema_version(db: Database) -> int:
     return int(row[0]) if row else 0
 
 
-def sqlite_failure(path: Path, exc: sqlite3.Error) -> ComfySyncError:
+def sqlite_failure(path: Path, exc: sqlite3.Error, *, reading: bool = False) -> ComfySyncError:
     """The error to show for a SQLite failure on ``path``: the disk's fault or the file's.
 
     A full or failing disk is a StorageError (exit 4: try again once there is room); a file
-    that is not a database, is damaged or cannot be written is a DatabaseError (exit 2).
+    that is not a database, is damaged or cannot be written (or, ``reading``, read) is a
+    DatabaseError (exit 2).
     """
     name = getattr(exc, "sqlite_errorname", "")
     if name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR"):
@@ -369,7 +370,36 @@ def sqlite_failure(path: Path, exc: sqlite3.Error) -> ComfySyncError:
         return DatabaseError(
             f"{path} is damaged ({exc}); restore it from a backup or pass another --db"
         )
+    if reading:
+        cause = _why_unreadable(path) if name.startswith(_ACCESS_FAILURES) else None
+        return DatabaseError(f"cannot read {path}: {cause or exc}")
     return DatabaseError(f"cannot open {path} for writing ({exc})")
+
+
+#: The files SQLite keeps beside a WAL database, which a reader must find there.
+WAL_FILE_SUFFIXES = ("-wal", "-shm")
+#: The SQLite errors (extended names too) of a reader refused access to a file.
+_ACCESS_FAILURES = ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM")
+
+
+def _why_unreadable(path: Path) -> str | None:
+    """Why a reader who may not write beside ``path`` cannot read it, if that is the cause.
+
+    ``os.access`` answers for the real user, so a root reader is never told this wrongly.
+    """
+    beside = [path.with_name(path.name + suffix) for suffix in WAL_FILE_SUFFIXES]
+    for file in [path, *beside]:
+        if file.exists() and not os.access(file, os.R_OK):
+            return f"{file.name} is not readable by you; ask its owner to let you read it"
+    missing = [suffix for suffix in WAL_FILE_SUFFIXES if not Path(f"{path}{suffix}").exists()]
+    if missing and not os.access(path.parent, os.W_OK):
+        files = f"{' and '.join(missing)} file{'s are' if len(missing) > 1 else ' is'}"
+        return (
+            f"its {files} missing and {path.parent} is not writable to create "
+            f"{'them' if len(missing) > 1 else 'it'}; the next `comfysync sync` leaves "
+            "them for readers"
+        )
+    return None
 
 
 def _check_writable(path: Path) -> None:
@@ -441,6 +471,34 @@ def open_store(path: Path) -> Database:
     return db
 
 
+def close_store(db: Database, path: Path) -> None:
+    """Close a connection ``open_store`` gave, leaving the -wal and -shm files for readers.
+
+    Why: a user who may read the database but not write its folder can read a WAL database
+    only while its -wal and -shm files exist (``open_store_read_only``), and the last
+    connection to close removes them, unless it is read-only: a read-only connection cannot
+    checkpoint, so it leaves them. So the store is checkpointed first (the database file
+    holds everything, the -wal is emptied; readers are not waited for), a read-only
+    connection joins, the writer closes, and the read-only one closes last. Best effort:
+    what the sync wrote is committed either way; should this fail, the files go as usual
+    and the next sync puts them back.
+    """
+    keeper: sqlite3.Connection | None = None
+    try:
+        if db.journal_mode == "wal":
+            if not db.conn.in_transaction:
+                db.execute("PRAGMA busy_timeout = 0")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            keeper = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+            keeper.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    except sqlite3.Error:
+        pass
+    finally:
+        db.close()
+        if keeper is not None:
+            keeper.close()
+
+
 @contextmanager
 def journal_for_first_sync(db: Database) -> Iterator[None]:
     """Write a store's first sync through SQLite's rollback journal, then go back to WAL.
@@ -493,16 +551,23 @@ def _set_journal_mode(db: Database, mode: str, *, wait: bool) -> bool:
 def open_store_read_only(path: Path, *, immutable: bool = False) -> Database:
     """Open an existing comfysync database without ever writing to it.
 
-    ``immutable`` also keeps SQLite from creating the ``-wal`` and ``-shm`` files a reader
-    of a WAL database otherwise leaves beside it; only for a database with no such files
-    and no writer, whose main file then holds everything.
+    Every reader (the read commands, exports, ``RunnerStore``) opens the store here, with
+    SQLite's ``mode=ro``, and works for a user who may read the database but not write its
+    folder: SQLite reads a WAL database then as long as its -wal and -shm files exist
+    (https://www.sqlite.org/wal.html, "Read-Only Databases"), and ``close_store`` leaves them
+    after every sync. Without the files (a read-write connection other than a sync's closed
+    last and removed them), such a reader is told so and what to do.
+
+    ``immutable`` reads without locks and creates no side files. Readers never use it (a
+    sync's checkpoint could change pages under them); ``demo`` does, only for a database
+    with no -wal and -shm files whose sync lock it holds, so nothing can write it meanwhile.
     """
     if not path.is_file():
         raise DatabaseError(
             f"no database at {path}; create one with `comfysync sync` (or try `comfysync demo`)"
         )
     db = _connect(path, read_only=True, immutable=immutable)
-    with _closed_on_failure(db, path):
+    with _closed_on_failure(db, path, reading=True):
         if _check_usable(db, path) == 0:
             raise DatabaseError(f"{path} is empty; create it with `comfysync sync`")
     return db

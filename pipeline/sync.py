@@ -377,7 +377,7 @@ def run_sync(
         try:
             return _sync_into(db, settings, seams, started)
         finally:
-            db.close()
+            schema.close_store(db, settings.db_path)
 
 
 def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) -> SyncSummary:

@@ -178,9 +178,9 @@ def run_table(
 ) -> tuple[dict[str, str], sqlite3.Connection]:
     """Run every line of ``table`` in ``folder``; return each line's output and the reader.
 
-    After the first line (a sync) a reader is opened on the database, so every later sync's
-    WAL stays on disk to be searched, and the good runner's header is rotated upstream, so
-    the later syncs record a header change. Lines run in order, except that a stretch of
+    After the first line (a sync) a reader is opened on the database and holds a snapshot,
+    so every later sync's pages stay in the WAL to be searched, and the good runner's header
+    is rotated upstream, so the later syncs record a header change. Lines run in order, except that a stretch of
     read-only commands runs concurrently (they write nothing the others read).
     """
     outputs: dict[str, str] = {}
@@ -207,6 +207,7 @@ def run_table(
             run(number, line, expected)
             if reader is None:
                 reader = sqlite3.connect(Path(str(values["db"])))
+                reader.execute("BEGIN")
                 [(values["as_of"],)] = reader.execute(
                     "SELECT finished_at FROM sync_runs WHERE id = 1"
                 ).fetchall()

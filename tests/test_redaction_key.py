@@ -374,13 +374,22 @@ def test_read_commands_work_without_the_key_and_show_clear_values_without_a_dige
     assert with_key.exit_code == 0, with_key.stderr
     assert f'"Authorization":"{redacted("Bearer rotated", key)}"' in with_key.stdout
 
-    key_file(db).rename(tmp_path / "elsewhere.key")  # a reader that cannot get at the key
-    for args in (("history", target), ("changes", "--since", "1d"), ("history", "--json", target)):
-        result = run_cli(*args, "--db", "m.db")
-        assert (result.exit_code, result.stderr) == (0, ""), args
-        assert "Bearer rotated" not in result.stdout
-        assert re.search(r'\\?"Authorization\\?":\s?\\?"redacted\\?"', result.stdout), args
-        assert redacted("Bearer rotated", key) not in result.stdout
+    # A reader that cannot get at the key: it is gone, not a key, or not this mirror's.
+    key_file(db).rename(tmp_path / "elsewhere.key")
+    for junk in (None, "not a key\n", secrets.token_hex(32) + "\n"):
+        if junk is not None:
+            key_file(db).write_text(junk)
+            key_file(db).chmod(0o600)
+        for args in (
+            ("history", target),
+            ("changes", "--since", "1d"),
+            ("history", "--json", target),
+        ):
+            result = run_cli(*args, "--db", "m.db")
+            assert (result.exit_code, result.stderr) == (0, ""), args
+            assert "Bearer rotated" not in result.stdout
+            assert re.search(r'\\?"Authorization\\?":\s?\\?"redacted\\?"', result.stdout), args
+            assert "redacted:" not in result.stdout.split("updated", 1)[1], args
 
 
 def serve_every_table(db: Path) -> dict[str, str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline import schema
 from pipeline.changelog import changes_in_sync
+from pipeline.keyfile import key_path_for
 from pipeline.settings import EXPORT_FORMATS, Settings
 from pipeline.simulator import LoopbackServer, SimulatedAccount
 from pipeline.sync import SyncSummary, run_sync
@@ -90,7 +91,8 @@ def run_demo(db_path: Path, *, echo: Callable[[str], None] = print) -> None:
 
     echo("")
     echo(f"The mirror is in {db_path}: tables runners, runner_versions, sync_runs.")
-    echo("Header secrets are stored redacted (redacted:<hmac>), never in clear.")
+    echo("Header secrets are stored redacted (redacted:<hmac>), never in clear; the key is")
+    echo(f"in {key_path_for(db_path)}, beside the database and never in it.")
     echo("Open it in pandas:")
     echo(
         '  python -c "import sqlite3, pandas as pd; '

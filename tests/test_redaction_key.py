@@ -437,6 +437,7 @@ def test_the_demo_keeps_its_key_beside_the_demo_database(run_cli, tmp_path: Path
     assert result.exit_code == 0, result.stderr
     path = tmp_path / "data" / "demo.db.key"
     assert mode(path) == 0o600
+    assert "the key is\nin data/demo.db.key, beside the database" in result.stdout
     assert "redaction_key" not in meta(tmp_path / "data" / "demo.db")
 
 

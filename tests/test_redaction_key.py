@@ -114,6 +114,36 @@ def test_a_new_mirror_keeps_its_key_in_a_0600_file_beside_it_and_only_its_id_ins
         if stored != path:
             assert text.strip().encode() not in stored.read_bytes(), stored.name
     assert summary(sync())["unchanged"] == 30
+    assert folder_listing(tmp_path) == ["m.db", "m.db.key", "m.db.lock"]  # no temporary left
+
+
+def test_the_key_file_may_link_to_a_private_file_elsewhere(sync, tmp_path: Path):
+    db = tmp_path / "m.db"
+    summary(sync())
+    vault = tmp_path / "vault"
+    vault.mkdir()
+    key_file(db).rename(vault / "comfysync.key")
+    key_file(db).symlink_to(vault / "comfysync.key")
+    assert summary(sync())["unchanged"] == 30
+    (vault / "comfysync.key").chmod(0o644)  # the target's own mode is what counts
+    assert sync().exit_code == 2
+
+
+def test_a_mirror_that_names_no_key_is_not_given_a_new_one(sync, tmp_path: Path):
+    db = tmp_path / "m.db"
+    summary(sync())
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("DELETE FROM comfysync_meta WHERE key = 'redaction_key_id'")
+    conn.close()
+    before = dump_except_run_log(db)
+    result = sync()
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        "comfysync: error: m.db holds runners but names no redaction key; it was not made by "
+        "this comfysync: pass another --db\n"
+    )
+    assert dump_except_run_log(db) == before
 
 
 @pytest.mark.parametrize("bits", [0o640, 0o604, 0o620, 0o602, 0o644])

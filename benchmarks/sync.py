@@ -149,7 +149,7 @@ def emptied(folder: Path) -> Callable[[], None]:
 
 def fresh(db: Path) -> Callable[[], None]:
     def remove() -> None:
-        for suffix in ("", "-journal", "-wal", "-shm", ".lock"):
+        for suffix in ("", "-journal", "-wal", "-shm", ".lock", ".key"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
 
     return remove
@@ -159,6 +159,7 @@ def copy_of(source: Path, db: Path) -> Callable[[], None]:
     def copy() -> None:
         fresh(db)()
         shutil.copyfile(source, db)
+        shutil.copy(f"{source}.key", f"{db}.key")  # the key the copy's rows were made under
 
     return copy
 

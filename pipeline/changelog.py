@@ -7,7 +7,9 @@ creation has no old values; the full record of any version is in ``runner_versio
 update or a restoration lists each changed field with its old and new value as stored,
 except header values: those are always shown ``redacted:``, exactly as a default mirror stores
 them, even in a mirror told to keep them in clear (``--store-header-values``). That choice
-puts them in the database and its exports, not on terminals, in cron mail or in logs.
+puts them in the database and its exports, not on terminals, in cron mail or in logs. A
+reader who cannot get at the redaction key (``keyfile.key_for_reading``) sees such values as
+``redacted``, without a digest.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from datetime import UTC, datetime, timedelta
 import orjson
 
 from pipeline.errors import ConfigurationError, RunnerLookupError
+from pipeline.keyfile import key_for_reading
 from pipeline.records import REDACTED_PREFIX, TRACKED_FIELDS, redact_headers
-from pipeline.schema import redaction_key
 from pipeline.sqlite import Database
 from pipeline.store import utc_timestamp
 
@@ -32,6 +34,8 @@ _DURATION = re.compile(r"(\d+)\s*([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _REDACTED = re.compile(re.escape(REDACTED_PREFIX) + r"[0-9a-f]{12}")
+#: A value stored in clear, shown to a reader who has no key to digest it with.
+REDACTED_WITHOUT_KEY = REDACTED_PREFIX.rstrip(":")
 
 
 @dataclass(frozen=True)
@@ -217,11 +221,12 @@ def _changed_fields(
         list(params),
     )
     fields: dict[tuple[str, int], list[FieldChange]] = {}
-    key: bytes | None = None
+    keys: list[bytes | None] = []  # looked up once, at the first header change
     for runner_id, version, field, old, new in cursor:
         if field == "headers":
-            key = key or redaction_key(db)
-            old, new = _redacted_headers(old, key), _redacted_headers(new, key)
+            if not keys:
+                keys.append(key_for_reading(db))
+            old, new = _redacted_headers(old, keys[0]), _redacted_headers(new, keys[0])
         fields.setdefault((runner_id, version), []).append(FieldChange(field, old, new))
     order = {name: position for position, name in enumerate(TRACKED_FIELDS)}
     for changes in fields.values():
@@ -229,8 +234,9 @@ def _changed_fields(
     return fields
 
 
-def _redacted_headers(text: str | None, key: bytes) -> str | None:
-    """Stored ``headers`` JSON with every value kept in clear redacted as the default would."""
+def _redacted_headers(text: str | None, key: bytes | None) -> str | None:
+    """Stored ``headers`` JSON with every value kept in clear redacted as the default would
+    (or shown as ``redacted`` alone, without a key)."""
     if text is None:
         return None
     headers = orjson.loads(text)
@@ -241,7 +247,12 @@ def _redacted_headers(text: str | None, key: bytes) -> str | None:
     }
     if not clear:
         return text
-    shown = {**headers, **redact_headers(clear, key)}
+    hidden = (
+        redact_headers(clear, key)
+        if key is not None
+        else dict.fromkeys(clear, REDACTED_WITHOUT_KEY)
+    )
+    shown = {**headers, **hidden}
     return orjson.dumps(shown, option=orjson.OPT_SORT_KEYS).decode()
 
 

@@ -15,6 +15,7 @@ import functools
 import gc
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import ComfySyncError
+from pipeline.keyfile import KEY_ENV
 from pipeline.printable import PrintableFormatter, printable, printable_json, printable_lines
 from pipeline.settings import (
     DEFAULT_BASE_URL,
@@ -121,6 +123,8 @@ def sync_options(command: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(command)
     def with_settings(**options: Any) -> None:
         fields = {name: options.pop(name) for name in _SETTINGS_FIELDS if name in options}
+        # The key only from the environment: a command line is visible to other users.
+        fields["redaction_key"] = os.environ.get(KEY_ENV) or None
         if options.pop("no_export"):
             fields["export_dir"] = None
         command(settings=Settings(**fields), **options)

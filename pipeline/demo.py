@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from pipeline import schema
 from pipeline.changelog import changes_in_sync
 from pipeline.errors import ComfySyncError, DatabaseError
+from pipeline.keyfile import key_path_for
 from pipeline.lock import hold_sync_lock
 from pipeline.printable import printable
 from pipeline.settings import EXPORT_FORMATS, Settings, is_loopback_host
@@ -43,8 +44,10 @@ _SIDECARS = ("-journal", "-wal", "-shm")
 
 
 def _remove_database(path: Path) -> None:
+    """Remove a demo database, its SQLite side files and its redaction key file."""
     for suffix in ("", *_SIDECARS):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
+    key_path_for(path).unlink(missing_ok=True)
 
 
 def _is_demo_database(path: Path) -> bool:
@@ -204,7 +207,8 @@ def run_demo(db_path: Path, *, echo: Callable[[str], None] = print) -> None:
 
     echo("")
     echo(f"The mirror is in {db_path}: tables runners, runner_versions, sync_runs.")
-    echo("Header secrets are stored redacted (redacted:<hmac>), never in clear.")
+    echo("Header secrets are stored redacted (redacted:<hmac>), never in clear; the key is")
+    echo(f"in {key_path_for(db_path)}, beside the database and never in it.")
     echo("Open it in pandas:")
     echo(
         '  python -c "import sqlite3, pandas as pd; '

@@ -11,7 +11,8 @@ Tables (see README for every column):
 * ``runner_versions``: every version of every runner with validity intervals.
 * ``sync_runs``: one row per sync attempt.
 * ``rejected_records``: runner objects that could not be stored, with the reason.
-* ``comfysync_meta``: schema version and the per-database redaction key.
+* ``comfysync_meta``: schema version and the id of the per-database redaction key (the key
+  itself lives beside the database, never in it: ``pipeline.keyfile``, m009).
 * ``snapshots``: one row per snapshot file a sync wrote (or failed to write).
 * ``runners.raw_fingerprint`` (m005): a keyed digest of each runner as the API last sent it.
 * Runner ``created_at``/``updated_at`` in the one form ``records.normalise_timestamp`` stores
@@ -33,7 +34,6 @@ Datasette:
 from __future__ import annotations
 
 import os
-import secrets
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline import keyfile
 from pipeline.errors import ComfySyncError, DatabaseError, StorageError
 from pipeline.records import (
     KNOWN_STATUSES,
@@ -61,12 +62,8 @@ migrations = Migrations("comfysync")
 def m001_initial(db: Database) -> None:
     text_fields: dict[str, Any] = {name: str for name in TRACKED_FIELDS}
     db.table(META_TABLE).create({"key": str, "value": str}, pk="key")
-    db.table(META_TABLE).insert_all(
-        [
-            {"key": "application", "value": "comfysync"},
-            {"key": "redaction_key", "value": secrets.token_hex(32)},
-        ]
-    )
+    # Databases made before m009 also got their redaction key here; m009 moves it out.
+    db.table(META_TABLE).insert({"key": "application", "value": "comfysync"})
     db.table("runners").create(
         {
             "id": str,
@@ -304,6 +301,30 @@ def _legacy_time_in_stored_form(value: str | None) -> str | None:
         return value
 
 
+@migrations()
+def m009_redaction_key_out(db: Database) -> None:
+    """Move the redaction key out of the database into its key file, keeping only its id.
+
+    Whoever can read the database must not be able to test guessed header secrets against
+    its digests. The row is deleted with ``secure_delete`` on, so SQLite overwrites its
+    bytes instead of leaving them in the page's free space, and ``open_store`` then
+    checkpoints the WAL, so no copy outlives it there. Nothing else changes. A key file
+    that already holds another key raises DatabaseError and the database stays as it was.
+    """
+    legacy = read_meta(db, keyfile.LEGACY_KEY_META)
+    if legacy is None:
+        return  # made since: its key never entered the database
+    key = bytes.fromhex(legacy)
+    keyfile.keep_key(db, key)
+    [(secure_delete,)] = db.execute("PRAGMA secure_delete")
+    db.execute("PRAGMA secure_delete = ON")
+    try:
+        db.execute(f"DELETE FROM {META_TABLE} WHERE key = ?", [keyfile.LEGACY_KEY_META])
+    finally:
+        db.execute(f"PRAGMA secure_delete = {int(secure_delete)}")
+    db.table(META_TABLE).insert({"key": keyfile.KEY_ID_META, "value": keyfile.key_id(key)})
+
+
 #: Known migrations, in order; the schema version is how many of them a database has.
 SCHEMA_VERSION = len(migrations._migrations)
 
@@ -466,6 +487,9 @@ def open_store(path: Path) -> Database:
             db.table(META_TABLE).upsert(
                 {"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key"
             )
+            # The pages m009 rewrote (the key scrubbed) replace their old copies in the
+            # database file now, and the WAL that saw them is emptied.
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         elif db.journal_mode != "wal":
             db.enable_wal()
     return db
@@ -581,11 +605,3 @@ def write_meta(db: Database, key: str, value: str) -> None:
 def read_meta(db: Database, key: str) -> str | None:
     row = db.execute(f"SELECT value FROM {META_TABLE} WHERE key = ?", [key]).fetchone()
     return str(row[0]) if row else None
-
-
-def redaction_key(db: Database) -> bytes:
-    """The random per-database key under which header secrets are HMAC-redacted."""
-    value = read_meta(db, "redaction_key")
-    if value is None:
-        raise DatabaseError("the database has no redaction key; it was not made by comfysync")
-    return bytes.fromhex(value)

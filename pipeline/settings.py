@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigurationError
+from pipeline.keyfile import check_env_key
 
 DEFAULT_BASE_URL = "https://api.comfycontrol.app"
 DEFAULT_DB_PATH = Path("data") / "comfysync.db"
@@ -66,8 +67,10 @@ def _export_dir_problem(export_dir: Path, db_path: Path) -> str | None:
 class Settings:
     """Options of one sync. Construct with keywords; ``validated()`` checks them as a whole.
 
-    ``token`` is excluded from ``repr`` so a settings object can be logged or shown in a
-    traceback without leaking the credential. ``export_dir`` None (the default for the Python
+    ``token`` and ``redaction_key`` are excluded from ``repr`` so a settings object can be
+    logged or shown in a traceback without leaking a secret. ``redaction_key`` (hex, what
+    COMFYSYNC_REDACTION_KEY holds) None means the key file beside the database
+    (``pipeline.keyfile``). ``export_dir`` None (the default for the Python
     API) writes no snapshots; the ``sync`` command sets it to ``data/exports`` unless
     ``--no-export``.
     """
@@ -94,6 +97,7 @@ class Settings:
     export_formats: tuple[str, ...] = EXPORT_FORMATS
     keep_snapshots: int | None = None
     csv_safe: bool = False
+    redaction_key: str | None = field(default=None, repr=False)
 
     def validated(self) -> Settings:
         """Return self after checking every option, or raise ConfigurationError.
@@ -147,6 +151,8 @@ class Settings:
             problem = _export_dir_problem(self.export_dir, self.db_path)
             if problem is not None:
                 raise ConfigurationError(problem)
+        if self.redaction_key is not None:
+            check_env_key(self.redaction_key)
         return self
 
 

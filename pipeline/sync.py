@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, cast
 
 import httpx
 
-from pipeline import guardrails, schema, store
+from pipeline import guardrails, keyfile, schema, store
 from pipeline.changes import ChangeSet, ids_needing_fields, plan_changes
 from pipeline.client import ComfyControlClient, Page
 from pipeline.errors import (
@@ -382,10 +382,12 @@ def run_sync(
 
 def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) -> SyncSummary:
     now = seams.now
+    # Before the first write: a database made under another key is refused untouched.
+    key = keyfile.key_for_sync(db, env_key=settings.redaction_key)
     store.close_abandoned_runs(db, finished_at=now())
     sync_id = store.begin_run(db, base_url=settings.base_url, started_at=now())
     with schema.journal_for_first_sync(db):
-        summary, finished_at = _walk_and_apply(db, settings, seams, started, sync_id)
+        summary, finished_at = _walk_and_apply(db, settings, seams, started, sync_id, key)
     # Committed: from here on nothing may turn the sync into a failure.
     if settings.export_dir is not None:
         summary = _write_snapshots(
@@ -395,7 +397,7 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
 
 
 def _walk_and_apply(
-    db: Database, settings: Settings, seams: _Seams, started: float, sync_id: int
+    db: Database, settings: Settings, seams: _Seams, started: float, sync_id: int, key: bytes
 ) -> tuple[SyncSummary, str]:
     """Walk, decide and apply in one transaction; a failure is recorded and re-raised."""
     now = seams.now
@@ -405,7 +407,7 @@ def _walk_and_apply(
         applied_at = now()
         early = store.EarlyCreations(db, sync_id=sync_id, applied_at=applied_at)
         collector = _Collector(
-            schema.redaction_key(db),
+            key,
             settings.store_header_values,
             store.read_present_fingerprints_aside(db, settings.db_path),
             seams.on_progress,

@@ -128,7 +128,7 @@ def test_the_html_pages_show_the_descriptions(mirror: Mirror):
     assert home.status_code == runners.status_code == 200
     assert "comfysync: ComfyControl runners mirror" in home.text
     assert "When a complete sync found the runner gone upstream" in runners.text
-    assert "comfysync_meta" not in home.text  # hidden: it holds the redaction key
+    assert "comfysync_meta" not in home.text  # hidden: comfysync's own settings
 
 
 def aged_copy(mirror: Mirror, tmp_path: Path) -> Path:

@@ -192,6 +192,7 @@ def test_a_corrupt_snapshot_folder(name: str, synced_once, tmp_path: Path) -> No
     case = CASES[name]
     home, url = synced_once
     shutil.copy(home / "mirror.db", tmp_path / "mirror.db")
+    shutil.copy(home / "mirror.db.key", tmp_path / "mirror.db.key")  # a copy syncs with its key
     shutil.copytree(home / "exports", tmp_path / "exports")
     today = datetime.now(UTC).date().isoformat()
     case.corrupt(tmp_path / "exports", today)

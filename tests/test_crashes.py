@@ -178,6 +178,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory):
             account.faults.latency_ms = spec.latency_ms
             reference = folder / f"reference-{phase}.db"
             shutil.copy(before, reference)
+            shutil.copy(f"{before}.key", f"{reference}.key")  # a copy syncs with its key
             run = start_harness(phase, reference, server.url, folder / f"exports-{phase}")
             assert run.process.wait(timeout=120) == 0, run.stderr()
             ends = run.stderr().split(f"crash-harness: {phase} ends after ", 1)[1]
@@ -235,6 +236,7 @@ def test_a_sync_killed_at_a_random_moment_leaves_the_store_before_or_after(
     stores.server.account.faults.latency_ms = spec.latency_ms
     db, exports = tmp_path / "trial.db", tmp_path / "exports"
     shutil.copy(stores.before, db)
+    shutil.copy(f"{stores.before}.key", f"{db}.key")
     shutil.copytree(stores.before_exports, exports)
     delay = kill_delay(phase, seed, 1.0 if spec.aim_after else stores.seconds[phase])
 

@@ -163,23 +163,21 @@ def test_a_new_database_has_exactly_the_documented_schema(tmp_path: Path):
     db = open_store(tmp_path / "new.db")
     assert db.schema == EXPECTED_SCHEMA
     assert db.journal_mode == "wal"
-    assert read_meta(db, "schema_version") == str(SCHEMA_VERSION) == "8"
+    assert read_meta(db, "schema_version") == str(SCHEMA_VERSION) == "9"
     assert read_meta(db, "application") == "comfysync"
-    assert len(bytes.fromhex(read_meta(db, "redaction_key") or "")) == 32
+    # The redaction key never enters the database: the first sync writes <db>.key.
+    assert db.execute("SELECT key FROM comfysync_meta ORDER BY key").fetchall() == [
+        ("application",),
+        ("schema_version",),
+    ]
 
 
-def test_opening_again_is_idempotent_and_keeps_the_redaction_key(tmp_path: Path):
+def test_opening_again_is_idempotent(tmp_path: Path):
     first = open_store(tmp_path / "m.db")
-    key = read_meta(first, "redaction_key")
     first.close()
     again = open_store(tmp_path / "m.db")
-    assert again.schema == EXPECTED_SCHEMA and read_meta(again, "redaction_key") == key
-    assert again.execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == (8,)
-
-
-def test_each_database_gets_its_own_redaction_key(tmp_path: Path):
-    keys = {read_meta(open_store(tmp_path / f"{n}.db"), "redaction_key") for n in range(3)}
-    assert len(keys) == 3
+    assert again.schema == EXPECTED_SCHEMA
+    assert again.execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == (9,)
 
 
 def test_read_only_opening_never_creates_or_writes(tmp_path: Path):

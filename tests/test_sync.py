@@ -26,8 +26,8 @@ def settings_for(upstream, db_path: Path, **options) -> Settings:
 
 
 def redaction_key(db_path: Path) -> bytes:
-    [(value,)] = rows(db_path, "SELECT value FROM comfysync_meta WHERE key = 'redaction_key'")
-    return bytes.fromhex(str(value))
+    """The key the store redacts under: in the key file beside it (<db>.key)."""
+    return bytes.fromhex(db_path.with_name(db_path.name + ".key").read_text())
 
 
 def expected_mirror(account, key: bytes) -> dict[str, dict[str, object]]:

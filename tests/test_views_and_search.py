@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from collections import Counter
 from pathlib import Path
@@ -235,9 +236,11 @@ def test_a_database_made_before_m002_migrates_forward_with_views_and_index(
     run_sync(Settings(base_url=upstream.url, token=account.token, db_path=tmp_path / "new.db"))
     path = tmp_path / "old.db"
     make_m001_database(path, tmp_path / "new.db")
+    # The key its rows were made under, beside it.
+    shutil.copy(tmp_path / "new.db.key", tmp_path / "old.db.key")
 
     migrated = open_store(path)
-    assert schema.schema_version(migrated) == schema.SCHEMA_VERSION == 8
+    assert schema.schema_version(migrated) == schema.SCHEMA_VERSION == 9
     assert sorted(migrated.view_names()) == ["current_runners", "runner_changes", "runner_tags"]
     migrated.close()
     first = account.list_runners()[0]

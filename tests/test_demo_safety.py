@@ -34,6 +34,10 @@ def tree(folder: Path) -> dict[str, object]:
                 found[key] = ("link", os.readlink(path))
             elif path.is_dir():
                 found[key] = "folder"
+            elif name.endswith("-shm"):
+                # SQLite's shared-memory index: every reader, read-only ones too, marks it
+                # as it reads. It holds no data; that it is still there is what counts.
+                found[key] = "shm"
             else:
                 found[key] = path.read_bytes()
     return found

@@ -104,6 +104,7 @@ class SharedMirror:
             conn.close()
         assert sorted(p.name for p in self.folder.iterdir()) == [
             "comfysync.db",
+            "comfysync.db.key",
             "comfysync.db.lock",
         ]
 
@@ -113,6 +114,8 @@ def hand_over(folder: Path) -> None:
     for path in [folder, *folder.iterdir()]:
         if AS_ROOT:
             shutil.chown(path, "nobody", "nogroup")
+        if path.name.endswith(".key"):
+            continue  # the redaction key stays its owner's alone (0600)
         path.chmod(0o555 if path.is_dir() else 0o644)
 
 
@@ -151,7 +154,9 @@ def test_a_sync_leaves_the_wal_and_shm_files_readers_need(shared_mirror: SharedM
     assert result.exit_code == 0, result.stderr
     db = shared_mirror.db
     found = files_in(shared_mirror.folder)
-    assert sorted(found) == sorted([db.name, f"{db.name}-wal", f"{db.name}-shm", f"{db.name}.lock"])
+    assert sorted(found) == sorted(
+        [db.name, f"{db.name}-wal", f"{db.name}-shm", f"{db.name}.key", f"{db.name}.lock"]
+    )
     # As readable, by the same users, as the database itself.
     assert found[f"{db.name}-wal"] == found[f"{db.name}-shm"] == found[db.name]
     assert os.path.getsize(f"{db}-wal") == 0  # checkpointed: everything is in the database

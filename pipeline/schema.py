@@ -350,6 +350,11 @@ def _check_usable(db: Database, path: Path) -> int:
     return version
 
 
+#: The longest absolute --db SQLite's unix VFS opens: its MAX_PATHNAME (512) less the room
+#: for the "-journal" it appends for its side files.
+_SQLITE_MAX_PATH = 512 - len("-journal")
+
+
 def prepare_db_path(path: Path) -> None:
     """Check that ``path`` can hold a database comfysync writes, creating its folder if needed.
 
@@ -358,6 +363,9 @@ def prepare_db_path(path: Path) -> None:
     """
     if path.is_dir():
         raise DatabaseError(f"--db {path} is a directory; pass a file path")
+    if len(os.fsencode(path.absolute())) > _SQLITE_MAX_PATH:
+        # Checked before creating its folders: SQLite would refuse it after they were made.
+        raise DatabaseError(f"--db {path} is a path too long for SQLite; pass a shorter one")
     _check_writable(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

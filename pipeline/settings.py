@@ -73,7 +73,10 @@ class Settings:
         Refuses to send a token in clear text or to an unknown host by mistake: plain
         ``http://`` is only allowed to loopback (the simulator) unless ``allow_http``.
         """
+        from pipeline.client import check_request_url  # httpx stays out of `--help`
+
         hostname = _base_url_host(self.base_url)
+        check_request_url(self.base_url)
         parts = urlsplit(self.base_url)
         loopback = is_loopback_host(hostname)
         if parts.scheme == "http" and not loopback and not self.allow_http:

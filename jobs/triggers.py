@@ -27,8 +27,12 @@ CRON_FORMS = (
 TIMEZONE_FORMS = "an IANA time zone name such as UTC, Europe/Berlin or America/New_York"
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: The longest --every: a year is beyond any real schedule, and a much longer one overflows
+#: the dates APScheduler computes.
+MAX_EVERY = timedelta(days=365)
 _EVERY = re.compile(r"\s*(\d+)\s*([smhd])\s*", re.IGNORECASE)
 #: Crontab's weekday names, indexed by crontab's numbers (0 and 7 are Sunday).
+_ZONE_NAME = re.compile(r"[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+)*")
 _CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 _WEEKDAY_TERM = re.compile(r"(\*|\w+)(?:-(\w+))?(?:/(\d+))?")
 
@@ -37,16 +41,28 @@ def parse_every(text: str) -> timedelta:
     """``30s``, ``15m``, ``2h``, ``1d`` -> a positive timedelta; ValueError otherwise."""
     match = _EVERY.fullmatch(text)
     if not match or int(match.group(1)) == 0:
-        raise ValueError(f"{text!r} is not an interval; use {EVERY_FORMS}")
-    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2).lower()])
+        raise ValueError(f"{_shown(text)} is not an interval; use {EVERY_FORMS}")
+    seconds = int(match.group(1)) * _UNITS[match.group(2).lower()]
+    if seconds > MAX_EVERY.total_seconds():
+        raise ValueError(f"{_shown(text)} is longer than {MAX_EVERY.days}d; use {EVERY_FORMS}")
+    return timedelta(seconds=seconds)
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for an error line, shortened: it may be anything a user typed."""
+    return repr(text) if len(text) <= 60 else repr(text[:50]) + "..."
 
 
 def parse_timezone(name: str) -> ZoneInfo:
     """An IANA zone name -> ZoneInfo; ValueError for a name the zone database does not know."""
+    # The zone database's own name shape, checked first: ZoneInfo turns the name into a
+    # package path, and a deeply nested garbage one exhausts its recursion.
+    if len(name) > 64 or not _ZONE_NAME.fullmatch(name):
+        raise ValueError(f"unknown time zone {_shown(name)}; use {TIMEZONE_FORMS}")
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {name!r}; use {TIMEZONE_FORMS}") from None
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a file
+        raise ValueError(f"unknown time zone {_shown(name)}; use {TIMEZONE_FORMS}") from None
 
 
 def crontab_weekdays(field: str) -> str:
@@ -97,7 +113,8 @@ def parse_cron(expression: str, timezone: ZoneInfo, *, jitter: int | None = None
         if trigger.get_next_fire_time(None, datetime.now(timezone)) is None:
             raise ValueError("no date ever matches it")
     except ValueError as exc:
-        raise ValueError(f"{expression!r} is not a crontab ({exc}); use {CRON_FORMS}") from None
+        shown = _shown(expression)
+        raise ValueError(f"{shown} is not a crontab ({exc}); use {CRON_FORMS}") from None
     trigger.jitter = jitter or None
     return trigger
 

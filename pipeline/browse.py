@@ -77,7 +77,11 @@ def write_metadata(db_path: Path, out: Path) -> None:
             f"--metadata-out {out} is the database (--db {db_path}) or one of its files; "
             "pass another file name"
         )
-    out.write_text(metadata_json(db_path), encoding="utf-8")
+    text = metadata_json(db_path)
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write {out} ({exc.strerror})") from exc
 
 
 def listen_on(port: int) -> socket.socket:

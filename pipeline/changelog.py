@@ -275,9 +275,10 @@ def parse_since(text: str, *, now: datetime | None = None) -> str:
             moment = datetime.fromisoformat(value)
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
+        # In the try too: a moment near year 1 or 9999 can leave the calendar once in UTC.
+        return utc_timestamp(moment)
     except (ValueError, OverflowError) as exc:
         raise ConfigurationError(
             f"--since {text!r} is neither a duration (90m, 24h, 7d) nor an ISO date or "
             "date and time (2026-11-01, 2026-11-01T12:00Z)"
         ) from exc
-    return utc_timestamp(moment)

@@ -15,6 +15,7 @@ import functools
 import gc
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from pipeline import __version__
-from pipeline.errors import ComfySyncError
+from pipeline.errors import ComfySyncError, ConfigurationError
 from pipeline.keyfile import KEY_ENV
 from pipeline.printable import PrintableFormatter, printable, printable_json, printable_lines
 from pipeline.settings import (
@@ -44,6 +45,120 @@ if TYPE_CHECKING:
 
 _debug = False
 FC = TypeVar("FC", bound=Callable[..., Any])
+#: The cap of counts a user gives (runs to show, runs to make, snapshots to keep): beyond any
+#: real need, and far inside what SQLite and the scheduler can hold.
+MANY = 1_000_000_000
+
+
+def _shown(value: object) -> str:
+    """A value quoted for an error line: repr (so control characters stay visible), shortened."""
+    text = repr(value if isinstance(value, str) else str(value))
+    return text if len(text) <= 60 else text[:50] + "...'"
+
+
+def _number_text(number: float) -> str:
+    return f"{number:g}" if isinstance(number, float) else str(number)
+
+
+class WholeNumber(click.IntRange):
+    """A whole number between two bounds, both required: an unbounded one would reach SQLite
+    or the scheduler as a number they cannot hold. Refused in plain words, not click's."""
+
+    name = "integer"
+
+    def __init__(self, min: int, max: int) -> None:
+        super().__init__(min, max)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        given = value
+        if isinstance(value, bool) or not isinstance(value, int):
+            try:
+                value = int(str(value).strip())
+            except ValueError:
+                self.fail(f"{_shown(value)} is not a whole number", param, ctx)
+        assert self.min is not None and self.max is not None
+        if not self.min <= value <= self.max:
+            self.fail(f"{_shown(given)} must be between {self.min} and {self.max}", param, ctx)
+        return value
+
+    def _describe_range(self) -> str:  # the [range] --help shows
+        return f"{self.min}-{self.max}"
+
+
+class Number(click.FloatRange):
+    """A finite number between two bounds (``min_open``: strictly above the lower one)."""
+
+    name = "number"
+
+    def __init__(self, min: float, max: float, *, min_open: bool = False) -> None:
+        super().__init__(min, max, min_open=min_open)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        given = value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            try:
+                value = float(str(value).strip())
+            except ValueError:
+                self.fail(f"{_shown(given)} is not a number", param, ctx)
+        if not (math.isfinite(value) and self._within(value)):
+            low, high = _number_text(self.min or 0), _number_text(self.max or 0)
+            wanted = f"above {low} and at most" if self.min_open else f"between {low} and"
+            self.fail(f"{_shown(given)} must be {wanted} {high}", param, ctx)
+        return float(value)
+
+    def _within(self, value: float) -> bool:
+        assert self.min is not None and self.max is not None
+        above_min = self.min < value if self.min_open else self.min <= value
+        return above_min and value <= self.max
+
+    def _describe_range(self) -> str:  # the [range] --help shows
+        low, high = _number_text(self.min or 0), _number_text(self.max or 0)
+        return f"{low}<x<={high}" if self.min_open else f"{low}-{high}"
+
+
+class FilePath(click.Path):
+    """A file or folder path the operating system can take: not empty, no NUL byte, and no
+    name longer than file systems hold (each would fail later, deep in a sync or a write)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str):
+            # click would turn '' into Path('.'), the current folder: refused before that.
+            if param is None:
+                refuse_blank_path(value, "a path", required=True)
+            else:  # named by its long form: --output, not -o
+                refuse_blank_path(value, max(param.opts, key=len), required=param.required)
+            if "\x00" in value:
+                self.fail(f"{_shown(value)} contains a NUL byte", param, ctx)
+            try:
+                encoded = os.fsencode(value)
+            except UnicodeError:
+                self.fail(f"{_shown(value)} cannot be a file name here", param, ctx)
+            if len(encoded) >= 4096 or any(len(part) > 255 for part in encoded.split(b"/")):
+                self.fail(f"{_shown(value)} is too long for a file path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class LoopbackHost(click.ParamType[str, str]):
+    """``localhost`` or a loopback IP address: the simulator serves fake secrets without TLS
+    and must never listen beyond this machine (the simulator checks the same again)."""
+
+    name = "host"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        import ipaddress
+
+        text = str(value)
+        try:
+            loopback = text == "localhost" or ipaddress.ip_address(text).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            self.fail(
+                f"{_shown(text)} is not a loopback address (127.0.0.1, ::1 or localhost)",
+                param,
+                ctx,
+            )
+        return text
 
 
 def _enable_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
@@ -57,28 +172,12 @@ def _enable_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bo
     return value
 
 
-class PathOption(click.Path):
-    """A path option that refuses an empty or blank value with one line (exit 2).
-
-    click turns ``''`` into ``Path('.')``, the current folder: ``--db ''`` or
-    ``--export-dir ''`` would then act on it. The text is checked before that happens.
-    """
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, str):
-            if param is None:
-                refuse_blank_path(value, "a path", required=True)
-            else:  # named by its long form: --output, not -o
-                refuse_blank_path(value, max(param.opts, key=len), required=param.required)
-        return super().convert(value, param, ctx)
-
-
 def store_option(help_text: str) -> Callable[[FC], FC]:
     """``--db`` / COMFYSYNC_DB, the same for every command that works on the store."""
     return click.option(
         "--db",
         "db_path",
-        type=PathOption(path_type=Path),
+        type=FilePath(path_type=Path),
         envvar="COMFYSYNC_DB",
         default=DEFAULT_DB_PATH,
         show_envvar=True,
@@ -153,37 +252,37 @@ _SYNC_OPTIONS = (
     store_option("SQLite database to sync into."),
     click.option(
         "--per-page",
-        type=click.IntRange(1, MAX_PER_PAGE),
+        type=WholeNumber(1, MAX_PER_PAGE),
         default=MAX_PER_PAGE,
         help="Runners per page request.",
     ),
     click.option(
         "--concurrency",
-        type=click.IntRange(1, 32),
+        type=WholeNumber(1, 32),
         default=4,
         help="Page requests in flight at once.",
     ),
     click.option(
         "--max-walks",
-        type=click.IntRange(1, 20),
+        type=WholeNumber(1, 20),
         default=3,
         help="Walks to try before settling for an incomplete one (no deletions then).",
     ),
     click.option(
         "--timeout",
-        type=click.FloatRange(min=0.1),
+        type=Number(0.1, 3600),
         default=30.0,
         help="Seconds to wait for each response.",
     ),
     click.option(
         "--max-retries",
-        type=click.IntRange(0, 20),
+        type=WholeNumber(0, 20),
         default=5,
         help="Retries per page on connection errors, timeouts, 429 and 5xx.",
     ),
     click.option(
         "--max-retry-after",
-        type=click.FloatRange(min=0),
+        type=Number(0, 86400),
         default=60.0,
         metavar="SECONDS",
         help="Fail at once (exit 4) when the API asks (Retry-After) to wait longer than this.",
@@ -200,7 +299,7 @@ _SYNC_OPTIONS = (
     ),
     click.option(
         "--export-dir",
-        type=PathOption(path_type=Path),
+        type=FilePath(path_type=Path),
         envvar="COMFYSYNC_EXPORT_DIR",
         default=DEFAULT_EXPORT_DIR,
         show_envvar=True,
@@ -217,7 +316,7 @@ _SYNC_OPTIONS = (
     click.option("--no-export", is_flag=True, help="Write no snapshot files after the sync."),
     click.option(
         "--keep-snapshots",
-        type=click.IntRange(min=1),
+        type=WholeNumber(1, MANY),
         default=None,
         metavar="N",
         help="Delete the oldest snapshot files beyond the N newest per format (default: keep all).",
@@ -225,7 +324,7 @@ _SYNC_OPTIONS = (
     csv_safe_option,
     click.option(
         "--max-delete-ratio",
-        type=click.FloatRange(0, 1),
+        type=Number(0, 1),
         default=0.5,
         help="Withhold all deletions (run ends partial) if more than this share of the present "
         "runners would be marked deleted; an empty listing always counts.",
@@ -282,7 +381,7 @@ def sync(settings: Settings, as_json: bool, quiet: bool) -> None:
 )
 @click.option(
     "--jitter",
-    type=click.IntRange(0),
+    type=WholeNumber(0, 86_400),  # a day: runs later than that are no longer "on the schedule"
     default=0,
     metavar="SECONDS",
     help="Delay each run by a random 0..SECONDS (spreads many mirrors' load).",
@@ -298,14 +397,14 @@ def sync(settings: Settings, as_json: bool, quiet: bool) -> None:
 )
 @click.option(
     "--max-runs",
-    type=click.IntRange(1),
+    type=WholeNumber(1, MANY),
     default=None,
     show_default="never",
     help="Stop (exit 0) after this many runs; skipped ticks do not count.",
 )
 @click.option(
     "--max-consecutive-failures",
-    type=click.IntRange(1),
+    type=WholeNumber(1, MANY),
     default=None,
     show_default="never",
     help="Stop with exit 4 after this many failed runs in a row.",
@@ -432,20 +531,27 @@ class _ProgressBar:
 
 
 @cli.command()
-@click.option("--host", default="127.0.0.1", help="Loopback address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8188, help="Port (0: any free).")
-@click.option("--runners", type=click.IntRange(0), default=250, help="Runners to generate.")
-@click.option("--seed", type=int, default=1, help="Seed for the generated runners and faults.")
+@click.option(
+    "--host", type=LoopbackHost(), default="127.0.0.1", help="Loopback address to listen on."
+)
+@click.option("--port", type=WholeNumber(0, 65535), default=8188, help="Port (0: any free).")
+@click.option("--runners", type=WholeNumber(0, 1_000_000), default=250, help="Runners to generate.")
+@click.option(
+    "--seed",
+    type=WholeNumber(0, 2**32 - 1),
+    default=1,
+    help="Seed for the generated runners and faults.",
+)
 @click.option("--token", default="demo-token", help="Bearer token the simulator accepts.")
 @click.option(
     "--fail-rate",
-    type=click.FloatRange(0, 1),
+    type=Number(0, 1),
     default=0.0,
     help="Probability of a random 500/502/503.",
 )
 @click.option(
     "--rate-limit",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Number(0, 1_000_000, min_open=True),
     default=None,
     help="Requests per second before answering 429 with Retry-After.",
 )
@@ -457,19 +563,19 @@ class _ProgressBar:
 )
 @click.option(
     "--drop-connections",
-    type=click.FloatRange(0, 1),
+    type=Number(0, 1),
     default=0.0,
     help="Probability of closing the connection mid-response.",
 )
 @click.option(
     "--malformed",
-    type=click.FloatRange(0, 1),
+    type=Number(0, 1),
     default=0.0,
     help="Probability of a truncated or non-JSON body.",
 )
 @click.option(
     "--churn",
-    type=click.FloatRange(min=0),
+    type=Number(0, 1000),
     default=0.0,
     help="Expected upstream mutations (create/update/delete) before each request.",
 )
@@ -523,14 +629,14 @@ def simulate(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--host") from exc
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {host}:{port} ({exc.strerror})") from exc
+        raise ConfigurationError(f"cannot listen on {host}:{port} ({exc.strerror})") from exc
 
 
 @cli.command()
 @click.option(
     "-o",
     "--output",
-    type=PathOption(path_type=Path),
+    type=FilePath(path_type=Path),
     required=True,
     help="File to write; its suffix, .parquet or .csv, sets the format.",
 )
@@ -584,7 +690,7 @@ def export(
 @click.option(
     "--db",
     "db_path",
-    type=PathOption(path_type=Path),
+    type=FilePath(path_type=Path),  # a folder: refused by the demo, saying what to do
     default=Path("data") / "demo.db",
     help="Demo database (recreated on each run); its snapshots go to exports/<name> beside it.",
 )
@@ -604,7 +710,7 @@ def demo(db_path: Path) -> None:
 read_db_option = click.option(
     "--db",
     "db_path",
-    type=PathOption(path_type=Path, dir_okay=False),
+    type=FilePath(path_type=Path, dir_okay=False),
     envvar="COMFYSYNC_DB",
     default=DEFAULT_DB_PATH,
     show_envvar=True,
@@ -622,7 +728,7 @@ def _echo_json(value: Any) -> None:
 @read_db_option
 @click.option(
     "--export-dir",
-    type=PathOption(path_type=Path),  # not a folder: one line from find_snapshots, exit 2
+    type=FilePath(path_type=Path),  # not a folder: one line from find_snapshots, exit 2
     envvar="COMFYSYNC_EXPORT_DIR",
     default=DEFAULT_EXPORT_DIR,
     show_envvar=True,
@@ -646,7 +752,7 @@ def status(db_path: Path, export_dir: Path, as_json: bool) -> None:
 
 @cli.command()
 @read_db_option
-@click.option("--limit", type=click.IntRange(1), default=20, help="Runs to show, newest first.")
+@click.option("--limit", type=WholeNumber(1, MANY), default=20, help="Runs to show, newest first.")
 @click.option(
     "--status",
     "run_status",
@@ -727,11 +833,11 @@ def changes(since: str, db_path: Path, as_json: bool) -> None:
 @cli.command()
 @read_db_option
 @click.option(
-    "--port", type=click.IntRange(1, 65535), default=8001, help="Port to listen on (127.0.0.1)."
+    "--port", type=WholeNumber(1, 65535), default=8001, help="Port to listen on (127.0.0.1)."
 )
 @click.option(
     "--metadata-out",
-    type=PathOption(path_type=Path, dir_okay=False, allow_dash=True),
+    type=FilePath(path_type=Path, dir_okay=False, allow_dash=True),
     default=None,
     help="Write the Datasette metadata for --db to this file ('-': stdout) and exit.",
 )
@@ -788,7 +894,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        message = exc.format_message()
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            message += f" (see '{exc.ctx.command_path} --help')"
+        click.echo(f"comfysync: error: {printable(message)}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("comfysync: aborted", err=True)

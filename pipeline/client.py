@@ -370,6 +370,20 @@ def _wait_text(seconds: float) -> str:
     return f"{math.ceil(seconds)} s" if math.isfinite(seconds) else "forever"
 
 
+def check_request_url(base_url: str) -> None:
+    """ConfigurationError unless httpx can build the list request for ``base_url``.
+
+    httpx reads the host name by IDNA 2008, stricter than Python's own codec: a label such
+    as ``xn--zz`` or a symbol would otherwise fail on the first request, inside the walk.
+    """
+    try:
+        _ = httpx.Request("GET", base_url.rstrip("/") + LIST_PATH).url.host
+    except (httpx.InvalidURL, ValueError):  # idna's IDNAError is a ValueError
+        raise ConfigurationError(
+            "--base-url has a host name that is not a valid internationalized domain name"
+        ) from None
+
+
 def environment_proxy(url: str) -> str | None:
     """The proxy the environment asks for ``url`` (``HTTPS_PROXY`` etc., minus ``NO_PROXY``)."""
     parts = httpx.URL(url)

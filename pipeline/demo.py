@@ -125,6 +125,7 @@ def _start_afresh(db_path: Path, export_dir: Path) -> None:
     refusal = why_not_replaceable(db_path)
     if refusal is not None:
         raise DatabaseError(refusal)
+    schema.prepare_db_path(db_path)  # a path SQLite cannot take is refused before the lock file
     with hold_sync_lock(db_path):
         refusal = why_not_replaceable(db_path)
         if refusal is not None:

@@ -127,21 +127,29 @@ class _Once:
         return self.page is None or self.page == page
 
 
+#: The longest --latency and jitter: a minute per request already stalls any sync, and a far
+#: longer one overflows the event loop's timer.
+MAX_LATENCY_MS = 60_000
+
+
 def parse_latency(text: str) -> tuple[float, float]:
     """Parse a CLI latency spec, "MS" or "MS:JITTER" (milliseconds), e.g. "20:5" -> (20.0, 5.0).
 
     Raises ValueError with a message fit for the user on anything else.
     """
+    shown = repr(text) if len(text) <= 60 else repr(text[:50]) + "..."
     base, _, jitter = text.strip().partition(":")
     try:
         latency = float(base)
         spread = float(jitter) if jitter else 0.0
     except ValueError:
         raise ValueError(
-            f"latency must be MS or MS:JITTER in milliseconds (e.g. 20:5), not {text!r}"
+            f"latency must be MS or MS:JITTER in milliseconds (e.g. 20:5), not {shown}"
         ) from None
-    if not (math.isfinite(latency) and math.isfinite(spread)) or latency < 0 or spread < 0:
-        raise ValueError(f"latency and jitter must be finite and >= 0, not {text!r}")
+    if not all(0 <= value <= MAX_LATENCY_MS for value in (latency, spread)):  # False for nan
+        raise ValueError(
+            f"latency and jitter must be between 0 and {MAX_LATENCY_MS} ms, not {shown}"
+        )
     return latency, spread
 
 

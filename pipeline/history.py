@@ -100,19 +100,22 @@ def parse_instant(value: str | date | datetime) -> datetime:
     A date alone means the start of that day, UTC; a time without an offset is taken as UTC
     (the store keeps every time in UTC, so that is the only reading that cannot surprise).
     """
-    if isinstance(value, str):
-        try:
+    text = value
+    try:
+        if isinstance(value, str):
             value = datetime.fromisoformat(value.strip())
-        except ValueError:
-            raise ConfigurationError(
-                f"cannot read {value!r} as an ISO 8601 timestamp; use e.g. 2026-11-28 or "
-                "2026-11-28T14:30:00Z"
-            ) from None
-    if not isinstance(value, datetime):
-        value = datetime(value.year, value.month, value.day)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+        if not isinstance(value, datetime):
+            value = datetime(value.year, value.month, value.day)
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        # Near year 1 or 9999 an offset can carry the instant off the calendar in UTC.
+        return value.astimezone(UTC)
+    except (ValueError, OverflowError):
+        shown = repr(text) if len(str(text)) <= 60 else repr(str(text)[:50]) + "..."
+        raise ConfigurationError(
+            f"cannot read {shown} as an ISO 8601 timestamp; use e.g. 2026-11-28 or "
+            "2026-11-28T14:30:00Z"
+        ) from None
 
 
 def instant_text(value: str | date | datetime) -> str:

@@ -337,6 +337,11 @@ SCHEMA_VERSION = len(migrations._migrations)
 WRITE_CACHE_KIB = 32768
 
 
+def has_wal_files(path: Path) -> bool:
+    """True if the -wal or -shm file of the database at ``path`` is there."""
+    return any(os.path.lexists(f"{path}{suffix}") for suffix in ("-wal", "-shm"))
+
+
 def _connect(path: Path, *, read_only: bool, immutable: bool = False) -> Database:
     try:
         if read_only:
@@ -456,6 +461,11 @@ def _check_usable(db: Database, path: Path) -> int:
     return version
 
 
+#: The longest absolute --db SQLite's unix VFS opens: its MAX_PATHNAME (512) less the room
+#: for the "-journal" it appends for its side files.
+_SQLITE_MAX_PATH = 512 - len("-journal")
+
+
 def prepare_db_path(path: Path) -> None:
     """Check that ``path`` can hold a database comfysync writes, creating its folder if needed.
 
@@ -464,6 +474,9 @@ def prepare_db_path(path: Path) -> None:
     """
     if path.is_dir():
         raise DatabaseError(f"--db {path} is a directory; pass a file path")
+    if len(os.fsencode(path.absolute())) > _SQLITE_MAX_PATH:
+        # Checked before creating its folders: SQLite would refuse it after they were made.
+        raise DatabaseError(f"--db {path} is a path too long for SQLite; pass a shorter one")
     _check_writable(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -495,8 +508,11 @@ def open_store(path: Path) -> Database:
     return db
 
 
-def close_store(db: Database, path: Path) -> None:
+def close_store(db: Database, path: Path, *, for_readers: bool = True) -> None:
     """Close a connection ``open_store`` gave, leaving the -wal and -shm files for readers.
+
+    ``for_readers`` False closes it plainly (SQLite then removes the files): for a refused
+    sync, which must leave the folder as it found it.
 
     Why: a user who may read the database but not write its folder can read a WAL database
     only while its -wal and -shm files exist (``open_store_read_only``), and the last
@@ -509,7 +525,7 @@ def close_store(db: Database, path: Path) -> None:
     """
     keeper: sqlite3.Connection | None = None
     try:
-        if db.journal_mode == "wal":
+        if for_readers and db.journal_mode == "wal":
             if not db.conn.in_transaction:
                 db.execute("PRAGMA busy_timeout = 0")
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()

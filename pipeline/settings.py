@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -18,6 +19,11 @@ DEFAULT_EXPORT_DIR = Path("data") / "exports"
 #: Snapshot and export formats; each is also the file suffix and the snapshot tree's top folder.
 EXPORT_FORMATS: tuple[str, ...] = ("parquet", "csv")
 MAX_PER_PAGE = 100
+
+#: One DNS label (letters, digits, hyphens; underscores too, which some private names use).
+_HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+#: What an HTTP header can carry as it is: visible ASCII, no spaces or control characters.
+_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 
 def is_loopback_host(host: str) -> bool:
@@ -107,13 +113,12 @@ class Settings:
         an ``export_dir`` that is blank, a file (or under one), or the database itself,
         before the sync creates anything.
         """
+        from pipeline.client import check_request_url  # httpx stays out of `--help`
+
+        hostname = _base_url_host(self.base_url)
+        check_request_url(self.base_url)
         parts = urlsplit(self.base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigurationError(
-                f"--base-url must be an http(s) URL such as {DEFAULT_BASE_URL}, "
-                f"not {self.base_url!r}"
-            )
-        loopback = is_loopback_host(parts.hostname)
+        loopback = is_loopback_host(hostname)
         if parts.scheme == "http" and not loopback and not self.allow_http:
             raise ConfigurationError(
                 f"refusing plain http:// to {parts.hostname}: the token would travel "
@@ -121,6 +126,12 @@ class Settings:
             )
         if not self.token and not loopback:
             raise ConfigurationError("no API token: set COMFYCONTROL_TOKEN or pass --token")
+        if self.token and not _TOKEN.fullmatch(self.token):
+            # Never quoted: it is the secret. A stray newline from `$(cat file)` is the usual cause.
+            raise ConfigurationError(
+                "the API token has spaces, line breaks or other characters a token never has; "
+                "check COMFYCONTROL_TOKEN (or --token)"
+            )
         if not 1 <= self.per_page <= MAX_PER_PAGE:
             raise ConfigurationError(f"--per-page must be between 1 and {MAX_PER_PAGE}")
         if self.concurrency < 1:
@@ -154,6 +165,59 @@ class Settings:
         if self.redaction_key is not None:
             check_env_key(self.redaction_key)
         return self
+
+
+def _base_url_host(url: str) -> str:
+    """The host of ``--base-url``, or ConfigurationError saying what is wrong with the URL.
+
+    Everything a request URL cannot carry is refused here, before anything starts: a bad
+    port or IPv6 bracket, spaces, a user name or password (the token goes in a header), a
+    query or fragment (the page parameters are appended to the URL). The URL is quoted in
+    the message only when it cannot hold a password.
+    """
+    wanted = f"--base-url must be an http(s) URL such as {DEFAULT_BASE_URL}"
+    if "@" in url.partition("://")[2].split("/", 1)[0]:
+        raise ConfigurationError(
+            "--base-url must not contain a user name or password; pass the token with "
+            "COMFYCONTROL_TOKEN (or --token)"
+        )
+    shown = url if len(url) <= 80 else url[:70] + "..."
+    if any(char.isspace() or not char.isprintable() for char in url):
+        raise ConfigurationError(f"{wanted}, without spaces or control characters: {shown!r}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError for a port that is not a number in 0-65535
+        hostname = parts.hostname
+    except ValueError:
+        raise ConfigurationError(
+            f"{wanted}; {shown!r} has a bad port (1-65535) or unbalanced [brackets] around "
+            "an IPv6 address"
+        ) from None
+    if parts.scheme not in ("http", "https") or not hostname:
+        raise ConfigurationError(f"{wanted}, not {shown!r}")
+    if "?" in url or "#" in url:
+        raise ConfigurationError(f"{wanted} with no ?query or #fragment, not {shown!r}")
+    if port == 0:
+        raise ConfigurationError(f"{wanted}; the port in {shown!r} must be 1-65535")
+    if not _is_host_name(hostname, bracketed="[" in parts.netloc):
+        raise ConfigurationError(f"{wanted}; {hostname!r} is not a host name or IP address")
+    return hostname
+
+
+def _is_host_name(host: str, *, bracketed: bool) -> bool:
+    """True for an IP address (IPv6 only in brackets) or a DNS name an HTTP client can look up."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is not None or bracketed:
+        return address is not None and bracketed == (address.version == 6)
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    labels = ascii_host.removesuffix(".").split(".")
+    return len(ascii_host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
 
 
 def env_db_path() -> Path:

@@ -45,6 +45,7 @@ from pipeline.changes import ChangeSet, ids_needing_fields, plan_changes
 from pipeline.client import ComfyControlClient, Page
 from pipeline.errors import (
     ComfySyncError,
+    ConfigurationError,
     ForeignAccountError,
     StorageError,
     SyncInterruptedError,
@@ -373,11 +374,17 @@ def run_sync(
     with hold_sync_lock(settings.db_path):
         if db is not None:
             return _sync_into(db, settings, seams, started)
+        readers_had_files = schema.has_wal_files(settings.db_path)
         db = schema.open_store(settings.db_path)
+        for_readers = True
         try:
             return _sync_into(db, settings, seams, started)
+        except ConfigurationError:
+            # Refused (another account, another key): the folder stays as it was found.
+            for_readers = readers_had_files
+            raise
         finally:
-            schema.close_store(db, settings.db_path)
+            schema.close_store(db, settings.db_path, for_readers=for_readers)
 
 
 def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) -> SyncSummary:

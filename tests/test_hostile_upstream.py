@@ -6,9 +6,7 @@ simulator where its fault plan can play the upstream, a tiny Starlette app where
 
 from __future__ import annotations
 
-import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -62,41 +60,47 @@ class LyingList:
         return Starlette(routes=[Route("/v1/runner", list_runners)])
 
 
+#: Runs the CLI as a grandchild of a small launcher, which reports the CLI's own peak RSS. A
+#: child forked straight from pytest would count pytest's own resident pages in its peak.
+_MEASURE = """
+import os, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-m", "pipeline.cli", *sys.argv[2:]])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as peak:
+    peak.write(str(usage.ru_maxrss * 1024))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(folder: Path, *args: str, timeout: float = 60) -> tuple[CliResult, float, int]:
     """Run the CLI; return its result, wall seconds and peak resident memory in bytes.
 
-    The child's own rusage (wait4), not RUSAGE_CHILDREN, which would be the largest of every
-    child this test process ever had. Its address space is capped so that a regression fails
-    this test with a MemoryError instead of taking the machine's memory.
+    The CLI's own rusage, as its launcher reads it with wait4. Its address space is capped so
+    that a regression fails this test with a MemoryError instead of taking the machine's
+    memory.
     """
-    out, err = folder / "cli.out", folder / "cli.err"
-
-    def limit_memory() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
-
+    out, err, peak = folder / "cli.out", folder / "cli.err", folder / "cli.peak"
     started = time.monotonic()
     with out.open("wb") as stdout, err.open("wb") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", *args],
+            [sys.executable, "-c", _MEASURE, str(peak), *args],
             cwd=folder,
             env=cli_environment(ENV),
             stdout=stdout,
             stderr=stderr,
-            preexec_fn=limit_memory,
         )
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() - started > timeout:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
             pytest.fail(f"comfysync {' '.join(args)} ran over {timeout} s")
-        time.sleep(0.02)
     seconds = time.monotonic() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
     result = CliResult(proc.returncode, out.read_text(), err.read_text())
-    return result, seconds, usage.ru_maxrss * 1024
+    return result, seconds, int(peak.read_text())
 
 
 @pytest.mark.parametrize(

@@ -64,6 +64,7 @@ def restored_mirror_of_another_account(folder: Path, serve_account) -> str:
     made = folder / "made" / "m.db"
     run_sync(Settings(base_url=mine.url, token="test-token", db_path=made))
     shutil.copy(made, folder / "m.db")
+    shutil.copy(f"{made}.key", folder / "m.db.key")  # a backup holds the key beside it
     shutil.rmtree(made.parent)
     return "m.db"
 

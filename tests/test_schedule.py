@@ -288,10 +288,5 @@ def test_bad_schedules_are_usage_errors_showing_the_accepted_forms(
 ):
     result = run_cli("schedule", "--base-url", "http://127.0.0.1:9", "--db", "m.db", *options)
     assert (result.exit_code, result.stdout) == (2, "")
-    assert result.stderr == (
-        "Usage: comfysync schedule [OPTIONS]\n"
-        "Try 'comfysync schedule --help' for help.\n"
-        "\n"
-        f"Error: {error}\n"
-    )
+    assert result.stderr == f"comfysync: error: {error} (see 'comfysync schedule --help')\n"
     assert not (tmp_path / "m.db").exists()

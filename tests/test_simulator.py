@@ -556,8 +556,10 @@ def test_simulate_port_0_announces_the_port_it_got_and_a_busy_port_is_one_line(
     assert httpx.get(f"{simulator.url}/v1/runner").json()["total"] == 3
 
     busy = run_cli("simulate", "--port", str(port))
-    assert busy.exit_code == 1
-    assert busy.stderr == f"Error: cannot listen on 127.0.0.1:{port} (Address already in use)\n"
+    assert busy.exit_code == 2
+    assert busy.stderr == (
+        f"comfysync: error: cannot listen on 127.0.0.1:{port} (Address already in use)\n"
+    )
 
 
 def test_simulate_debug_traces_each_request_and_the_faults_it_got(run_simulator) -> None:

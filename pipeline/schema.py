@@ -40,6 +40,7 @@ from typing import Any
 
 from pipeline.errors import ComfySyncError, DatabaseError, StorageError
 from pipeline.records import KNOWN_STATUSES, TRACKED_FIELDS
+from pipeline.settings import DEMO_DB_PATH
 from pipeline.sqlite import Database, Migrations
 
 META_TABLE = "comfysync_meta"
@@ -438,14 +439,24 @@ def _set_journal_mode(db: Database, mode: str, *, wait: bool) -> bool:
 def open_store_read_only(path: Path) -> Database:
     """Open an existing comfysync database without ever writing to it."""
     if not path.is_file():
-        raise DatabaseError(
-            f"no database at {path}; create one with `comfysync sync` (or try `comfysync demo`)"
-        )
+        raise DatabaseError(f"no database at {path}; {_how_to_get_one(path)}")
     db = _connect(path, read_only=True)
     with _closed_on_failure(db, path):
         if _check_usable(db, path) == 0:
             raise DatabaseError(f"{path} is empty; create it with `comfysync sync`")
     return db
+
+
+def _how_to_get_one(missing: Path) -> str:
+    """The hint after "no database": the demo's database when one is there to read.
+
+    A newcomer who has only run the demo has ``data/demo.db`` and no mirror of their own, so
+    the read commands' default ``--db`` finds nothing; point them at the one they have.
+    """
+    make = "create one with `comfysync sync`"
+    if DEMO_DB_PATH.is_file() and missing.resolve() != DEMO_DB_PATH.resolve():
+        return f"{make}, or read the demo's: `--db {DEMO_DB_PATH}`"
+    return f"{make} (or try `comfysync demo`)"
 
 
 def read_meta(db: Database, key: str) -> str | None:

@@ -2,13 +2,13 @@
 
 A console block is a fenced block marked ``console`` whose lines are commands (``$ ...``),
 each followed by what it prints (stdout and stderr, as a terminal shows them). The blocks
-run in README order in one folder laid out as the README assumes: the README's first line
-has run (``comfysync demo``, so ``data/demo.db`` exists), and ``COMFYCONTROL_BASE_URL``
-points at a simulated account on 127.0.0.1 that stands in for the user's own (it takes any
-token, so ``export COMFYCONTROL_TOKEN=...`` works as written). All commands of a block run in
-one bash, as a user types them after ``. .venv/bin/activate``: ``comfysync`` is this
-interpreter's ``-m pipeline.cli``, ``python`` this interpreter, and the venv's ``bin`` is on
-``PATH`` (datasette, sqlite-utils).
+run in README order, in one bash and one folder laid out as the README assumes: the README's
+first line has run (``comfysync demo``, so ``data/demo.db`` exists), and
+``COMFYCONTROL_BASE_URL`` points at a simulated account on 127.0.0.1 that stands in for the
+user's own (it takes any token, so ``export COMFYCONTROL_TOKEN=...`` works as written, and
+holds for the blocks after it). The commands run as a user types them after
+``. .venv/bin/activate``: ``comfysync`` is this interpreter's ``-m pipeline.cli``, ``python``
+this interpreter, and the venv's ``bin`` is on ``PATH`` (datasette, sqlite-utils).
 
 Outputs are compared exactly after normalising what differs from run to run: times, dates,
 durations and sizes, and the redacted header digests (their key is random per database). An
@@ -100,22 +100,24 @@ def normalise(lines: list[str]) -> list[str]:
     return result
 
 
-def run_block(block: Block, folder: Path, env: dict[str, str]) -> list[list[str]]:
-    """Run a block's commands in one bash in ``folder``; each command's output lines."""
+def run_blocks(blocks: list[Block], folder: Path, env: dict[str, str]) -> list[list[list[str]]]:
+    """Run every block's commands in ``folder``, in one bash as a reader's shell would (an
+    ``export`` holds for the blocks after it); each block's outputs, one list per command."""
     script = [
         "exec 2>&1",
         f'comfysync() {{ "{sys.executable}" -m pipeline.cli "$@"; }}',
         f'python() {{ "{sys.executable}" "$@"; }}',
     ]
-    for example in block.examples:
-        script += [f"echo {_MARKER}", example.command]
+    for block in blocks:
+        for example in block.examples:
+            script += [f"echo {_MARKER}", example.command]
     proc = subprocess.run(
         ["bash", "-c", "\n".join(script)],
         cwd=folder,
         env=env,
         stdout=subprocess.PIPE,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     outputs: list[list[str]] = []
     for line in proc.stdout.splitlines():
@@ -123,8 +125,12 @@ def run_block(block: Block, folder: Path, env: dict[str, str]) -> list[list[str]
             outputs.append([])
         else:
             outputs[-1].append(line)
-    assert len(outputs) == len(block.examples), proc.stdout
-    return outputs
+    assert len(outputs) == sum(len(block.examples) for block in blocks), proc.stdout
+    by_block = []
+    for block in blocks:
+        by_block.append(outputs[: len(block.examples)])
+        outputs = outputs[len(block.examples) :]
+    return by_block
 
 
 def shown(example: Example, actual: list[str]) -> list[str]:
@@ -165,7 +171,7 @@ def transcripts(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Block, l
         )
         text = README_PATH.read_text()
         blocks = console_blocks(text)
-        actual = [run_block(block, folder, env) for block in blocks]
+        actual = run_blocks(blocks, folder, env)
     if os.environ.get("UPDATE_README") == "1":
         README_PATH.write_text(update_readme(text, blocks, actual))
         blocks = console_blocks(README_PATH.read_text())
@@ -181,11 +187,12 @@ def test_the_readme_shows_the_outputs_of_the_documented_commands(transcripts):
         "comfysync runs --db data/demo.db",
         "comfysync history 82283d15 --db data/demo.db",
         "comfysync changes --since 1h --db data/demo.db",
+        "comfysync schedule --every 15m --max-runs 1",
         "comfysync export -o fleet.parquet",
     ]
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(8))
 def test_a_readme_example_prints_what_the_readme_shows(transcripts, index):
     examples = [
         (example, output)

@@ -34,6 +34,7 @@ from pipeline.settings import (
     DEFAULT_BASE_URL,
     DEFAULT_DB_PATH,
     DEFAULT_EXPORT_DIR,
+    DEMO_DB_PATH,
     EXPORT_FORMATS,
     MAX_PER_PAGE,
     Settings,
@@ -192,19 +193,44 @@ csv_safe_option = click.option(
     "show them instead of running them (alters the data; see README).",
 )
 
-debug_option = click.option(
-    "--debug",
-    is_flag=True,
-    expose_value=False,
-    is_eager=True,
-    callback=_enable_debug,
-    help="Log every request and show tracebacks.",
+
+def debug_option(help_text: str) -> Callable[[FC], FC]:
+    """``--debug``, described as the command uses it: only some commands make requests."""
+    return click.option(
+        "--debug",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_enable_debug,
+        help=help_text,
+    )
+
+
+DEBUG_REQUESTS = "Log every request and show tracebacks."
+DEBUG_READS = "Show a traceback with any error."
+
+
+class _WholeSentenceCommand(click.Command):
+    """A command whose line in ``comfysync --help`` is its first sentence, never cut short.
+
+    click shortens a first sentence that is longer than the room left on the line, ending it
+    with "..."; a sentence wrapped onto a second line still says what the command does.
+    """
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        return super().get_short_help_str(limit=10_000)
+
+
+class _Group(click.Group):
+    command_class = _WholeSentenceCommand
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
 )
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="comfysync")
-@debug_option
+@debug_option("Show tracebacks; with sync, schedule, demo and simulate, log every request.")
 def cli() -> None:
     """Keep an exact, versioned local mirror of a ComfyControl account's runners.
 
@@ -342,7 +368,7 @@ _SETTINGS_FIELDS = frozenset(field.name for field in dataclasses.fields(Settings
 @sync_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors and warnings (for cron mail).")
-@debug_option
+@debug_option(DEBUG_REQUESTS)
 def sync(settings: Settings, as_json: bool, quiet: bool) -> None:
     """Mirror every runner into the database, recording what changed.
 
@@ -415,7 +441,7 @@ def sync(settings: Settings, as_json: bool, quiet: bool) -> None:
     default="text",
     help="Log lines on stderr: text, or json (one object per line, for log shippers).",
 )
-@debug_option
+@debug_option(DEBUG_REQUESTS)
 def schedule(
     settings: Settings,
     every: str | None,
@@ -579,7 +605,7 @@ class _ProgressBar:
     default=0.0,
     help="Expected upstream mutations (create/update/delete) before each request.",
 )
-@debug_option
+@debug_option("Log every request it answers, with what it got, and show tracebacks.")
 def simulate(
     host: str,
     port: int,
@@ -593,11 +619,11 @@ def simulate(
     malformed: float,
     churn: float,
 ) -> None:
-    """Serve a simulated ComfyControl API on loopback (for demos, tests and benchmarks).
+    """Serve a simulated ComfyControl API on loopback.
 
-    Every random fault is drawn from --seed: the same seed and the same request sequence (a
-    sync with --concurrency 1) replay the same faults; --debug logs each request and what it
-    got. --port 0 picks a free port and prints it.
+    For demos, tests and benchmarks. Every random fault is drawn from --seed: the same seed
+    and the same request sequence (a sync with --concurrency 1) replay the same faults;
+    --debug logs each request and what it got. --port 0 picks a free port and prints it.
     """
     from pipeline.faults import FaultPlan
     from pipeline.simulator import SimulatedAccount, serve
@@ -659,7 +685,7 @@ def simulate(
 )
 @csv_safe_option
 @store_option("SQLite database to export from (opened read-only).")
-@debug_option
+@debug_option(DEBUG_READS)
 def export(
     output: Path,
     as_of: str | None,
@@ -668,10 +694,11 @@ def export(
     csv_safe: bool,
     db_path: Path,
 ) -> None:
-    """Export runners to one Parquet or CSV file: now, as of an instant, or every version.
+    """Export runners to one Parquet or CSV file.
 
-    Reads the database read-only, so it is safe while a sync runs. The file is written
-    atomically: it appears complete or not at all.
+    The fleet now, as of an instant (--as-of), or every version (--history). Reads the
+    database read-only, so it is safe while a sync runs. The file is written atomically: it
+    appears complete or not at all.
     """
     from pipeline.export import export_file
 
@@ -691,14 +718,15 @@ def export(
     "--db",
     "db_path",
     type=FilePath(path_type=Path),  # a folder: refused by the demo, saying what to do
-    default=Path("data") / "demo.db",
+    default=DEMO_DB_PATH,
     help="Demo database (recreated on each run); its snapshots go to exports/<name> beside it.",
 )
-@debug_option
+@debug_option(DEBUG_REQUESTS)
 def demo(db_path: Path) -> None:
-    """Sync a simulated account twice, with changes between, and show what was recorded.
+    """Try comfysync on a simulated account: no token needed.
 
-    Needs no account, no token and no network: the simulator runs on loopback.
+    Syncs it twice, with changes upstream between, and shows what was recorded. Needs no
+    account, no token and no network: the simulator runs on loopback.
     """
     from pipeline.demo import run_demo
 
@@ -730,13 +758,14 @@ def _echo_json(value: Any) -> None:
     "--export-dir",
     type=FilePath(path_type=Path),  # not a folder: one line from find_snapshots, exit 2
     envvar="COMFYSYNC_EXPORT_DIR",
-    default=DEFAULT_EXPORT_DIR,
+    default=None,
+    show_default=f"where the database's syncs wrote them, else {DEFAULT_EXPORT_DIR}",
     show_envvar=True,
-    help="Where snapshot exports are looked for.",
+    help="Folder to list the snapshot files in.",
 )
 @json_option
-@debug_option
-def status(db_path: Path, export_dir: Path, as_json: bool) -> None:
+@debug_option(DEBUG_READS)
+def status(db_path: Path, export_dir: Path | None, as_json: bool) -> None:
     """Show the mirror's state: last sync, counts, snapshot files."""
     from pipeline.overview import read_status
     from pipeline.report import describe_status
@@ -761,7 +790,7 @@ def status(db_path: Path, export_dir: Path, as_json: bool) -> None:
     help="Only runs with this status (interrupted: left running by a sync that was killed).",
 )
 @json_option
-@debug_option
+@debug_option(DEBUG_READS)
 def runs(db_path: Path, limit: int, run_status: str | None, as_json: bool) -> None:
     """Show the run log, newest first, with errors and warnings."""
     from pipeline.overview import list_runs
@@ -780,7 +809,7 @@ def runs(db_path: Path, limit: int, run_status: str | None, as_json: bool) -> No
 @click.argument("runner")
 @read_db_option
 @json_option
-@debug_option
+@debug_option(DEBUG_READS)
 def history(runner: str, db_path: Path, as_json: bool) -> None:
     """Show every version of one runner.
 
@@ -811,7 +840,7 @@ def history(runner: str, db_path: Path, as_json: bool) -> None:
 )
 @read_db_option
 @json_option
-@debug_option
+@debug_option(DEBUG_READS)
 def changes(since: str, db_path: Path, as_json: bool) -> None:
     """Show every change across all runners since a moment.
 
@@ -841,7 +870,7 @@ def changes(since: str, db_path: Path, as_json: bool) -> None:
     default=None,
     help="Write the Datasette metadata for --db to this file ('-': stdout) and exit.",
 )
-@debug_option
+@debug_option(DEBUG_READS)
 def browse(db_path: Path, port: int, metadata_out: Path | None) -> None:
     """Open the mirror in Datasette on 127.0.0.1.
 

@@ -2,7 +2,9 @@
 
 Read-only: the database is only SELECTed from, and the snapshot files are only listed.
 Snapshots are found by their layout, which ``comfysync export`` writes:
-``<export-dir>/<format>/runners/snapshot_date=YYYY-MM-DD/runners-<sync_id>.<ext>``.
+``<export-dir>/<format>/runners/snapshot_date=YYYY-MM-DD/runners-<sync_id>.<ext>``, in the
+export folder the caller names or, by default, the one the database's syncs recorded writing
+to (the ``snapshots`` table), so a database finds its own snapshots wherever they went.
 A listed file whose size is not what its sync recorded writing there (``snapshots.bytes``)
 was truncated or overwritten since: it is reported as damaged, as are the snapshot files the
 latest snapshotting sync could not write, with the reason it recorded.
@@ -27,7 +29,8 @@ import orjson
 from pipeline.errors import ConfigurationError
 from pipeline.lock import sync_lock_is_free
 from pipeline.schema import schema_version
-from pipeline.snapshot import not_a_folder
+from pipeline.settings import DEFAULT_EXPORT_DIR
+from pipeline.snapshot import export_dir_of, not_a_folder
 from pipeline.sqlite import Database
 from pipeline.store import ABANDONED_RUN_ERROR
 
@@ -114,11 +117,14 @@ class MirrorStatus:
     snapshots: Snapshots
 
 
-def read_status(db: Database, db_path: Path, export_dir: Path) -> MirrorStatus:
+def read_status(db: Database, db_path: Path, export_dir: Path | None = None) -> MirrorStatus:
     """The state of the mirror in ``db`` (opened from ``db_path``) and its snapshot files.
 
     ``size_bytes`` counts the database file and its write-ahead log, both of which hold data.
+    Snapshots are listed under ``export_dir``, or else under ``recorded_export_dir(db)``.
     """
+    if export_dir is None:
+        export_dir = recorded_export_dir(db)
     present, deleted = db.execute(
         "SELECT count(*) - count(deleted_at), count(deleted_at) FROM runners"
     ).fetchone()
@@ -137,6 +143,23 @@ def read_status(db: Database, db_path: Path, export_dir: Path) -> MirrorStatus:
         versions=versions,
         snapshots=find_snapshots(export_dir, db),
     )
+
+
+def recorded_export_dir(db: Database) -> Path:
+    """The folder the database's latest written snapshot went to, else the default one.
+
+    Shown relative to the current folder when it lies below it, as the user would type it.
+    """
+    row = db.execute(
+        "SELECT path FROM snapshots WHERE error IS NULL ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    if row is None:
+        return DEFAULT_EXPORT_DIR
+    folder = export_dir_of(Path(row[0]))
+    try:
+        return folder.relative_to(Path.cwd())
+    except ValueError:
+        return folder
 
 
 def list_runs(

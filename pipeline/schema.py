@@ -50,6 +50,7 @@ from pipeline.records import (
     normalise_timestamp,
     timestamp_text,
 )
+from pipeline.settings import DEMO_DB_PATH
 from pipeline.sqlite import Database, Migrations
 
 META_TABLE = "comfysync_meta"
@@ -603,9 +604,7 @@ def open_store_read_only(path: Path, *, immutable: bool = False) -> Database:
     with no -wal and -shm files whose sync lock it holds, so nothing can write it meanwhile.
     """
     if not path.is_file():
-        raise DatabaseError(
-            f"no database at {path}; create one with `comfysync sync` (or try `comfysync demo`)"
-        )
+        raise DatabaseError(f"no database at {path}; {_how_to_get_one(path)}")
     db = _connect(path, read_only=True, immutable=immutable)
     with _closed_on_failure(db, path, reading=True):
         if _check_usable(db, path) == 0:
@@ -616,6 +615,18 @@ def open_store_read_only(path: Path, *, immutable: bool = False) -> Database:
 def write_meta(db: Database, key: str, value: str) -> None:
     """Set ``key`` in the database's ``comfysync_meta`` table (e.g. the demo's mark)."""
     db.table(META_TABLE).upsert({"key": key, "value": value}, pk="key")
+
+
+def _how_to_get_one(missing: Path) -> str:
+    """The hint after "no database": the demo's database when one is there to read.
+
+    A newcomer who has only run the demo has ``data/demo.db`` and no mirror of their own, so
+    the read commands' default ``--db`` finds nothing; point them at the one they have.
+    """
+    make = "create one with `comfysync sync`"
+    if DEMO_DB_PATH.is_file() and missing.resolve() != DEMO_DB_PATH.resolve():
+        return f"{make}, or read the demo's: `--db {DEMO_DB_PATH}`"
+    return f"{make} (or try `comfysync demo`)"
 
 
 def read_meta(db: Database, key: str) -> str | None:

@@ -15,6 +15,8 @@ from pipeline.keyfile import check_env_key
 
 DEFAULT_BASE_URL = "https://api.comfycontrol.app"
 DEFAULT_DB_PATH = Path("data") / "comfysync.db"
+#: Where `comfysync demo` writes its database unless told otherwise.
+DEMO_DB_PATH = Path("data") / "demo.db"
 DEFAULT_EXPORT_DIR = Path("data") / "exports"
 #: Snapshot and export formats; each is also the file suffix and the snapshot tree's top folder.
 EXPORT_FORMATS: tuple[str, ...] = ("parquet", "csv")

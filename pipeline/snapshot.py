@@ -74,6 +74,11 @@ def snapshot_path(export_dir: Path, fmt: str, *, sync_id: int, snapshot_at: str)
     return export_dir / fmt / "runners" / partition / f"runners-{sync_id}.{fmt}"
 
 
+def export_dir_of(path: Path) -> Path:
+    """The export folder a ``snapshot_path`` lies in: its layout read backwards."""
+    return path.parents[3]
+
+
 def write_atomically(path: Path, write: Callable[[Path], T]) -> T:
     """Create ``path`` through ``write(temporary path)``, so it is never seen half-written.
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import rows
+from conftest import rows, run_comfysync
 from mirror_fixture import Mirror
 
 from pipeline.changelog import parse_since
@@ -150,6 +151,63 @@ def test_status_finds_the_oldest_and_newest_snapshot_files(mirror: Mirror, run_c
         "damaged": [],
         "not_written": [],
     }
+
+
+def snapshot_lines(stdout: str) -> list[str]:
+    """The snapshot lines of `status`, with the snapshot dates (today's) as D."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("snapshots:"))
+    return [re.sub(r"snapshot_date=[0-9-]+", "snapshot_date=D", line) for line in lines[start:]]
+
+
+def test_status_lists_the_snapshots_its_own_syncs_wrote(run_cli, tmp_path):
+    """The demo writes under data/exports/demo; another mirror's files in data/exports are not its own."""
+    assert run_cli("demo").exit_code == 0
+    stray = tmp_path / "data/exports/parquet/runners/snapshot_date=2026-11-01/runners-9.parquet"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"another database's snapshot")
+    result = run_cli("status", "--db", "data/demo.db")
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert snapshot_lines(result.stdout) == [
+        "snapshots:     4 file(s) under data/exports/demo",
+        "               oldest data/exports/demo/csv/runners/snapshot_date=D/runners-1.csv",
+        "               newest data/exports/demo/parquet/runners/snapshot_date=D/runners-2.parquet",
+    ]
+    as_json = json.loads(run_cli("status", "--json", "--db", "data/demo.db").stdout)
+    assert (as_json["snapshots"]["export_dir"], as_json["snapshots"]["files"]) == (
+        "data/exports/demo",
+        4,
+    )
+
+
+def test_status_finds_the_export_dir_its_syncs_used_from_anywhere(serve_account, run_cli, tmp_path):
+    upstream = serve_account(runners=5, seed=2)
+    sync = run_cli(
+        "sync", "--base-url", upstream.url, "--token", "test-token", "--db", "m.db",
+        "--export-dir", "snaps/here", "--format", "csv",
+    )  # fmt: skip
+    assert sync.exit_code == 0, sync.stderr
+    here = run_cli("status", "--db", "m.db")
+    assert snapshot_lines(here.stdout) == [
+        "snapshots:     1 file(s) under snaps/here",
+        "               oldest snaps/here/csv/runners/snapshot_date=D/runners-1.csv",
+        "               newest snaps/here/csv/runners/snapshot_date=D/runners-1.csv",
+    ]
+    # From another folder the recorded folder is named in full, as it is not below the cwd.
+    (tmp_path / "elsewhere").mkdir()
+    away = run_comfysync(tmp_path / "elsewhere", "status", "--db", str(tmp_path / "m.db"))
+    folder = tmp_path / "snaps" / "here"
+    assert snapshot_lines(away.stdout) == [
+        f"snapshots:     1 file(s) under {folder}",
+        f"               oldest {folder}/csv/runners/snapshot_date=D/runners-1.csv",
+        f"               newest {folder}/csv/runners/snapshot_date=D/runners-1.csv",
+    ]
+    # An --export-dir (or COMFYSYNC_EXPORT_DIR) that is given is where status looks.
+    for given in (
+        run_cli("status", "--db", "m.db", "--export-dir", "other"),
+        run_cli("status", "--db", "m.db", env={"COMFYSYNC_EXPORT_DIR": "other"}),
+    ):
+        assert snapshot_lines(given.stdout) == ["snapshots:     none under other"]
 
 
 def test_status_of_a_database_that_never_synced(run_cli, tmp_path):
@@ -437,6 +495,31 @@ def test_a_missing_database_says_how_to_make_one_and_exits_2(run_cli, tmp_path, 
     result = run_cli(*args, "--db", "absent.db")
     assert (result.exit_code, result.stdout, result.stderr) == (2, "", NO_DB)
     assert not (tmp_path / "absent.db").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("status",),
+        ("runs",),
+        ("history", "anything"),
+        ("changes", "--since", "1d"),
+        ("browse",),
+        ("export", "-o", "fleet.parquet"),
+    ],
+)
+def test_a_missing_database_points_at_the_demo_database_when_there_is_one(run_cli, tmp_path, args):
+    open_store(tmp_path / "data" / "demo.db").close()
+    hint = (
+        "comfysync: error: no database at {}; create one with `comfysync sync`, "
+        "or read the demo's: `--db data/demo.db`\n"
+    )
+    by_default = run_cli(*args)
+    assert (by_default.exit_code, by_default.stdout) == (2, "")
+    assert by_default.stderr == hint.format("data/comfysync.db")
+    from_environment = run_cli(*args, env={"COMFYSYNC_DB": "absent.db"})
+    assert (from_environment.exit_code, from_environment.stderr) == (2, hint.format("absent.db"))
+    assert not (tmp_path / "data" / "comfysync.db").exists()
 
 
 def test_the_read_commands_never_write_the_database(mirror: Mirror, run_cli, tmp_path):

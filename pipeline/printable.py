@@ -7,10 +7,13 @@ bidi override can do the same to anything that renders Unicode. This module is t
 of that escaping; everything that prints text for people goes through it.
 
 Which characters: the C0 controls (U+0000-U+001F), DEL, the C1 controls (U+0080-U+009F), the
-line and paragraph separators (U+2028, U+2029) and the bidi embeddings, overrides and
-isolates (U+202A-U+202E, U+2066-U+2069). How: with JSON's escapes (``\\n``, ``\\r``, ``\\t``,
-``\\b``, ``\\f``, else ``\\u001b``), so a value looks the same in a text report, in a stored
-JSON column and in ``--json`` output, and ``json.loads`` reads any of them back.
+line and paragraph separators (U+2028, U+2029), the bidi marks, embeddings, overrides and
+isolates, and the invisible format characters that could make two names look alike (zero
+width space, word joiner, byte order mark, tag characters; see ``UNPRINTABLE``). The zero
+width joiner and non-joiner stay: scripts and emoji need them to be written at all. How:
+with JSON's escapes (``\\n``, ``\\r``, ``\\t``, ``\\b``, ``\\f``, else ``\\u001b``), so a value
+looks the same in a text report, in a stored JSON column and in ``--json`` output, and
+``json.loads`` reads any of them back.
 
 The backslash is escaped too (``\\\\``). That keeps the escaping injective: a name that
 really is ``a\\nb`` (backslash, n) is shown ``a\\\\nb``, never like a name with a newline in
@@ -19,6 +22,7 @@ it, so two runners can never look alike on screen unless their names are equal.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Any
@@ -29,15 +33,25 @@ UNPRINTABLE = frozenset(
     for code in (
         *range(0x00, 0x20),
         *range(0x7F, 0xA0),
+        0x061C,  # Arabic letter mark: a bidi mark
+        0x180E,  # Mongolian vowel separator: invisible
+        0x200B,  # zero width space
+        *range(0x200E, 0x2010),  # left-to-right and right-to-left marks
         0x2028,
         0x2029,
         *range(0x202A, 0x202F),
-        *range(0x2066, 0x206A),
+        *range(0x2060, 0x2065),  # word joiner and the invisible operators
+        *range(0x2066, 0x2070),  # bidi isolates, and the deprecated format controls
+        0xFEFF,  # zero width no-break space (byte order mark)
+        *range(0xFFF9, 0xFFFC),  # interlinear annotation controls
+        0xE0001,
+        *range(0xE0020, 0xE0080),  # tag characters: invisible text
     )
 )
 
 _SHORT = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", "\\": "\\\\"}
-_ESCAPES = {char: _SHORT.get(char, f"\\u{ord(char):04x}") for char in UNPRINTABLE | {"\\"}}
+# json.dumps spells a character beyond U+FFFF as its two surrogates, as JSON must.
+_ESCAPES = {char: _SHORT.get(char) or json.dumps(char)[1:-1] for char in UNPRINTABLE | {"\\"}}
 
 
 def _any_of(chars: frozenset[str]) -> re.Pattern[str]:

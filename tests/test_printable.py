@@ -20,6 +20,16 @@ DANGEROUS = frozenset(
         0x2029,
         *range(0x202A, 0x202F),
         *range(0x2066, 0x206A),
+        # Invisible format characters that can make two names look alike.
+        0x061C,
+        0x180E,
+        0x200B,
+        0x200E,
+        0x200F,
+        0x2060,
+        0xFEFF,
+        0xE0001,
+        0xE0041,
     )
 )
 texts = st.text(

@@ -467,6 +467,28 @@ def _check_usable(db: Database, path: Path) -> int:
 _SQLITE_MAX_PATH = 512 - len("-journal")
 
 
+#: The first bytes of every SQLite database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _check_is_sqlite(path: Path) -> None:
+    """Refuse a file with content that is not a SQLite database.
+
+    SQLite itself refuses most such files, but takes one shorter than its header for an
+    empty database and would write over it: a short text file named by mistake would be
+    lost. An empty file holds nothing to lose and may become the database.
+    """
+    try:
+        with path.open("rb") as file:
+            head = file.read(len(SQLITE_HEADER))
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there yet (its folder is made, or refused, next)
+    except OSError as exc:
+        raise DatabaseError(f"cannot read --db {path} ({exc.strerror})") from exc
+    if head and head != SQLITE_HEADER:
+        raise DatabaseError(f"{path} is not a SQLite database; pass another --db")
+
+
 def prepare_db_path(path: Path) -> None:
     """Check that ``path`` can hold a database comfysync writes, creating its folder if needed.
 
@@ -479,6 +501,7 @@ def prepare_db_path(path: Path) -> None:
         # Checked before creating its folders: SQLite would refuse it after they were made.
         raise DatabaseError(f"--db {path} is a path too long for SQLite; pass a shorter one")
     _check_writable(path)
+    _check_is_sqlite(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -39,6 +39,17 @@ def text_file(folder: Path, serve_account) -> str:
     return "notes.txt"
 
 
+def short_text_file(folder: Path, serve_account) -> str:
+    """Shorter than SQLite's header: SQLite alone would take it for an empty database."""
+    (folder / "todo.txt").write_text("x")
+    return "todo.txt"
+
+
+def zeroed_file(folder: Path, serve_account) -> str:
+    (folder / "blank.img").write_bytes(bytes(4096))
+    return "blank.img"
+
+
 def foreign_sqlite(folder: Path, serve_account) -> str:
     conn = sqlite3.connect(folder / "app.db")
     with conn:
@@ -71,6 +82,8 @@ def restored_mirror_of_another_account(folder: Path, serve_account) -> str:
 
 REFUSED_DATABASES = {
     "text file": text_file,
+    "short text file": short_text_file,
+    "zeroed file": zeroed_file,
     "foreign sqlite": foreign_sqlite,
     "newer schema": newer_schema,
     "another account": restored_mirror_of_another_account,

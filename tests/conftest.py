@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -133,6 +134,21 @@ def start_cli(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def get_once_served(proc: subprocess.Popen[str], url: str, timeout: float = 30) -> httpx.Response:
+    """GET ``url`` from the server ``proc`` is starting, retrying until it answers.
+
+    Fails the test if ``proc`` exits first or nothing answers within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(url, timeout=5)
+        except httpx.TransportError:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"nothing answered {url} in {timeout} s"
+            time.sleep(0.1)
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:

@@ -10,7 +10,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import REPO, rows
+from conftest import REPO, get_once_served, rows
 from datasette.app import Datasette
 from mirror_fixture import Mirror
 
@@ -225,15 +224,7 @@ def test_browse_serves_the_mirror_on_loopback_until_interrupted(mirror: Mirror, 
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}/mirror/runners.json?_search=renamed&_shape=array"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                response = httpx.get(url, timeout=5)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline, "browse did not start in 30 s"
-                time.sleep(0.1)
+        response = get_once_served(proc, url)
         assert response.status_code == 200
         assert [r["name"] for r in response.json()] == ["renamed-runner"]
         assert httpx.get(f"http://127.0.0.1:{port}/mirror/tag_counts", timeout=5).status_code == 200

@@ -23,16 +23,14 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pyarrow.parquet as pq
 import pytest
-from conftest import CliResult, Upstream, cli_environment, run_comfysync
+from conftest import CliResult, Upstream, cli_environment, get_once_served, run_comfysync
 
 AS_ROOT = os.geteuid() == 0
 #: What makes a process "another user": root without any capability, or (not root) nothing.
@@ -254,15 +252,7 @@ def test_browse_serves_the_other_user(shared_mirror: SharedMirror):
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}/comfysync/runners.json?_shape=array&_size=max"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                response = httpx.get(url, timeout=5)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline, "browse did not start in 30 s"
-                time.sleep(0.1)
+        response = get_once_served(proc, url)
         assert response.status_code == 200
         served = sorted(row["id"] for row in response.json())
         assert served == sorted(shared_mirror.upstream.account.runner_ids())

@@ -41,8 +41,8 @@ def build_store(db_path: Path, runners: int) -> float:
     import httpx
 
     from pipeline.settings import Settings
-    from pipeline.simulator import SimulatedAccount, create_app
-    from pipeline.sync import run_sync
+    from pipeline.sim.simulator import SimulatedAccount, create_app
+    from pipeline.sync.run import run_sync
 
     account = SimulatedAccount(runners=runners, seed=1, token="bench-token")
     settings = Settings(
@@ -74,7 +74,9 @@ def build_in_child(db_path: Path, runners: int) -> dict[str, Any]:
 
 def measure_once(db_path: Path, case: str, out_dir: Path) -> dict[str, Any]:
     """One snapshot export of the store's latest sync (runs in the child process)."""
-    from pipeline import export, history, schema
+    from pipeline.outputs import export
+    from pipeline.read import history
+    from pipeline.store import schema
 
     db = schema.open_store_read_only(db_path)
     applied = history.last_applied_sync(db)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.faults import FaultPlan
-from pipeline.simulator import SimulatedAccount, serve
+from pipeline.sim.faults import FaultPlan
+from pipeline.sim.simulator import SimulatedAccount, serve
 
 
 def build_account(

@@ -3,7 +3,7 @@
 What it guarantees, and how:
 
 * **Never two syncs at once.** ``max_instances=1`` within the process; across processes the
-  database's sync lock (``pipeline.lock``): a tick that finds another sync running is logged
+  database's sync lock (``pipeline.sync.lock``): a tick that finds another sync running is logged
   as skipped, writes nothing, and the schedule waits for the next tick.
 * **Late, never stacked.** A tick that comes while a run is still going is skipped (and
   logged), so a run longer than the interval delays the next one instead of queueing more.
@@ -38,7 +38,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from jobs.sync_runners import SKIPPED, SyncAttempt, sync_runners
 from pipeline.errors import ScheduleGaveUpError
 from pipeline.settings import Settings
-from pipeline.stopping import leave_stop_signals_to_the_main_thread, stop_on_signals
+from pipeline.sync.stopping import leave_stop_signals_to_the_main_thread, stop_on_signals
 
 log = logging.getLogger(__name__)
 

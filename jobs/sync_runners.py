@@ -1,6 +1,6 @@
 """The scheduled job: one sync, exactly as ``comfysync sync`` runs it, as an outcome to count.
 
-There is no second code path: the job calls ``pipeline.sync.run_sync`` with the same Settings
+There is no second code path: the job calls ``pipeline.sync.run.run_sync`` with the same Settings
 the ``sync`` command builds, so a scheduled run takes the same lock, writes the same run log
 and the same exports. What the job adds is what a scheduler needs and a one-off command does
 not: a run that fails must never end the schedule, so every error becomes a logged
@@ -30,7 +30,7 @@ from pipeline.errors import (
     UpstreamError,
 )
 from pipeline.settings import Settings
-from pipeline.sync import SyncSummary, run_sync
+from pipeline.sync.run import SyncSummary, run_sync
 
 log = logging.getLogger(__name__)
 

@@ -13,19 +13,19 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Settings": "pipeline.settings",
-    "SyncSummary": "pipeline.sync",
-    "run_sync": "pipeline.sync",
+    "SyncSummary": "pipeline.sync.run",
+    "run_sync": "pipeline.sync.run",
     "ComfySyncError": "pipeline.errors",
-    "RunnerStore": "pipeline.frames",
+    "RunnerStore": "pipeline.read.frames",
 }
 
 __all__ = ["ComfySyncError", "RunnerStore", "Settings", "SyncSummary", "__version__", "run_sync"]
 
 if TYPE_CHECKING:
     from pipeline.errors import ComfySyncError
-    from pipeline.frames import RunnerStore
+    from pipeline.read.frames import RunnerStore
     from pipeline.settings import Settings
-    from pipeline.sync import SyncSummary, run_sync
+    from pipeline.sync.run import SyncSummary, run_sync
 
 
 def __getattr__(name: str) -> Any:

@@ -28,7 +28,6 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import ComfySyncError, ConfigurationError
-from pipeline.keyfile import KEY_ENV
 from pipeline.printable import PrintableFormatter, printable, printable_json, printable_lines
 from pipeline.settings import (
     DEFAULT_BASE_URL,
@@ -40,9 +39,10 @@ from pipeline.settings import (
     Settings,
     refuse_blank_path,
 )
+from pipeline.store.keyfile import KEY_ENV
 
 if TYPE_CHECKING:
-    from pipeline.sync import SyncSummary
+    from pipeline.sync.run import SyncSummary
 
 _debug = False
 FC = TypeVar("FC", bound=Callable[..., Any])
@@ -383,8 +383,8 @@ def sync(settings: Settings, as_json: bool, quiet: bool) -> None:
     failure or full disk (nothing applied), 5 another sync is running, 6 stopped by a signal
     (nothing applied).
     """
-    from pipeline.stopping import stop_on_signals
-    from pipeline.sync import run_sync
+    from pipeline.sync.run import run_sync
+    from pipeline.sync.stopping import stop_on_signals
 
     if as_json and quiet:
         raise click.UsageError("--json and --quiet cannot be combined")
@@ -625,8 +625,8 @@ def simulate(
     and the same request sequence (a sync with --concurrency 1) replay the same faults;
     --debug logs each request and what it got. --port 0 picks a free port and prints it.
     """
-    from pipeline.faults import FaultPlan
-    from pipeline.simulator import SimulatedAccount, serve
+    from pipeline.sim.faults import FaultPlan
+    from pipeline.sim.simulator import SimulatedAccount, serve
 
     try:
         faults = FaultPlan.from_flags(
@@ -700,7 +700,7 @@ def export(
     database read-only, so it is safe while a sync runs. The file is written atomically: it
     appears complete or not at all.
     """
-    from pipeline.export import export_file
+    from pipeline.outputs.export import export_file
 
     result = export_file(
         db_path,
@@ -728,7 +728,7 @@ def demo(db_path: Path) -> None:
     Syncs it twice, with changes upstream between, and shows what was recorded. Needs no
     account, no token and no network: the simulator runs on loopback.
     """
-    from pipeline.demo import run_demo
+    from pipeline.sim.demo import run_demo
 
     run_demo(db_path, echo=click.echo)
 
@@ -767,9 +767,9 @@ def _echo_json(value: Any) -> None:
 @debug_option(DEBUG_READS)
 def status(db_path: Path, export_dir: Path | None, as_json: bool) -> None:
     """Show the mirror's state: last sync, counts, snapshot files."""
-    from pipeline.overview import read_status
-    from pipeline.report import describe_status
-    from pipeline.schema import open_store_read_only
+    from pipeline.read.overview import read_status
+    from pipeline.read.report import describe_status
+    from pipeline.store.schema import open_store_read_only
 
     with closing(open_store_read_only(db_path)) as db:
         result = read_status(db, db_path, export_dir)
@@ -793,9 +793,9 @@ def status(db_path: Path, export_dir: Path | None, as_json: bool) -> None:
 @debug_option(DEBUG_READS)
 def runs(db_path: Path, limit: int, run_status: str | None, as_json: bool) -> None:
     """Show the run log, newest first, with errors and warnings."""
-    from pipeline.overview import list_runs
-    from pipeline.report import describe_runs
-    from pipeline.schema import open_store_read_only
+    from pipeline.read.overview import list_runs
+    from pipeline.read.report import describe_runs
+    from pipeline.store.schema import open_store_read_only
 
     with closing(open_store_read_only(db_path)) as db:
         result = list_runs(db, limit=limit, status=run_status, db_path=db_path)
@@ -818,9 +818,9 @@ def history(runner: str, db_path: Path, as_json: bool) -> None:
     matches and exits 2. Updates show each changed field as old -> new (header values stay
     redacted).
     """
-    from pipeline.changelog import resolve_runner, runner_history
-    from pipeline.report import describe_history
-    from pipeline.schema import open_store_read_only
+    from pipeline.read.changelog import resolve_runner, runner_history
+    from pipeline.read.report import describe_history
+    from pipeline.store.schema import open_store_read_only
 
     with closing(open_store_read_only(db_path)) as db:
         runner_id, matched = resolve_runner(db, runner)
@@ -846,9 +846,9 @@ def changes(since: str, db_path: Path, as_json: bool) -> None:
 
     Newest first, in the shape of `comfysync history`.
     """
-    from pipeline.changelog import changes_since, parse_since
-    from pipeline.report import describe_changes
-    from pipeline.schema import open_store_read_only
+    from pipeline.read.changelog import changes_since, parse_since
+    from pipeline.read.report import describe_changes
+    from pipeline.store.schema import open_store_read_only
 
     cutoff = parse_since(since)
     with closing(open_store_read_only(db_path)) as db:
@@ -882,7 +882,7 @@ def browse(db_path: Path, port: int, metadata_out: Path | None) -> None:
       comfysync browse --metadata-out metadata.json
       datasette data/comfysync.db --metadata metadata.json
     """
-    from pipeline.browse import HOST, database_name, metadata_json, serve, write_metadata
+    from pipeline.read.browse import HOST, database_name, metadata_json, serve, write_metadata
 
     if metadata_out is not None:
         if str(metadata_out) == "-":

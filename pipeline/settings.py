@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigurationError
-from pipeline.keyfile import check_env_key
+from pipeline.store.keyfile import check_env_key
 
 DEFAULT_BASE_URL = "https://api.comfycontrol.app"
 DEFAULT_DB_PATH = Path("data") / "comfysync.db"
@@ -78,7 +78,7 @@ class Settings:
     ``token`` and ``redaction_key`` are excluded from ``repr`` so a settings object can be
     logged or shown in a traceback without leaking a secret. ``redaction_key`` (hex, what
     COMFYSYNC_REDACTION_KEY holds) None means the key file beside the database
-    (``pipeline.keyfile``). ``export_dir`` None (the default for the Python
+    (``pipeline.store.keyfile``). ``export_dir`` None (the default for the Python
     API) writes no snapshots; the ``sync`` command sets it to ``data/exports`` unless
     ``--no-export``.
     """
@@ -94,7 +94,7 @@ class Settings:
     allow_http: bool = False
     store_header_values: bool = False
     #: A complete walk that would mark more than this share of the present fleet deleted
-    #: applies no deletion (see pipeline.guardrails), unless ``allow_mass_delete``.
+    #: applies no deletion (see pipeline.sync.guardrails), unless ``allow_mass_delete``.
     max_delete_ratio: float = 0.5
     allow_mass_delete: bool = False
     retry_wait_initial: float = 0.5
@@ -115,7 +115,7 @@ class Settings:
         an ``export_dir`` that is blank, a file (or under one), or the database itself,
         before the sync creates anything.
         """
-        from pipeline.client import check_request_url  # httpx stays out of `--help`
+        from pipeline.source.client import check_request_url  # httpx stays out of `--help`
 
         hostname = _base_url_host(self.base_url)
         check_request_url(self.base_url)

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 
-from pipeline.simulator import LoopbackServer, SimulatedAccount
+from pipeline.sim.simulator import LoopbackServer, SimulatedAccount
 
 if TYPE_CHECKING:
     from mirror_fixture import Mirror

@@ -1,6 +1,6 @@
 """Run the real `comfysync` CLI with one function instrumented, for the crash tests.
 
-    python tests/crash_harness.py --phase apply --target pipeline.store:apply_changes \\
+    python tests/crash_harness.py --phase apply --target pipeline.store.write:apply_changes \\
         --slow-sqlite -- sync --base-url http://127.0.0.1:8188 --db m.db
 
 Why it exists: tests/test_crashes.py SIGKILLs a sync at seeded random moments *inside* a
@@ -16,7 +16,7 @@ never part of the `comfysync` command:
   random point *inside* it (mid-statement, with pages spilled to the WAL or not);
 * with ``--slow-sqlite-in module:function``, the same slowing for a target that is given no
   connection: it is installed on the connection passed to that other function when the
-  target's run calls it (the export phase: ``pipeline.history:fleet_as_of``, which reads
+  target's run calls it (the export phase: ``pipeline.read.history:fleet_as_of``, which reads
   the fleet the snapshot files are written from, batch by batch, while they are open);
 * with ``--set module:NAME=N`` (repeatable), sets an integer constant first: smaller read
   batches and row groups make a snapshot file grow step by step, so a kill can land with
@@ -28,7 +28,7 @@ never part of the `comfysync` command:
 
 Everything else is the unmodified CLI (`pipeline.cli.main`): its parsing, its sync, its
 transaction, its exit codes. The target is replaced where it is looked up, so give the module
-that *calls* it (``pipeline.sync:walk_all_pages``, ``pipeline.store:apply_changes``).
+that *calls* it (``pipeline.sync.run:walk_all_pages``, ``pipeline.store.write:apply_changes``).
 """
 
 from __future__ import annotations

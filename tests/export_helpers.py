@@ -1,4 +1,4 @@
-"""What an export must contain, computed independently of pipeline/export.py, and a test clock."""
+"""What an export must contain, computed independently of pipeline/outputs/export.py, and a test clock."""
 
 from __future__ import annotations
 

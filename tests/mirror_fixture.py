@@ -18,8 +18,8 @@ from conftest import rows
 
 from pipeline.errors import UpstreamError
 from pipeline.settings import Settings
-from pipeline.simulator import LoopbackServer, SimulatedAccount
-from pipeline.sync import run_sync
+from pipeline.sim.simulator import LoopbackServer, SimulatedAccount
+from pipeline.sync.run import run_sync
 
 RUNNERS = 12
 SEED = 5

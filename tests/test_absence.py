@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.absence import choose_page, judge_page, plan_rechecks
-from pipeline.client import Page
+from pipeline.source.absence import choose_page, judge_page, plan_rechecks
+from pipeline.source.client import Page
 
 
 def stamp(minute: int) -> str:

@@ -16,57 +16,219 @@ from pipeline.cli import cli
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _type_checking_block(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    )
+
+
 def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports at run time, lazy imports inside functions included.
+
+    Imports under ``if TYPE_CHECKING:`` are left out: they name types, they load nothing.
+    ``from package import module`` counts as importing ``package.module``.
+    """
     tree = ast.parse(path.read_text())
+    skipped = {
+        id(child)
+        for node in ast.walk(tree)
+        if _type_checking_block(node)
+        for child in ast.walk(node)
+    }
     names: set[str] = set()
     for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
+            modules = {
+                f"{node.module}.{alias.name}"
+                for alias in node.names
+                if (REPO / Path(*node.module.split("."), alias.name)).with_suffix(".py").exists()
+            }
+            # `from package import module` imports the module; the package only when it
+            # also names something that is not a module of it.
+            names.update(modules)
+            if len(modules) < len(node.names):
+                names.add(node.module)
     return names
 
 
-def test_imports_flow_one_way_nothing_in_pipeline_imports_cli_or_jobs():
-    for path in sorted((REPO / "pipeline").glob("*.py")):
-        if path.name == "cli.py":
-            continue
-        wrong = {
-            m for m in imported_modules(path) if m == "pipeline.cli" or m.split(".")[0] == "jobs"
-        }
-        assert not wrong, f"{path.name} imports {wrong}"
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+PRODUCT = sorted([*(REPO / "pipeline").rglob("*.py"), *(REPO / "jobs").rglob("*.py")])
+IMPORTS = {module_name(path): imported_modules(path) for path in PRODUCT}
+
+
+def internal(imports: set[str]) -> set[str]:
+    """The product's own modules among ``imports``; ``pipeline`` itself (the version and the
+    lazily re-exported public API) is everyone's."""
+    return {m for m in imports if m.split(".")[0] in ("pipeline", "jobs") and m != "pipeline"}
+
+
+def within(module: str, *packages: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+#: What each sub-package of pipeline may import from pipeline (its own modules always).
+#: The read side never reaches the write path, the source never touches the store, and
+#: only the CLI reaches the simulator.
+MAY_IMPORT = {
+    "pipeline.source": {"pipeline.errors", "pipeline.settings", "pipeline.times"},
+    "pipeline.store": {
+        "pipeline.errors",
+        "pipeline.settings",
+        "pipeline.times",
+        "pipeline.source.records",
+    },
+    "pipeline.read": {
+        "pipeline.errors",
+        "pipeline.settings",
+        "pipeline.times",
+        "pipeline.printable",
+        "pipeline.source.records",
+        "pipeline.store.schema",
+        "pipeline.store.sqlite",
+        "pipeline.store.keyfile",
+        "pipeline.sync.lock",
+        "pipeline.outputs.snapshot",
+    },
+    "pipeline.outputs": {
+        "pipeline.errors",
+        "pipeline.settings",
+        "pipeline.times",
+        "pipeline.store.schema",
+        "pipeline.store.sqlite",
+        "pipeline.read.history",
+    },
+    "pipeline.sync": {
+        "pipeline.errors",
+        "pipeline.settings",
+        "pipeline.times",
+        "pipeline.source",
+        "pipeline.store",
+        "pipeline.outputs",
+        "pipeline.read.history",  # the fleet as of the sync, for its snapshots
+    },
+    "pipeline.sim": {
+        "pipeline.errors",
+        "pipeline.settings",
+        "pipeline.times",
+        "pipeline.printable",
+        "pipeline.store.schema",
+        "pipeline.store.meta",
+        "pipeline.store.keyfile",
+        "pipeline.sync.run",
+        "pipeline.sync.lock",
+        "pipeline.read.changelog",
+    },
+}
+
+
+@pytest.mark.parametrize("package", sorted(MAY_IMPORT))
+def test_each_sub_package_imports_only_what_its_layer_allows(package):
+    wrong = {
+        (module, imported)
+        for module, imports in IMPORTS.items()
+        if within(module, package)
+        for imported in internal(imports)
+        if not within(imported, package, *MAY_IMPORT[package])
+    }
+    assert not wrong, f"{package} may not import: {sorted(wrong)}"
+
+
+def test_nothing_imports_the_cli_and_only_the_cli_imports_jobs():
+    for module, imports in IMPORTS.items():
+        if module != "pipeline.cli":
+            assert "pipeline.cli" not in imports, module
+        if within(module, "pipeline") and module != "pipeline.cli":
+            assert not any(within(m, "jobs") for m in imports), module
+
+
+def test_only_the_cli_and_the_simulator_itself_import_the_simulator():
+    users = {
+        module
+        for module, imports in IMPORTS.items()
+        if any(within(m, "pipeline.sim") for m in imports) and not within(module, "pipeline.sim")
+    }
+    assert users == {"pipeline.cli"}
+
+
+def test_no_module_imports_itself_back_through_others():
+    graph = {
+        m: {i for i in internal(imports) if i in IMPORTS and i != m}
+        for m, imports in IMPORTS.items()
+    }
+    # A package's __init__ re-exporting its modules is no cycle through the code.
+    graph = {m: {i for i in deps if not m.startswith(i + ".")} for m, deps in graph.items()}
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append([*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+
+
+def test_each_sub_package_says_what_lives_there_and_what_it_may_import():
+    for init in sorted((REPO / "pipeline").glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert len(doc.split()) >= 30 and "import" in doc, init
+
+
+def test_benchmarks_are_not_installed():
+    import importlib.metadata
+
+    files = importlib.metadata.files("comfysync") or []
+    assert not [f for f in files if str(f).startswith("benchmarks")]
 
 
 def test_sync_orchestration_contains_no_http_and_no_sql():
-    imports = imported_modules(REPO / "pipeline" / "sync.py")
-    assert "sqlite3" not in imports
-    source = (REPO / "pipeline" / "sync.py").read_text()
-    for sql in ("SELECT ", "INSERT ", "UPDATE ", '.get("/', "AsyncClient(", ".execute("):
-        assert sql not in source, sql
+    for name in ("run.py", "collector.py", "plan.py", "guardrails.py"):
+        path = REPO / "pipeline" / "sync" / name
+        assert "sqlite3" not in imported_modules(path), name
+        source = path.read_text()
+        for sql in ("SELECT ", "INSERT ", "UPDATE ", '.get("/', "AsyncClient(", ".execute("):
+            assert sql not in source, (name, sql)
 
 
 def test_the_decisions_are_pure_functions_of_plain_values():
-    for name in ("changes.py", "guardrails.py", "records.py"):
-        imports = {m.split(".")[0] for m in imported_modules(REPO / "pipeline" / name)}
-        assert not imports & {"sqlite3", "sqlite_utils", "httpx", "os", "asyncio"}, name
+    for path in ("sync/plan.py", "sync/guardrails.py", "source/records.py"):
+        imports = {m.split(".")[0] for m in imported_modules(REPO / "pipeline" / path)}
+        assert not imports & {"sqlite3", "sqlite_utils", "httpx", "os", "asyncio"}, path
 
 
 def test_each_heavy_dependency_lives_in_its_own_module():
     homes = {
-        "click": {"cli.py"},
-        # Through pipeline.sqlite only, which keeps pandas out of every sync.
-        "sqlite_utils": {"sqlite.py"},
-        "filelock": {"lock.py"},
-        "pyarrow": {"export.py"},
-        "pandas": {"frames.py"},
-        "apscheduler": set(),
-        "datasette": {"browse.py"},
+        "click": {"pipeline/cli.py"},
+        # Through pipeline.store.sqlite only, which keeps pandas out of every sync.
+        "sqlite_utils": {"pipeline/store/sqlite.py"},
+        "filelock": {"pipeline/sync/lock.py"},
+        "pyarrow": {"pipeline/outputs/export.py"},
+        "pandas": {"pipeline/read/frames.py"},
+        "apscheduler": {"jobs/triggers.py", "jobs/scheduler.py"},
+        "datasette": {"pipeline/read/browse.py"},
     }
-    for path in sorted((REPO / "pipeline").glob("*.py")):
+    for path in PRODUCT:
         imports = {m.split(".")[0] for m in imported_modules(path)}
         for library, allowed in homes.items():
             if library in imports:
-                assert path.name in allowed, f"{path.name} imports {library}"
+                assert str(path.relative_to(REPO)) in allowed, f"{path} imports {library}"
 
 
 def test_the_public_api_is_pinned():
@@ -115,18 +277,9 @@ def test_help_starts_without_importing_heavy_libraries(command):
 
 
 def test_a_sync_never_loads_pandas_or_numpy():
-    """sqlite-utils would import them (0.25 s, 80 MB) if pipeline.sqlite did not prevent it."""
-    code = "import sys, pipeline.sync, pipeline.cli; print(sorted({'pandas', 'numpy'} & set(sys.modules)))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    """sqlite-utils would import them (0.25 s, 80 MB) if pipeline.store.sqlite did not prevent it."""
+    code = "import sys, pipeline.sync.run, pipeline.cli; print(sorted({'pandas', 'numpy'} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "[]"
-
-
-def test_jobs_import_pipeline_never_the_cli_and_alone_know_apscheduler():
-    for path in sorted((REPO / "jobs").glob("*.py")):
-        assert "pipeline.cli" not in imported_modules(path), path.name
-    users = {
-        path.name
-        for path in sorted(REPO.glob("*/*.py"))
-        if "apscheduler" in {m.split(".")[0] for m in imported_modules(path)}
-    }
-    assert users == {"triggers.py", "scheduler.py"}

@@ -70,12 +70,12 @@ VALIDATION: dict[tuple[str, str], str] = {
     ("simulate", "token"): "token",  # the bearer token the simulator accepts
     ("simulate", "fail_rate"): "type",
     ("simulate", "rate_limit"): "type",
-    ("simulate", "latency"): "latency",  # pipeline.faults.parse_latency
+    ("simulate", "latency"): "latency",  # pipeline.sim.faults.parse_latency
     ("simulate", "drop_connections"): "type",
     ("simulate", "malformed"): "type",
     ("simulate", "churn"): "type",
     ("export", "output"): "type",
-    ("export", "as_of"): "instant",  # pipeline.history.parse_instant
+    ("export", "as_of"): "instant",  # pipeline.read.history.parse_instant
     ("export", "include_deleted"): "type",
     ("export", "all_versions"): "type",
     ("export", "csv_safe"): "type",
@@ -88,10 +88,10 @@ VALIDATION: dict[tuple[str, str], str] = {
     ("runs", "limit"): "type",
     ("runs", "run_status"): "type",
     ("runs", "as_json"): "type",
-    ("history", "runner"): "runner",  # pipeline.changelog.resolve_runner
+    ("history", "runner"): "runner",  # pipeline.read.changelog.resolve_runner
     ("history", "db_path"): "type",
     ("history", "as_json"): "type",
-    ("changes", "since"): "since",  # pipeline.changelog.parse_since
+    ("changes", "since"): "since",  # pipeline.read.changelog.parse_since
     ("changes", "db_path"): "type",
     ("changes", "as_json"): "type",
     ("browse", "db_path"): "type",

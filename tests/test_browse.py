@@ -21,8 +21,8 @@ from conftest import REPO, get_once_served, rows
 from datasette.app import Datasette
 from mirror_fixture import Mirror
 
-from pipeline.browse import INSTALL_HINT, metadata_for
-from pipeline.schema import open_store
+from pipeline.read.browse import INSTALL_HINT, metadata_for
+from pipeline.store.schema import open_store
 
 
 def get(path: Path, *urls: str) -> list[Any]:
@@ -69,7 +69,7 @@ def test_the_metadata_describes_every_table_view_and_column(tmp_path: Path):
 def test_the_metadata_is_keyed_by_the_database_file_name():
     assert list(metadata_for(Path("data/demo.db"))["databases"]) == ["demo"]
     assert list(metadata_for(Path("x/comfysync.db"))["databases"]) == ["comfysync"]
-    bundled = json.loads((REPO / "pipeline" / "datasette_metadata.json").read_text())
+    bundled = json.loads((REPO / "pipeline" / "read" / "datasette_metadata.json").read_text())
     assert (
         metadata_for(Path("data/demo.db"))["databases"]["demo"] == bundled["databases"]["comfysync"]
     )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pipeline.changes import Revision, StoredState, ids_needing_fields, plan_changes
-from pipeline.records import RunnerRecord, parse_runner
+from pipeline.source.records import RunnerRecord, parse_runner
+from pipeline.store.changeset import Revision, StoredState
+from pipeline.sync.plan import ids_needing_fields, plan_changes
 
 
 def record(runner_id: str, name: str = "n", **overrides: object) -> RunnerRecord:

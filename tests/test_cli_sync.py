@@ -8,7 +8,7 @@ import sqlite3
 
 from conftest import rows
 
-from pipeline.schema import SCHEMA_VERSION
+from pipeline.store.schema import SCHEMA_VERSION
 
 
 def test_sync_prints_a_summary_and_records_the_run(serve_account, run_cli, tmp_path):

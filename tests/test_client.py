@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from pipeline import __version__
-from pipeline.client import ComfyControlClient, Page, parse_retry_after
 from pipeline.errors import ApiResponseError, AuthenticationError, ConfigurationError, UpstreamError
+from pipeline.source.client import ComfyControlClient, Page, parse_retry_after
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 
@@ -155,7 +155,7 @@ def test_the_wait_a_retry_after_asked_for_is_named_when_retries_run_out():
 
 
 def test_the_proxy_comes_from_the_environment_as_httpx_would_take_it(monkeypatch):
-    from pipeline.client import environment_proxy
+    from pipeline.source.client import environment_proxy
 
     for name in (
         "HTTPS_PROXY",

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from conftest import already_read
 
-from pipeline.client import Page
-from pipeline.records import Rejection, RunnerRecord, fingerprinter
-from pipeline.sync import _Collector
+from pipeline.source.client import Page
+from pipeline.source.records import Rejection, RunnerRecord, fingerprinter
+from pipeline.sync.collector import Collector
 
 KEY = b"k" * 32
 
@@ -30,8 +30,8 @@ def runner(runner_id: Any, name: str = "a") -> dict[str, Any]:
     }
 
 
-def collect(runners: list[Any], stored: dict[str, str | None]) -> _Collector:
-    collector = _Collector(KEY, False, already_read(stored), None)
+def collect(runners: list[Any], stored: dict[str, str | None]) -> Collector:
+    collector = Collector(KEY, False, already_read(stored), None)
     collector(Page(number=1, per_page=100, runners=runners, total=len(runners)), 1)
     return collector
 
@@ -76,7 +76,7 @@ def test_pages_that_come_before_the_stored_fingerprints_wait_and_are_handled_in_
     stored = {"r1": fingerprint(runner("r1")), "r2": fingerprint(moved)}
     reading: Future[dict[str, str | None]] = Future()
     seen: list[tuple[int, int, int]] = []
-    collector = _Collector(KEY, False, reading, lambda *progress: seen.append(progress))
+    collector = Collector(KEY, False, reading, lambda *progress: seen.append(progress))
 
     collector(Page(number=1, per_page=2, runners=[runner("r1"), moved], total=4), 1)
     collector(Page(number=2, per_page=2, runners=[renamed, runner("r3")], total=4), 1)
@@ -99,7 +99,7 @@ def test_asking_the_collector_anything_waits_for_the_fingerprints_and_the_backlo
         lambda c: set(c.present),
     ):
         reading: Future[dict[str, str | None]] = Future()
-        collector = _Collector(KEY, False, reading, None)
+        collector = Collector(KEY, False, reading, None)
         collector(Page(number=1, per_page=100, runners=[runner("r1"), runner(["odd"])], total=2), 1)
         reading.set_result({"r1": fingerprint(runner("r1"))})
         ask(collector)
@@ -109,7 +109,7 @@ def test_asking_the_collector_anything_waits_for_the_fingerprints_and_the_backlo
 
 def test_a_failed_read_of_the_fingerprints_fails_the_collector() -> None:
     reading: Future[dict[str, str | None]] = Future()
-    collector = _Collector(KEY, False, reading, None)
+    collector = Collector(KEY, False, reading, None)
     collector(Page(number=1, per_page=100, runners=[runner("r1")], total=1), 1)
     reading.set_exception(OSError("disk gone"))
     with pytest.raises(OSError, match="disk gone"):

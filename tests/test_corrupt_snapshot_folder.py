@@ -39,8 +39,8 @@ from export_helpers import StepClock
 from test_local_failures import write_protected
 
 from pipeline.settings import Settings
-from pipeline.simulator import LoopbackServer, SimulatedAccount
-from pipeline.sync import run_sync
+from pipeline.sim.simulator import LoopbackServer, SimulatedAccount
+from pipeline.sync.run import run_sync
 
 RUNNERS = 12
 FIRST = "exports/{fmt}/runners/snapshot_date=2020-01-01/runners-1.{fmt}"

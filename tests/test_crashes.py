@@ -44,11 +44,11 @@ import pytest
 from conftest import REPO, cli_environment, dump_except_run_log, rows
 from test_properties import check_history
 
-from pipeline.records import TRACKED_FIELDS
+from pipeline.outputs.snapshot import STALE_TEMPORARY_SECONDS
 from pipeline.settings import Settings
-from pipeline.simulator import LoopbackServer, SimulatedAccount
-from pipeline.snapshot import STALE_TEMPORARY_SECONDS
-from pipeline.sync import run_sync
+from pipeline.sim.simulator import LoopbackServer, SimulatedAccount
+from pipeline.source.records import TRACKED_FIELDS
+from pipeline.sync.run import run_sync
 
 HARNESS = REPO / "tests" / "crash_harness.py"
 #: The snapshot layout's final file names, and the hidden temporary files they are written as.
@@ -77,12 +77,12 @@ class Phase:
 
 
 #: Smaller read batches and row groups, so each snapshot file grows step by step.
-SMALL_BATCHES = ("--set", "pipeline.history:BATCH_ROWS=50", "--set", "pipeline.export:ROW_GROUP_ROWS=200")  # fmt: skip
+SMALL_BATCHES = ("--set", "pipeline.read.history:BATCH_ROWS=50", "--set", "pipeline.outputs.export:ROW_GROUP_ROWS=200")  # fmt: skip
 PHASES = {
-    "walk": Phase("pipeline.sync:walk_all_pages", latency_ms=40),
-    "apply": Phase("pipeline.store:apply_changes", ("--slow-sqlite",)),
-    "after-apply": Phase("pipeline.store:apply_changes", ("--pause-after", "1"), "after", aim_after=True, trials=2),
-    "export": Phase("pipeline.export:export_snapshots", ("--slow-sqlite-in", "pipeline.history:fleet_as_of", *SMALL_BATCHES), "after", trials=3),
+    "walk": Phase("pipeline.sync.run:walk_all_pages", latency_ms=40),
+    "apply": Phase("pipeline.store.write:apply_changes", ("--slow-sqlite",)),
+    "after-apply": Phase("pipeline.store.write:apply_changes", ("--pause-after", "1"), "after", aim_after=True, trials=2),
+    "export": Phase("pipeline.outputs.export:export_snapshots", ("--slow-sqlite-in", "pipeline.read.history:fleet_as_of", *SMALL_BATCHES), "after", trials=3),
 }  # fmt: skip
 
 

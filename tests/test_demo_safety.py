@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import rows
 
-from pipeline.lock import hold_sync_lock
 from pipeline.settings import Settings
-from pipeline.sync import run_sync
+from pipeline.sync.lock import hold_sync_lock
+from pipeline.sync.run import run_sync
 
 DB = Path("data") / "demo.db"
 

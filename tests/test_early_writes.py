@@ -13,11 +13,11 @@ import pytest
 from conftest import rows
 
 from pipeline.errors import AuthenticationError
-from pipeline.records import RunnerRecord
 from pipeline.settings import Settings
-from pipeline.simulator import SimulatedAccount, create_app
-from pipeline.store import _settle_early_writes
-from pipeline.sync import run_sync
+from pipeline.sim.simulator import SimulatedAccount, create_app
+from pipeline.source.records import RunnerRecord
+from pipeline.store.write import _settle_early_writes
+from pipeline.sync.run import run_sync
 
 
 def synced(tmp_path: Path, runners: int = 12) -> tuple[SimulatedAccount, Settings, object]:

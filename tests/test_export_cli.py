@@ -25,8 +25,8 @@ from export_helpers import (
     utc,
 )
 
-from pipeline.export import HISTORY_SCHEMA
-from pipeline.simulator import LoopbackServer, SimulatedAccount
+from pipeline.outputs.export import HISTORY_SCHEMA
+from pipeline.sim.simulator import LoopbackServer, SimulatedAccount
 
 FORMULA = '=HYPERLINK("http://x")'
 

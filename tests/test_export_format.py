@@ -12,14 +12,14 @@ import pytest
 from export_helpers import FLEET_ORDER
 
 from pipeline.errors import ConfigurationError
-from pipeline.export import (
+from pipeline.outputs.export import (
     FLEET_SCHEMA,
     HISTORY_SCHEMA,
     ExportRows,
     format_for_path,
     write_export_file,
 )
-from pipeline.history import instant_text, parse_instant
+from pipeline.read.history import instant_text, parse_instant
 
 SNAPSHOT_AT = "2026-02-03T04:05:06.789012Z"
 
@@ -156,7 +156,7 @@ def test_an_empty_fleet_is_a_valid_file_with_the_schema(tmp_path):
 
 
 def test_the_schemas_follow_the_order_in_which_the_store_queries_yield_columns():
-    from pipeline.history import FLEET_COLUMNS, VERSION_COLUMNS
+    from pipeline.read.history import FLEET_COLUMNS, VERSION_COLUMNS
 
     assert FLEET_SCHEMA.names == ["sync_id", "snapshot_at", *FLEET_COLUMNS] == FLEET_ORDER
     assert HISTORY_SCHEMA.names == list(VERSION_COLUMNS)
@@ -215,9 +215,9 @@ def test_export_settings_are_validated_before_anything_runs(options, message):
 def test_small_read_batches_are_gathered_into_row_groups_without_losing_order(
     tmp_path, monkeypatch
 ):
-    import pipeline.export
+    import pipeline.outputs.export
 
-    monkeypatch.setattr(pipeline.export, "ROW_GROUP_ROWS", 5)
+    monkeypatch.setattr(pipeline.outputs.export, "ROW_GROUP_ROWS", 5)
     batches = [[fleet_row(f"r{n:02d}") for n in range(start, start + 4)] for start in (0, 4, 8)]
     fleet = ExportRows(FLEET_SCHEMA, lambda: iter(batches), sync_id=1, snapshot_at=SNAPSHOT_AT)
     path = tmp_path / "groups.parquet"

@@ -10,7 +10,7 @@ import sys
 import pyarrow as pa
 from conftest import REPO
 
-from pipeline.export import FLEET_SCHEMA, HISTORY_SCHEMA
+from pipeline.outputs.export import FLEET_SCHEMA, HISTORY_SCHEMA
 
 README = (REPO / "README.md").read_text()
 

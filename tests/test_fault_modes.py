@@ -21,7 +21,7 @@ from conftest import SimulatorProcess, rows, spawn_simulator
 
 from pipeline.errors import ComfySyncError
 from pipeline.settings import Settings
-from pipeline.sync import run_sync
+from pipeline.sync.run import run_sync
 
 RUNNERS = 120
 PER_PAGE = 20

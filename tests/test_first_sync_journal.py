@@ -16,7 +16,7 @@ from conftest import rows
 from test_sync import settings_for
 
 from pipeline.errors import SyncInterruptedError
-from pipeline.sync import run_sync
+from pipeline.sync.run import run_sync
 
 
 def journal_in_header(db_path: Path) -> str:

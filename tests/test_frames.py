@@ -16,7 +16,7 @@ from export_helpers import FLEET_ORDER, HISTORY_ORDER, StepClock, store_fleet, s
 import pipeline
 from pipeline.errors import DatabaseError
 from pipeline.settings import Settings
-from pipeline.sync import run_sync
+from pipeline.sync.run import run_sync
 
 DAY_1 = datetime(2026, 5, 4, 8, 0, tzinfo=UTC)
 DAY_2 = datetime(2026, 5, 5, 8, 0, tzinfo=UTC)
@@ -26,7 +26,7 @@ RUNNER_COLUMNS = FLEET_ORDER[2:]  # a RunnerStore frame has no sync_id/snapshot_
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory) -> Path:
     """A store after two syncs on two days, with an update, a deletion and a creation between."""
-    from pipeline.simulator import LoopbackServer, SimulatedAccount
+    from pipeline.sim.simulator import LoopbackServer, SimulatedAccount
 
     path = tmp_path_factory.mktemp("frames") / "mirror.db"
     account = SimulatedAccount(runners=70, seed=41, token="t")
@@ -161,7 +161,7 @@ def test_versions_are_every_version_with_lists_and_intervals(store_path):
 
 
 def test_runs_is_the_run_log_with_real_dtypes_including_a_failed_run(tmp_path):
-    from pipeline.simulator import LoopbackServer, SimulatedAccount
+    from pipeline.sim.simulator import LoopbackServer, SimulatedAccount
 
     path = tmp_path / "runs.db"
     account = SimulatedAccount(runners=5, seed=42, token="t")

@@ -9,10 +9,11 @@ import pytest
 from conftest import dump_except_run_log, rows
 
 from pipeline.errors import ConfigurationError, ForeignAccountError
-from pipeline.guardrails import is_foreign_account, mass_deletion_reason
-from pipeline.schema import META_TABLE, open_store
 from pipeline.settings import Settings
-from pipeline.sync import run_sync
+from pipeline.store.meta import META_TABLE
+from pipeline.store.schema import open_store
+from pipeline.sync.guardrails import is_foreign_account, mass_deletion_reason
+from pipeline.sync.run import run_sync
 
 REMEDY = "no deletion was applied; if they really are gone, sync again with --allow-mass-delete"
 

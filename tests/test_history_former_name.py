@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import CliResult, run_comfysync
 
-from pipeline.simulator import LoopbackServer, SimulatedAccount
+from pipeline.sim.simulator import LoopbackServer, SimulatedAccount
 
 TOKEN = {"COMFYCONTROL_TOKEN": "test-token"}
 

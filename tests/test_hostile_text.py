@@ -26,11 +26,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jobs.log_format import JsonFormatter, TextFormatter
-from pipeline.changelog import FieldChange, RunnerHistory, VersionEntry
-from pipeline.overview import DamagedSnapshot, FailedSnapshot, MirrorStatus, Snapshots, SyncRun
-from pipeline.report import describe_changes, describe_history, describe_runs, describe_status
+from pipeline.read.changelog import FieldChange, RunnerHistory, VersionEntry
+from pipeline.read.overview import DamagedSnapshot, FailedSnapshot, MirrorStatus, Snapshots, SyncRun
+from pipeline.read.report import describe_changes, describe_history, describe_runs, describe_status
 from pipeline.settings import Settings
-from pipeline.sync import run_sync
+from pipeline.sync.run import run_sync
 
 TOKEN = {"COMFYCONTROL_TOKEN": "test-token"}
 
@@ -398,7 +398,7 @@ def test_a_warning_logged_during_a_command_is_one_escaped_line(tmp_path):
         "from pipeline.cli import cli, main\n"
         "@cli.command('emit')\n"
         "def emit():\n"
-        "    logging.getLogger('pipeline.sync').warning('upstream said: %s', sys.argv[1])\n"
+        "    logging.getLogger('pipeline.sync.run').warning('upstream said: %s', sys.argv[1])\n"
         "main(['emit'])\n"
     )
     proc = subprocess.run(

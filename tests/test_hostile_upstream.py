@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pipeline.simulator import SimulatedAccount
+from pipeline.sim.simulator import SimulatedAccount
 
 TOKEN = "test-token"
 ENV = {"COMFYCONTROL_TOKEN": TOKEN}

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 
-from pipeline.overview import SyncRun, as_seen_now
-from pipeline.store import ABANDONED_RUN_ERROR
+from pipeline.read.overview import SyncRun, as_seen_now
+from pipeline.store.schema import ABANDONED_RUN_ERROR
 
 SLOW_SYNC = ("--per-page", "10", "--concurrency", "1", "--no-export")
 

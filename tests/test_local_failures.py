@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, CliResult, cli_environment, dump_except_run_log, rows, run_comfysync
 
-from pipeline.schema import open_store
 from pipeline.settings import Settings
-from pipeline.sync import run_sync
+from pipeline.store.schema import open_store
+from pipeline.sync.run import run_sync
 
 FULL = "could not write the database (database or disk is full); nothing was applied"
 
@@ -64,7 +64,7 @@ def sync_with_page_cap(folder: Path, url: str, db: Path) -> CliResult:
     (the new ones are written as the walk reads them, inside the sync's transaction)."""
     proc = subprocess.run(
         [sys.executable, str(REPO / "tests" / "crash_harness.py"), "--phase", "apply",
-         "--target", "pipeline.store:_insert_created", "--max-page-count-headroom", "8", "--",
+         "--target", "pipeline.store.write:_insert_created", "--max-page-count-headroom", "8", "--",
          "sync", "--base-url", url, "--token", "test-token", "--db", str(db)],
         cwd=folder, env=cli_environment(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip

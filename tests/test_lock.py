@@ -13,10 +13,10 @@ import pytest
 from conftest import rows, wait_until
 
 from pipeline.errors import SyncLockedError
-from pipeline.lock import LockHolder, hold_sync_lock, lock_path_for, read_holder
 from pipeline.settings import Settings
-from pipeline.store import ABANDONED_RUN_ERROR
-from pipeline.sync import run_sync
+from pipeline.store.schema import ABANDONED_RUN_ERROR
+from pipeline.sync.lock import LockHolder, hold_sync_lock, lock_path_for, read_holder
+from pipeline.sync.run import run_sync
 
 SINCE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 

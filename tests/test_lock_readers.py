@@ -16,7 +16,7 @@ import time
 import pytest
 
 from pipeline.errors import DatabaseError, SyncLockedError, UpstreamError
-from pipeline.lock import LockHolder, hold_sync_lock, lock_path_for, sync_lock_is_free
+from pipeline.sync.lock import LockHolder, hold_sync_lock, lock_path_for, sync_lock_is_free
 
 
 def test_a_reader_sees_whether_the_lock_is_held_and_creates_nothing(db_path):
@@ -26,7 +26,7 @@ def test_a_reader_sees_whether_the_lock_is_held_and_creates_nothing(db_path):
         assert not sync_lock_is_free(db_path)
         # The same from another process, as `status` asks it.
         code = (
-            "from pathlib import Path; from pipeline.lock import sync_lock_is_free as free; "
+            "from pathlib import Path; from pipeline.sync.lock import sync_lock_is_free as free; "
             f"print(free(Path({str(db_path)!r})))"
         )
         probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -58,7 +58,7 @@ def test_a_live_holder_is_still_refused_at_once(db_path):
     with hold_sync_lock(db_path):
         started = time.monotonic()
         code = (
-            "from pipeline.lock import hold_sync_lock\n"
+            "from pipeline.sync.lock import hold_sync_lock\n"
             f"with hold_sync_lock(__import__('pathlib').Path({str(db_path)!r})): pass"
         )
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -43,14 +43,14 @@ from hypothesis.stateful import (
 )
 from test_sync import expected_mirror, present_mirror, redaction_key
 
-import pipeline.walk
-from pipeline.client import ComfyControlClient, Page
+import pipeline.source.walk
 from pipeline.errors import ComfySyncError
-from pipeline.faults import FaultPlan
-from pipeline.records import TRACKED_FIELDS, content_hash
 from pipeline.settings import Settings
-from pipeline.simulator import SimulatedAccount, create_app
-from pipeline.sync import run_sync
+from pipeline.sim.faults import FaultPlan
+from pipeline.sim.simulator import SimulatedAccount, create_app
+from pipeline.source.client import ComfyControlClient, Page
+from pipeline.source.records import TRACKED_FIELDS, content_hash
+from pipeline.sync.run import run_sync
 
 TOKEN = "property-token"
 MUTATIONS = ("create", "update", "rename", "rotate", "delete", "recreate", "recreate_as_new")
@@ -241,7 +241,7 @@ class MirrorMachine(RuleBasedStateMachine):
         )
         self.syncs += 1
         self.store_changed = True
-        real_recheck = pipeline.walk.recheck_absences
+        real_recheck = pipeline.source.walk.recheck_absences
 
         async def watched_recheck(*args: Any, **options: Any) -> Any:
             client.rechecking = True
@@ -251,7 +251,7 @@ class MirrorMachine(RuleBasedStateMachine):
                 client.rechecking = False
 
         try:
-            with mock.patch.object(pipeline.walk, "recheck_absences", watched_recheck):
+            with mock.patch.object(pipeline.source.walk, "recheck_absences", watched_recheck):
                 summary = run_sync(settings, client=client)
         except ComfySyncError as exc:
             event(f"sync failed: {type(exc).__name__}")

@@ -18,9 +18,9 @@ import pytest
 from conftest import rows, run_comfysync
 from mirror_fixture import Mirror
 
-from pipeline.changelog import parse_since
 from pipeline.errors import ConfigurationError
-from pipeline.schema import SCHEMA_VERSION, open_store
+from pipeline.read.changelog import parse_since
+from pipeline.store.schema import SCHEMA_VERSION, open_store
 
 NO_DB = (
     "comfysync: error: no database at absent.db; create one with `comfysync sync` "
@@ -48,7 +48,7 @@ def run_json(mirror: Mirror, run_id: int) -> dict[str, object]:
     counts: dict[int, dict[str, object]] = {
         1: dict(complete=True, pages=1, walks=1, total_reported=12, runners_seen=12,
                 created=12, updated=0, deleted=0, restored=0, unchanged=0, rejected=0),
-        # Sync 2 deletes a runner: one page of walk, one re-read proving it gone (pipeline.walk).
+        # Sync 2 deletes a runner: one page of walk, one re-read proving it gone (pipeline.source.walk).
         2: dict(complete=True, pages=2, walks=1, total_reported=12, runners_seen=12,
                 created=1, updated=2, deleted=1, restored=0, unchanged=9, rejected=0),
         3: dict(complete=None, pages=None, walks=None, total_reported=None, runners_seen=None,

@@ -264,7 +264,7 @@ def test_browse_serves_the_other_user(shared_mirror: SharedMirror):
 
 HOLD_A_SNAPSHOT = """
 import sys
-from pipeline.schema import open_store_read_only
+from pipeline.store.schema import open_store_read_only
 db = open_store_read_only(__import__("pathlib").Path(sys.argv[1]))
 db.execute("BEGIN")
 count = lambda: db.execute("SELECT count(*) FROM runners WHERE deleted_at IS NULL").fetchone()[0]

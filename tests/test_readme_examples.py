@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, cli_environment, run_comfysync
 
-from pipeline.simulator import LoopbackServer, SimulatedAccount
+from pipeline.sim.simulator import LoopbackServer, SimulatedAccount
 
 README_PATH = REPO / "README.md"
 #: The account `Sync your account` shows: big enough for several pages, fixed by its seed.

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.records import (
+from pipeline.source.records import (
     Rejection,
     RunnerRecord,
     _describe_problem,

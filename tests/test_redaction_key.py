@@ -315,7 +315,7 @@ def assert_no_trace_of(key: str, folder: Path) -> None:
 def test_an_old_database_has_its_key_moved_out_without_a_trace_and_nothing_else_changes(
     sync, tmp_path: Path
 ):
-    from pipeline.schema import open_store
+    from pipeline.store.schema import open_store
 
     db = tmp_path / "m.db"
     summary(sync("--store-header-values"))
@@ -426,7 +426,7 @@ def serve_every_table(db: Path) -> dict[str, str]:
     """Every row of every table and view of ``db`` as Datasette serves it (its own client)."""
     from datasette.app import Datasette
 
-    from pipeline.browse import metadata_for
+    from pipeline.read.browse import metadata_for
 
     async def fetch() -> dict[str, str]:
         datasette = Datasette([str(db)], metadata=metadata_for(db))

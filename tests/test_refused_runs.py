@@ -17,7 +17,7 @@ from conftest import rows
 
 from pipeline.errors import ConfigurationError
 from pipeline.settings import Settings
-from pipeline.sync import run_sync
+from pipeline.sync.run import run_sync
 
 
 def listing(folder: Path) -> dict[str, bytes | None]:

@@ -9,7 +9,8 @@ import pytest
 from sqlite_utils import Database
 
 from pipeline.errors import DatabaseError
-from pipeline.schema import SCHEMA_VERSION, open_store, open_store_read_only, read_meta
+from pipeline.store.meta import read_meta
+from pipeline.store.schema import SCHEMA_VERSION, open_store, open_store_read_only
 
 EXPECTED_SCHEMA = """CREATE TABLE "_sqlite_migrations" (
    "id" INTEGER PRIMARY KEY,
@@ -203,7 +204,8 @@ def test_a_foreign_sqlite_database_is_refused_untouched(tmp_path: Path):
 def test_a_version_1_database_is_upgraded_with_the_snapshots_table_and_keeps_its_rows(
     tmp_path: Path,
 ):
-    from pipeline.schema import META_TABLE, migrations
+    from pipeline.store.meta import META_TABLE
+    from pipeline.store.schema import migrations
 
     path = tmp_path / "old.db"
     old = Database(path)

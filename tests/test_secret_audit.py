@@ -31,7 +31,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from conftest import rows, run_comfysync
 
-from pipeline.simulator import SimulatedAccount
+from pipeline.sim.simulator import SimulatedAccount
 
 HEADER = "HEADERMARK-5be1c9d2"
 PASSWORD = "PASSWORDMARK-0a7f44e1"

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from pipeline.faults import FaultPlan, parse_latency
-from pipeline.simulator import (
+from pipeline.sim.faults import FaultPlan, parse_latency
+from pipeline.sim.simulator import (
     LoopbackServer,
     RequestRecord,
     SimulatedAccount,
@@ -576,7 +576,7 @@ def test_the_listening_socket_disables_nagle_so_keep_alive_responses_are_not_del
     """uvicorn sets no TCP_NODELAY on sockets it is handed; accepted sockets inherit ours."""
     import socket
 
-    from pipeline.simulator import _listening_socket
+    from pipeline.sim.simulator import _listening_socket
 
     sock = _listening_socket("127.0.0.1", 0)
     try:

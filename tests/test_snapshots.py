@@ -23,9 +23,9 @@ from export_helpers import (
     store_fleet,
 )
 
-from pipeline.export import FLEET_SCHEMA, write_export_file
+from pipeline.outputs.export import FLEET_SCHEMA, write_export_file
 from pipeline.settings import Settings
-from pipeline.sync import run_sync
+from pipeline.sync.run import run_sync
 
 DAY_1 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
 DAY_2 = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
@@ -191,7 +191,7 @@ def test_a_write_interrupted_mid_file_leaves_no_file_under_its_final_name_and_th
 
 
 def test_an_earlier_file_under_the_final_name_survives_a_failed_rewrite(tmp_path):
-    from pipeline.snapshot import write_atomically
+    from pipeline.outputs.snapshot import write_atomically
 
     target = tmp_path / "runners-1.csv"
     target.write_text("the complete earlier file\n")
@@ -267,7 +267,7 @@ def test_keep_snapshots_prunes_the_oldest_files_and_their_emptied_date_folders(
 
 
 def test_pruning_goes_by_date_then_sync_id_and_never_deletes_the_files_just_written(tmp_path):
-    from pipeline.snapshot import prune_snapshots
+    from pipeline.outputs.snapshot import prune_snapshots
 
     runners = tmp_path / "parquet" / "runners"
     layout = [

@@ -10,10 +10,10 @@ import time
 import pytest
 from conftest import dump_except_run_log, rows, wait_until
 
-from pipeline import schema
 from pipeline.errors import SyncInterruptedError
 from pipeline.settings import Settings
-from pipeline.sync import run_sync
+from pipeline.store import schema
+from pipeline.sync.run import run_sync
 
 STOPPED = "The sync was stopped (SIGINT or SIGTERM) before applying; nothing was applied."
 

@@ -14,9 +14,9 @@ import pytest
 from conftest import dump_except_run_log, rows
 
 from pipeline.errors import AuthenticationError, UpstreamError
-from pipeline.records import TRACKED_FIELDS
 from pipeline.settings import Settings
-from pipeline.sync import run_sync
+from pipeline.source.records import TRACKED_FIELDS
+from pipeline.sync.run import run_sync
 
 
 def settings_for(upstream, db_path: Path, **options) -> Settings:

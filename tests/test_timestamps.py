@@ -15,10 +15,10 @@ from conftest import rows
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from pipeline import records
-from pipeline.frames import RunnerStore
-from pipeline.records import Rejection, RunnerRecord, parse_runner
-from pipeline.sqlite import Database
+from pipeline.read.frames import RunnerStore
+from pipeline.source import records
+from pipeline.source.records import Rejection, RunnerRecord, parse_runner
+from pipeline.store.sqlite import Database
 
 KEY = bytes(32)
 RUNNER = {
@@ -41,7 +41,7 @@ def parse(raw: object) -> RunnerRecord | Rejection:
 
 
 def canonical(moment: datetime) -> str:
-    """The stored form of an instant, written out independently of pipeline.records."""
+    """The stored form of an instant, written out independently of pipeline.source.records."""
     u = moment.astimezone(UTC)
     text = f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:{u.second:02d}"
     return text + (f".{u.microsecond:06d}Z" if u.microsecond else "Z")
@@ -409,7 +409,8 @@ MIGRATION = "m008_canonical_timestamps"
 
 def old_database(path: Path) -> Database:
     """A store at the schema before the timestamp migration, as an older comfysync left it."""
-    from pipeline.schema import META_TABLE, migrations
+    from pipeline.store.meta import META_TABLE
+    from pipeline.store.schema import migrations
 
     db = Database(path)
     migrations.apply(db, stop_before=MIGRATION)
@@ -442,7 +443,7 @@ def insert_runner(db: Database, runner_id: str, created_at: str, updated_at: str
 
 
 def test_an_older_store_has_its_timestamps_made_canonical_and_its_hashes_recomputed(tmp_path):
-    from pipeline.schema import open_store
+    from pipeline.store.schema import open_store
 
     path = tmp_path / "old.db"
     db = old_database(path)
@@ -487,7 +488,7 @@ def test_the_bound_the_records_enforce_is_what_the_pandas_and_arrow_readers_hold
     """Just inside the bound is stored and read back exactly; just outside is refused."""
     import pyarrow as pa
 
-    from pipeline.export import TIMESTAMP
+    from pipeline.outputs.export import TIMESTAMP
 
     for moment in (EARLIEST, LATEST):
         text = canonical(moment)

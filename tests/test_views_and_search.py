@@ -13,10 +13,10 @@ from conftest import rows
 from mirror_fixture import Mirror
 from sqlite_utils import Database
 
-from pipeline import schema
-from pipeline.schema import open_store
 from pipeline.settings import Settings
-from pipeline.sync import run_sync
+from pipeline.store import schema
+from pipeline.store.schema import open_store
+from pipeline.sync.run import run_sync
 
 FIELDS = (
     "user_id", "name", "status", "endpoint", "tags", "headers", "created_at", "updated_at",

@@ -10,9 +10,9 @@ import tracemalloc
 import httpx
 import pytest
 
-from pipeline.client import ComfyControlClient, Page
-from pipeline.simulator import SimulatedAccount, create_app
-from pipeline.walk import MAX_RUNNERS_PER_WALK, PageSummary, judge_walk, walk_all_pages
+from pipeline.sim.simulator import SimulatedAccount, create_app
+from pipeline.source.client import ComfyControlClient, Page
+from pipeline.source.walk import MAX_RUNNERS_PER_WALK, PageSummary, judge_walk, walk_all_pages
 
 
 def summary(number: int, total: int, ids: str) -> PageSummary:

@@ -19,8 +19,8 @@ from conftest import rows
 from test_properties import MirrorMachine
 
 from pipeline.settings import Settings
-from pipeline.simulator import SimulatedAccount, create_app
-from pipeline.sync import run_sync
+from pipeline.sim.simulator import SimulatedAccount, create_app
+from pipeline.sync.run import run_sync
 
 
 def test_a_burst_that_slides_a_runner_across_a_page_boundary_cannot_get_it_deleted(

@@ -21,7 +21,8 @@ from typing import Any
 import orjson
 import pandas as pd
 
-from pipeline import history, schema
+from pipeline.read import history
+from pipeline.store import schema
 
 _TIME = "datetime64[us, UTC]"
 # dtype per column; every column not named here is text (pandas' ``str``).

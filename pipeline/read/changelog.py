@@ -22,10 +22,10 @@ from datetime import UTC, datetime, timedelta
 import orjson
 
 from pipeline.errors import ConfigurationError, RunnerLookupError
-from pipeline.keyfile import key_for_reading
-from pipeline.records import REDACTED_PREFIX, TRACKED_FIELDS, redact_headers
-from pipeline.sqlite import Database
-from pipeline.store import utc_timestamp
+from pipeline.source.records import REDACTED_PREFIX, TRACKED_FIELDS, redact_headers
+from pipeline.store.keyfile import key_for_reading
+from pipeline.store.sqlite import Database
+from pipeline.times import utc_timestamp
 
 #: How many candidates an ambiguous runner lookup names.
 MAX_CANDIDATES_SHOWN = 10

@@ -11,7 +11,7 @@ latest snapshotting sync could not write, with the reason it recorded.
 
 A sync that was killed leaves its run-log row ``running`` until the next sync marks it
 ``failed``. Reading it, these functions show such a row ``interrupted``: only the newest run
-can still be going, and only while a sync holds the database's lock (``pipeline.lock``).
+can still be going, and only while a sync holds the database's lock (``pipeline.sync.lock``).
 """
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ from typing import Any
 import orjson
 
 from pipeline.errors import ConfigurationError
-from pipeline.lock import sync_lock_is_free
-from pipeline.schema import schema_version
+from pipeline.outputs.snapshot import export_dir_of, not_a_folder
 from pipeline.settings import DEFAULT_EXPORT_DIR
-from pipeline.snapshot import export_dir_of, not_a_folder
-from pipeline.sqlite import Database
-from pipeline.store import ABANDONED_RUN_ERROR
+from pipeline.store.schema import ABANDONED_RUN_ERROR, schema_version
+from pipeline.store.sqlite import Database
+from pipeline.sync.lock import sync_lock_is_free
 
 _RUN_COLUMNS = (
     "id, started_at, finished_at, status, base_url, pages, walks, complete, total_reported, "

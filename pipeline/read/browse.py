@@ -22,8 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pipeline import schema
 from pipeline.errors import ConfigurationError
+from pipeline.store import schema
 
 HOST = "127.0.0.1"
 METADATA_RESOURCE = "datasette_metadata.json"
@@ -40,7 +40,7 @@ INSTALL_HINT = (
 
 @cache
 def _bundled_metadata() -> dict[str, Any]:
-    text = resources.files("pipeline").joinpath(METADATA_RESOURCE).read_text(encoding="utf-8")
+    text = resources.files("pipeline.read").joinpath(METADATA_RESOURCE).read_text(encoding="utf-8")
     metadata: dict[str, Any] = json.loads(text)
     return metadata
 

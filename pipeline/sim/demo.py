@@ -24,15 +24,15 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipeline import schema
-from pipeline.changelog import changes_in_sync
 from pipeline.errors import ComfySyncError, DatabaseError
-from pipeline.keyfile import key_path_for
-from pipeline.lock import hold_sync_lock
 from pipeline.printable import printable
+from pipeline.read.changelog import changes_in_sync
 from pipeline.settings import EXPORT_FORMATS, Settings, is_loopback_host
-from pipeline.simulator import LoopbackServer, SimulatedAccount
-from pipeline.sync import SyncSummary, run_sync
+from pipeline.sim.simulator import LoopbackServer, SimulatedAccount
+from pipeline.store import meta, schema
+from pipeline.store.keyfile import key_path_for
+from pipeline.sync.lock import hold_sync_lock
+from pipeline.sync.run import SyncSummary, run_sync
 
 DEMO_RUNNERS = 250
 DEMO_SEED = 1
@@ -60,7 +60,7 @@ def _is_demo_database(path: Path) -> bool:
     except ComfySyncError:
         return False
     try:
-        if schema.read_meta(db, DEMO_META_KEY) != DEMO_MARK:
+        if meta.read_meta(db, DEMO_META_KEY) != DEMO_MARK:
             return False
         hosts = [
             urlsplit(url or "").hostname
@@ -134,7 +134,7 @@ def _start_afresh(db_path: Path, export_dir: Path) -> None:
         _remove_snapshots(export_dir)
         db = schema.open_store(db_path)
         try:
-            schema.write_meta(db, DEMO_META_KEY, DEMO_MARK)
+            meta.write_meta(db, DEMO_META_KEY, DEMO_MARK)
         finally:
             db.close()
 

@@ -28,20 +28,24 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
 
-from pipeline.changes import ChangeSet, Revision, StoredState
 from pipeline.errors import StorageError
-from pipeline.records import TRACKED_FIELDS, Rejection, RunnerRecord
-from pipeline.schema import SEARCH_COLUMNS, UNUSUAL_STATUS, open_store_read_only
-from pipeline.sqlite import Database
+from pipeline.source.records import TRACKED_FIELDS, Rejection, RunnerRecord
+from pipeline.store.changeset import ChangeSet, Revision, StoredState
+from pipeline.store.schema import (
+    ABANDONED_RUN_ERROR,
+    SEARCH_COLUMNS,
+    UNUSUAL_STATUS,
+    open_store_read_only,
+)
+from pipeline.store.sqlite import Database
 
 if TYPE_CHECKING:
-    from pipeline.snapshot import SnapshotFile
+    from pipeline.outputs.snapshot import SnapshotFile
 
 _FIELDS = ", ".join(TRACKED_FIELDS)
 _MARKS = ", ".join("?" for _ in TRACKED_FIELDS)
@@ -53,12 +57,6 @@ _INSERT_WIDTH = len(TRACKED_FIELDS) + 4
 _ROWS_PER_INSERT = 2000
 _VARIABLE_LIMIT = sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER
 _SEARCH = ", ".join(SEARCH_COLUMNS)
-
-
-def utc_timestamp(moment: datetime | None = None) -> str:
-    """ISO 8601 UTC with microseconds and a ``Z``: sortable as text, exact as a time."""
-    moment = moment or datetime.now(UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(frozen=True)
@@ -200,11 +198,6 @@ def record_failed_run(db: Database, sync_id: int, *, error: str, finished_at: st
         raise StorageError(f"could not record the failed run ({exc})") from exc
 
 
-ABANDONED_RUN_ERROR = (
-    "abandoned: the process ended before finishing (killed or power loss); nothing was applied"
-)
-
-
 def close_abandoned_runs(db: Database, *, finished_at: str) -> int:
     """Mark ``failed`` every run still ``running``, and return how many there were.
 
@@ -238,7 +231,7 @@ def apply_changes(
 
     ``owners`` are the ``user_id``s of the runners the sync saw; new ones are remembered in
     ``account_owners``. ``early`` holds the runners already written during the walk, in the
-    transaction this call commits: rows it wrote for runners ``changes`` does not create
+    transaction this call commits: rows it wrote for runners ``changes`` (the plan) does not create
     as written are replaced. ``finished_at`` (default ``applied_at``) closes the run-log
     row. ``page_digests`` replace the stored ones: the pages this sync read whose every
     runner is now stored exactly as that page sent it (none when the walk cannot say).

@@ -12,7 +12,7 @@ Tables (see README for every column):
 * ``sync_runs``: one row per sync attempt.
 * ``rejected_records``: runner objects that could not be stored, with the reason.
 * ``comfysync_meta``: schema version and the id of the per-database redaction key (the key
-  itself lives beside the database, never in it: ``pipeline.keyfile``, m009).
+  itself lives beside the database, never in it: ``pipeline.store.keyfile``, m009).
 * ``snapshots``: one row per snapshot file a sync wrote (or failed to write).
 * ``runners.raw_fingerprint`` (m005): a keyed digest of each runner as the API last sent it.
 * Runner ``created_at``/``updated_at`` in the one form ``records.normalise_timestamp`` stores
@@ -41,22 +41,28 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline import keyfile
 from pipeline.errors import ComfySyncError, DatabaseError, StorageError
-from pipeline.records import (
+from pipeline.settings import DEMO_DB_PATH
+from pipeline.source.records import (
     KNOWN_STATUSES,
     TRACKED_FIELDS,
     content_hash,
     normalise_timestamp,
     timestamp_text,
 )
-from pipeline.settings import DEMO_DB_PATH
-from pipeline.sqlite import Database, Migrations
+from pipeline.store import keyfile
+from pipeline.store.meta import META_TABLE, read_meta
+from pipeline.store.sqlite import Database, Migrations
 
-META_TABLE = "comfysync_meta"
 BUSY_TIMEOUT_MS = 10_000
 
 migrations = Migrations("comfysync")
+
+#: ``sync_runs.error`` of a run whose process ended before finishing it (killed, or the
+#: power went): set by the next sync, and shown by the read side for such a run.
+ABANDONED_RUN_ERROR = (
+    "abandoned: the process ended before finishing (killed or power loss); nothing was applied"
+)
 
 
 @migrations()
@@ -224,7 +230,7 @@ def m005_raw_fingerprints(db: Database) -> None:
     db.table("runners").add_column("raw_fingerprint", str)
 
 
-#: The rows ``runners_unusual_status`` indexes, spelled as ``store`` queries them: SQLite
+#: The rows ``runners_unusual_status`` indexes, spelled as ``store.write`` queries them: SQLite
 #: uses a partial index only for a query whose WHERE repeats the index's own terms.
 UNUSUAL_STATUS = (
     "deleted_at IS NULL AND (status IS NULL OR status NOT IN ("
@@ -635,11 +641,6 @@ def open_store_read_only(path: Path, *, immutable: bool = False) -> Database:
     return db
 
 
-def write_meta(db: Database, key: str, value: str) -> None:
-    """Set ``key`` in the database's ``comfysync_meta`` table (e.g. the demo's mark)."""
-    db.table(META_TABLE).upsert({"key": key, "value": value}, pk="key")
-
-
 def _how_to_get_one(missing: Path) -> str:
     """The hint after "no database": the demo's database when one is there to read.
 
@@ -650,8 +651,3 @@ def _how_to_get_one(missing: Path) -> str:
     if DEMO_DB_PATH.is_file() and missing.resolve() != DEMO_DB_PATH.resolve():
         return f"{make}, or read the demo's: `--db {DEMO_DB_PATH}`"
     return f"{make} (or try `comfysync demo`)"
-
-
-def read_meta(db: Database, key: str) -> str | None:
-    row = db.execute(f"SELECT value FROM {META_TABLE} WHERE key = ?", [key]).fetchone()
-    return str(row[0]) if row else None

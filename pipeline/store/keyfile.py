@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigurationError, DatabaseError, StorageError
+from pipeline.store.meta import META_TABLE, read_meta
 
 if TYPE_CHECKING:
-    from pipeline.sqlite import Database
+    from pipeline.store.sqlite import Database
 
 KEY_ENV = "COMFYSYNC_REDACTION_KEY"
 KEY_SUFFIX = ".key"
@@ -187,16 +188,8 @@ def keep_key(db: Database, key: bytes) -> None:
         )
 
 
-def _read_meta(db: Database, name: str) -> str | None:
-    # Imported here: `settings` and `cli` import this module, and must not load SQLite's
-    # wrapper to show --help; `schema` owns comfysync_meta.
-    from pipeline.schema import read_meta
-
-    return read_meta(db, name)
-
-
 def _stored_id(db: Database) -> str | None:
-    return _read_meta(db, KEY_ID_META)
+    return read_meta(db, KEY_ID_META)
 
 
 def _mismatch(db: Database, source: str, stored_id: str, fix: str) -> str:
@@ -244,7 +237,6 @@ def key_for_sync(db: Database, *, env_key: str | None = None) -> bytes:
     if key is None:
         key = secrets.token_bytes(KEY_BYTES)
         create_key_file(path, key)
-    from pipeline.schema import META_TABLE
 
     db.table(META_TABLE).upsert({"key": KEY_ID_META, "value": key_id(key)}, pk="key")
     return key
@@ -264,7 +256,7 @@ def key_for_reading(db: Database) -> bytes | None:
 
 
 def _key_for_reading(db: Database) -> bytes | None:
-    legacy = _read_meta(db, LEGACY_KEY_META)
+    legacy = read_meta(db, LEGACY_KEY_META)
     if legacy is not None:
         return parse_key(legacy)
     stored = _stored_id(db)

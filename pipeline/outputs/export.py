@@ -15,7 +15,7 @@ wrote it (a snapshot after a sync or ``comfysync export``):
 Every file is written atomically (``snapshot.write_atomically``): a reader, or a crash, can
 only ever see the previous file or the complete new one under the final name, never a
 truncated one. Snapshots after a sync (``export_snapshots``) and ad-hoc exports
-(``export_file``) both come through here; ``pipeline/snapshot.py`` owns the folder tree.
+(``export_file``) both come through here; ``pipeline/outputs/snapshot.py`` owns the folder tree.
 """
 
 from __future__ import annotations
@@ -31,17 +31,18 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from pipeline import history, schema
 from pipeline.errors import ConfigurationError, ExportError
-from pipeline.history import Row, parse_instant
-from pipeline.settings import EXPORT_FORMATS
-from pipeline.snapshot import (
+from pipeline.outputs.snapshot import (
     SnapshotReport,
     explain_write_failure,
     prune_snapshots,
     write_atomically,
     write_snapshot_files,
 )
+from pipeline.read import history
+from pipeline.read.history import Row, parse_instant
+from pipeline.settings import EXPORT_FORMATS
+from pipeline.store import schema
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 STRINGS = pa.list_(pa.string())

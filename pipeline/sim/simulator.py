@@ -5,7 +5,7 @@ and (more importantly) against the situations a real account produces rarely and
 runners created or deleted while a walk is between pages, throttling, broken responses. The
 simulator reproduces the documented contract (`shared/api/list-runners.md`) exactly, and takes
 the liberty the contract leaves (401 body, past-the-end pages, 400 for bad parameters) in the
-plainest way; `pipeline.faults` adds the misbehaviour.
+plainest way; `pipeline.sim.faults` adds the misbehaviour.
 
 Three ways in:
 
@@ -47,7 +47,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from pipeline.faults import UNAUTHORIZED_BODY, FaultPlan, Gate, apply_churn, render_page
+from pipeline.sim.faults import UNAUTHORIZED_BODY, FaultPlan, Gate, apply_churn, render_page
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import json
 import textwrap
 from collections.abc import Sequence
 
-from pipeline.changelog import BY_FORMER_NAME, FieldChange, RunnerHistory, VersionEntry
-from pipeline.overview import MirrorStatus, Snapshots, SyncRun
 from pipeline.printable import printable, printable_json
+from pipeline.read.changelog import BY_FORMER_NAME, FieldChange, RunnerHistory, VersionEntry
+from pipeline.read.overview import MirrorStatus, Snapshots, SyncRun
 
 WIDTH = 80
 #: Columns that hold JSON text: shown as stored (compact), not quoted again.

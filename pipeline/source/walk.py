@@ -38,7 +38,7 @@ proof against a runner that reappears in the *middle* of the list (restored unde
 ``created_at``) at the same moment as another runner on an already-read page is deleted:
 the total, the head and the id count all still agree, and the runner that slid across the
 page boundary is missed. So when a complete walk would delete runners (``missing_after``),
-each is looked for once more on a page re-read for it (``pipeline.absence``), and the caller
+each is looked for once more on a page re-read for it (``pipeline.source.absence``), and the caller
 deletes only what that proved gone (``WalkResult.gone``).
 """
 
@@ -53,8 +53,8 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pipeline.absence import Recheck, judge_page, plan_rechecks
-from pipeline.client import Page
+from pipeline.source.absence import Recheck, judge_page, plan_rechecks
+from pipeline.source.client import Page
 
 #: The most runner records one walk reads. A listing whose ``total`` is larger can never be
 #: proven complete; the limit is what makes an upstream that serves new runners forever end.
@@ -248,7 +248,7 @@ async def walk_all_pages(
     Every answered page is handed to ``on_page(page, walk_number)`` as it arrives, so the
     caller can parse and drop it (a 100,000-runner walk never holds all raw JSON at once).
     When a walk is complete and ``missing_after(walk_number)`` names runners it would delete,
-    their pages are re-read (``pipeline.absence``) and the result says which are ``gone``.
+    their pages are re-read (``pipeline.source.absence``) and the result says which are ``gone``.
     Errors from the client propagate: a walk that cannot read a page has no verdict. Each
     walk reads at most ``max_runners`` runners (see the module docstring).
     """
@@ -342,7 +342,7 @@ async def recheck_absences(
     *,
     concurrency: int,
 ) -> Recheck:
-    """Re-read the page ``pipeline.absence`` plans for each missing runner, and judge it."""
+    """Re-read the page ``pipeline.source.absence`` plans for each missing runner, and judge it."""
     planned, unproven = plan_rechecks(missing, walk_created)
     gone: set[str] = set()
     found: set[str] = set()

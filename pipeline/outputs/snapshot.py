@@ -15,7 +15,7 @@ refuses new files, a file that cannot be replaced): ``explain_write_failure`` tu
 operating system's error into one line that names the culprit, for the snapshot's error
 and for ``comfysync export``'s.
 
-This module knows files and folders only; what goes into a file is ``pipeline/export.py``'s.
+This module knows files and folders only; what goes into a file is ``pipeline/outputs/export.py``'s.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from pipeline.settings import EXPORT_FORMATS
-from pipeline.store import utc_timestamp
+from pipeline.times import utc_timestamp
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Decide what a sync changes: a pure comparison of what the walk saw with what the store holds.
 
 No SQL and no HTTP here: ``plan_changes`` takes plain values and returns a ``ChangeSet`` that
-``pipeline.store.apply_changes`` writes in one transaction. Keeping the decision pure is what
+``pipeline.store.write.apply_changes`` writes in one transaction. Keeping the decision pure is what
 lets the deletion rule (never delete unless the walk proved itself complete) be tested alone.
 """
 
@@ -9,67 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
-from pipeline.records import TRACKED_FIELDS, RunnerRecord
-
-
-class StoredState(NamedTuple):
-    """What the store knows of a runner without loading its fields.
-
-    A NamedTuple so that loading 100,000 of them costs one C call each.
-    """
-
-    content_hash: str
-    deleted: bool
-    version: int
-    #: The raw fingerprint of the version stored (None before one was recorded).
-    fingerprint: str | None = None
-
-    def matches(self, fingerprint: str | None) -> bool:
-        """True when the API sent exactly what this present runner was stored from."""
-        return not self.deleted and fingerprint is not None and fingerprint == self.fingerprint
-
-
-@dataclass(frozen=True, slots=True)
-class Revision:
-    """A new version of a runner already in the store: an update or a restoration."""
-
-    record: RunnerRecord
-    changed_fields: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ChangeSet:
-    """Everything one sync writes; applied all at once or not at all."""
-
-    created: list[RunnerRecord] = field(default_factory=list)
-    updated: list[Revision] = field(default_factory=list)
-    restored: list[Revision] = field(default_factory=list)
-    deleted: list[str] = field(default_factory=list)
-    unchanged: int = 0
-    #: Runners a complete walk would have deleted, had deletions been allowed.
-    deletions_withheld: int = 0
-    #: (id, fingerprint) of unchanged runners whose stored raw fingerprint is out of date
-    #: (a database from before fingerprints, or bytes that changed with no content change).
-    refingerprinted: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not (self.created or self.updated or self.restored or self.deleted)
-
-    def without_deletions(self) -> ChangeSet:
-        """The same changes with every deletion withheld (counted in ``deletions_withheld``)."""
-        return ChangeSet(
-            created=self.created,
-            updated=self.updated,
-            restored=self.restored,
-            deleted=[],
-            unchanged=self.unchanged,
-            deletions_withheld=self.deletions_withheld + len(self.deleted),
-            refingerprinted=self.refingerprinted,
-        )
+from pipeline.source.records import TRACKED_FIELDS, RunnerRecord
+from pipeline.store.changeset import ChangeSet, Revision, StoredState
 
 
 def ids_needing_fields(
@@ -108,7 +50,7 @@ def plan_changes(
 
     ``seen`` holds the runners the walk parsed; ``seen_unchanged`` the ids it did not need
     to parse because their raw fingerprint matched a present runner's stored one, or their
-    page's digest matched the last sync's (the collector in ``pipeline.sync`` decides).
+    page's digest matched the last sync's (the collector in ``pipeline.sync.run`` decides).
     ``stored`` must hold the state of every stored runner in ``seen``; ``present`` is every
     stored runner not deleted (by default, those of ``stored``). ``stored_fields`` must hold
     the fields of every id ``ids_needing_fields`` named.

@@ -12,7 +12,7 @@ checks stand between the change plan and the store:
 * **foreign account**: a sync whose runners all belong to owners (``user_id``) this database
   has never mirrored is refused outright; a new database (no owner yet) accepts any.
 
-``pipeline.sync`` wires them; they are functions of counts and sets so they are tested alone.
+``pipeline.sync.run`` wires them; they are functions of counts and sets so they are tested alone.
 """
 
 from __future__ import annotations

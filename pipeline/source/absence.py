@@ -1,6 +1,6 @@
 """Prove that runners a complete walk missed are really gone, by re-reading only their pages.
 
-A complete walk (``pipeline.walk``) proves itself against the changes the API makes on its
+A complete walk (``pipeline.source.walk``) proves itself against the changes the API makes on its
 own, but not against one burst: a runner restored mid-list at the moment another one on an
 already-read page is deleted slides a third runner across a page boundary, unseen, while the
 total, the head and the id count all still agree. So no absence is trusted on the walk's word
@@ -17,7 +17,7 @@ proven gone, and is kept for the next sync to decide.
 Why not a second full walk: at 100,000 runners that doubles the cost of every sync that
 deletes anything, where this reads one small page per missing runner (0.1% deleted: about
 a fiftieth of a walk). This module is the pure part (where to look, what a page proves);
-``pipeline.walk`` reads the pages.
+``pipeline.source.walk`` reads the pages.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.client import Page
 from pipeline.settings import MAX_PER_PAGE
+from pipeline.source.client import Page
 
 #: Room wanted on each side of a missing runner's place, so runners arriving at the head
 #: (or leaving above it) between the walk and the re-read do not push its brackets off

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
 from pipeline.errors import ConfigurationError
-from pipeline.records import TRACKED_FIELDS
-from pipeline.sqlite import Database
-from pipeline.store import utc_timestamp
+from pipeline.source.records import TRACKED_FIELDS
+from pipeline.store.sqlite import Database
+from pipeline.times import utc_timestamp
 
 #: A runner's state, as the ``runners`` table holds it and as a past instant rebuilds it.
 FLEET_COLUMNS: tuple[str, ...] = (

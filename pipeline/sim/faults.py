@@ -18,7 +18,7 @@ same fixed number of values from the plan's own `random.Random(seed)` whatever h
 the same seed, settings and request sequence replay the same faults (only `rate_limit` depends on
 the wall clock, by nature).
 
-This module is pure decision logic: no Starlette, no sockets. `pipeline.simulator` turns the
+This module is pure decision logic: no Starlette, no sockets. `pipeline.sim.simulator` turns the
 decisions into responses. Thread-safe: the loopback server answers on its own thread while a test
 scripts faults from the main one.
 """

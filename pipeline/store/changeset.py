@@ -1,0 +1,70 @@
+"""The values the write path takes: what the store knows of a runner, and what a sync writes.
+
+They belong to the store, whose one write path (``pipeline.store.write.apply_changes``)
+applies a ``ChangeSet`` in one transaction; the sync's plan (``pipeline.sync.plan``) builds
+one from what the walk saw. Plain values: no SQL here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from pipeline.source.records import RunnerRecord
+
+
+class StoredState(NamedTuple):
+    """What the store knows of a runner without loading its fields.
+
+    A NamedTuple so that loading 100,000 of them costs one C call each.
+    """
+
+    content_hash: str
+    deleted: bool
+    version: int
+    #: The raw fingerprint of the version stored (None before one was recorded).
+    fingerprint: str | None = None
+
+    def matches(self, fingerprint: str | None) -> bool:
+        """True when the API sent exactly what this present runner was stored from."""
+        return not self.deleted and fingerprint is not None and fingerprint == self.fingerprint
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """A new version of a runner already in the store: an update or a restoration."""
+
+    record: RunnerRecord
+    changed_fields: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ChangeSet:
+    """Everything one sync writes; applied all at once or not at all."""
+
+    created: list[RunnerRecord] = field(default_factory=list)
+    updated: list[Revision] = field(default_factory=list)
+    restored: list[Revision] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    #: Runners a complete walk would have deleted, had deletions been allowed.
+    deletions_withheld: int = 0
+    #: (id, fingerprint) of unchanged runners whose stored raw fingerprint is out of date
+    #: (a database from before fingerprints, or bytes that changed with no content change).
+    refingerprinted: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.created or self.updated or self.restored or self.deleted)
+
+    def without_deletions(self) -> ChangeSet:
+        """The same changes with every deletion withheld (counted in ``deletions_withheld``)."""
+        return ChangeSet(
+            created=self.created,
+            updated=self.updated,
+            restored=self.restored,
+            deleted=[],
+            unchanged=self.unchanged,
+            deletions_withheld=self.deletions_withheld + len(self.deleted),
+            refingerprinted=self.refingerprinted,
+        )

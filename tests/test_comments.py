@@ -43,6 +43,7 @@ MEASURED = re.compile(
             r"\b(?:twice|thrice|\d+ times)\s+(?:as\b|faster|slower|smaller|larger|more|less)",
             r"\b(?:a|one)\s+(?:half|third|quarter|fifth|tenth)\s+of\b",
             r"\bat\s+\d{1,3}(?:,\d{3})+\b",  # "at 100,000 runners": a benchmark's scale
+            rf"\b(?:two|three|four|five|ten|twenty|thirty|sixty|hundred)\s+{_UNIT}\b",
         )
     ),
     re.IGNORECASE,
@@ -107,6 +108,7 @@ def test_the_checks_read_comments_docstrings_and_pyproject():
         "100 MB at 100,000 runners",
         "waits ~40 ms for a delayed ACK",
         "about 0.6 s of a 1,000-page walk",
+        "the whole product in thirty seconds",
     ],
 )
 def test_a_measured_figure_is_recognised(text):

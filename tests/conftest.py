@@ -1,25 +1,33 @@
-"""Shared fixtures: the simulator on a real loopback socket, databases, and the CLI as a process."""
+"""Shared fixtures and helpers: the simulator on a real loopback socket, databases, settings,
+and the CLI as a process. Helpers more than one test file needs live here, once."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 
+from pipeline.settings import Settings
 from pipeline.sim.simulator import LoopbackServer, SimulatedAccount
+from pipeline.source.records import TRACKED_FIELDS, content_hash
 
 if TYPE_CHECKING:
     from mirror_fixture import Mirror
@@ -272,6 +280,164 @@ def rows(path: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[ob
         return [tuple(row) for row in conn.execute(sql, params)]
     finally:
         conn.close()
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on, as long as nobody binds it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def settings_for(upstream: Upstream, db_path: Path, **options: Any) -> Settings:
+    """Settings that sync ``upstream`` into ``db_path``; retries wait little, so that a test
+    meeting a failure is quick about it."""
+    options.setdefault("retry_wait_initial", 0.05)
+    options.setdefault("retry_wait_max", 0.2)
+    return Settings(base_url=upstream.url, token=upstream.account.token, db_path=db_path, **options)
+
+
+def key_file(db_path: Path) -> Path:
+    """Where the store keeps its redaction key: beside the database (<db>.key)."""
+    return db_path.with_name(db_path.name + ".key")
+
+
+def redaction_key(db_path: Path) -> bytes:
+    """The key the store redacts under, read from its key file."""
+    return bytes.fromhex(key_file(db_path).read_text())
+
+
+def expected_mirror(account: SimulatedAccount, key: bytes) -> dict[str, dict[str, object]]:
+    """The simulator's runners as the store must hold them, computed independently."""
+
+    def redact(value: str) -> str:
+        return "redacted:" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:12]
+
+    mirror = {}
+    for runner in account.list_runners():
+        mirror[runner["id"]] = {
+            "user_id": runner["user_id"],
+            "name": runner["name"],
+            "status": runner["status"],
+            "endpoint": runner["endpoint"],
+            "tags": runner["tags"],
+            "headers": {name: redact(value) for name, value in runner["headers"].items()},
+            "created_at": runner["created_at"],
+            "updated_at": runner["updated_at"],
+            "extra": {},
+        }
+    return mirror
+
+
+def present_mirror(db_path: Path) -> dict[str, dict[str, object]]:
+    """The runners the store holds as present, in the shape of ``expected_mirror``."""
+    found = rows(
+        db_path,
+        "SELECT id, user_id, name, status, endpoint, tags, headers, created_at, updated_at, "
+        "extra FROM runners WHERE deleted_at IS NULL",
+    )
+    mirror = {}
+    for row in found:
+        record = dict(zip(TRACKED_FIELDS, row[1:], strict=True))
+        for name in ("tags", "headers", "extra"):
+            record[name] = json.loads(str(record[name]))
+        mirror[str(row[0])] = record
+    return mirror
+
+
+def check_history(db_path: Path) -> None:
+    """Replaying each runner's versions gives its row; intervals touch end to end."""
+    columns = ", ".join(TRACKED_FIELDS)
+    current = {
+        str(row[0]): row[1:]
+        for row in rows(
+            db_path,
+            f"SELECT id, {columns}, first_seen_at, deleted_at, version, content_hash FROM runners",
+        )
+    }
+    history: dict[str, list[tuple[object, ...]]] = {}
+    for row in rows(
+        db_path,
+        f"SELECT runner_id, version, change, changed_fields, {columns}, content_hash, "
+        "valid_from, valid_to FROM runner_versions ORDER BY runner_id, version",
+    ):
+        history.setdefault(str(row[0]), []).append(row[1:])
+    assert set(history) == set(current)
+    width = len(TRACKED_FIELDS)
+    for runner_id, versions in history.items():
+        state: tuple[object, ...] = ()
+        deleted_at: object = None
+        for number, version in enumerate(versions, start=1):
+            (
+                version_no, change, changed, *fields_and_rest,
+            ) = version  # fmt: skip
+            fields = tuple(fields_and_rest[:width])
+            stored_hash, valid_from, valid_to = fields_and_rest[width:]
+            assert version_no == number, (runner_id, versions)
+            assert stored_hash == content_hash(tuple(str(f) for f in fields))
+            if number == 1:
+                assert change == "created"
+            elif change == "deleted":
+                assert deleted_at is None and fields == state and changed == "[]"
+            elif change == "restored":
+                assert deleted_at is not None
+            else:
+                assert change == "updated" and deleted_at is None
+            if change in ("updated", "restored"):
+                expected = [
+                    n
+                    for n, old, new in zip(TRACKED_FIELDS, state, fields, strict=True)
+                    if old != new
+                ]
+                assert json.loads(str(changed)) == expected
+                assert change == "restored" or expected
+            deleted_at = valid_from if change == "deleted" else None
+            state = fields
+            if number < len(versions):
+                assert valid_to == versions[number][-2]  # touches the next one's valid_from
+                assert str(valid_from) <= str(valid_to)
+            else:
+                assert valid_to is None
+        *row_fields, first_seen_at, row_deleted_at, row_version, row_hash = current[runner_id]
+        assert tuple(row_fields) == state
+        assert (first_seen_at, row_deleted_at) == (versions[0][-2], deleted_at)
+        assert (row_version, row_hash) == (len(versions), versions[-1][-3])
+
+
+def quietly(*command: str) -> bool:
+    """Run ``command``; True if it succeeded, False if it failed or is not installed."""
+    try:
+        return subprocess.run(command, capture_output=True).returncode == 0
+    except OSError:  # no such program
+        return False
+
+
+@contextmanager
+def write_protected(path: Path) -> Iterator[None]:
+    """Make ``path`` unwritable in a way root respects too."""
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o555 if path.is_dir() else 0o444)
+        try:
+            yield
+        finally:
+            path.chmod(mode)
+        return
+    if quietly("chattr", "+i", str(path)):
+        try:
+            yield
+        finally:
+            quietly("chattr", "-i", str(path))
+        return
+    if quietly("mount", "--bind", str(path), str(path)):
+        try:
+            if not quietly("mount", "-o", "remount,ro,bind", str(path), str(path)):
+                pytest.fail(f"could not make {path} read-only: neither chattr +i nor a ro bind")
+            yield
+        finally:
+            quietly("umount", str(path))
+        return
+    pytest.fail(f"as root, {path} cannot be write-protected here (no chattr +i, no mount)")
 
 
 @pytest.fixture(scope="session")

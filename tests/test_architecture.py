@@ -277,7 +277,8 @@ def test_help_starts_without_importing_heavy_libraries(command):
 
 
 def test_a_sync_never_loads_pandas_or_numpy():
-    """sqlite-utils would import them (0.25 s, 80 MB) if pipeline.store.sqlite did not prevent it."""
+    """sqlite-utils would import them (their start-up time and memory) if pipeline.store.sqlite
+    did not prevent it."""
     code = "import sys, pipeline.sync.run, pipeline.cli; print(sorted({'pandas', 'numpy'} & set(sys.modules)))"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

@@ -12,7 +12,6 @@ bounded (``schedule --max-runs 1``, ``browse --metadata-out -``, a simulator tha
 from __future__ import annotations
 
 import logging
-import socket
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import click
 import pytest
 import uvicorn
+from conftest import free_port
 
 from pipeline import cli as cli_module
 from pipeline.cli import cli
@@ -192,14 +192,8 @@ BY_VALIDATOR = {
 }
 
 
-def closed_loopback_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on: a connection to it is refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-CLOSED = f"http://127.0.0.1:{closed_loopback_port()}"
+#: Nothing listens there: a connection to it is refused at once.
+CLOSED = f"http://127.0.0.1:{free_port()}"
 _SYNC_BASE = {
     "--base-url": CLOSED,
     "--max-retries": "0",

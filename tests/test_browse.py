@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import REPO, get_once_served, rows
+from conftest import REPO, free_port, get_once_served, rows
 from datasette.app import Datasette
 from mirror_fixture import Mirror
 
@@ -208,12 +208,6 @@ def test_metadata_out_writes_a_file_datasette_reads(run_cli, tmp_path, mirror: M
     assert sum(row["runners"] for row in json.loads(proc.stdout)) == sum(
         len(r["tags"]) for r in mirror.upstream
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_browse_serves_the_mirror_on_loopback_until_interrupted(mirror: Mirror, tmp_path):

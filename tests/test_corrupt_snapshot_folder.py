@@ -34,9 +34,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import rows, run_comfysync
+from conftest import rows, run_comfysync, write_protected
 from export_helpers import StepClock
-from test_local_failures import write_protected
 
 from pipeline.settings import Settings
 from pipeline.sim.simulator import LoopbackServer, SimulatedAccount

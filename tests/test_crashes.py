@@ -41,8 +41,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, cli_environment, dump_except_run_log, rows
-from test_properties import check_history
+from conftest import REPO, check_history, cli_environment, dump_except_run_log, rows
 
 from pipeline.outputs.snapshot import STALE_TEMPORARY_SECONDS
 from pipeline.settings import Settings

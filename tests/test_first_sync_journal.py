@@ -12,8 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import rows
-from test_sync import settings_for
+from conftest import rows, settings_for
 
 from pipeline.errors import SyncInterruptedError
 from pipeline.sync.run import run_sync

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import Upstream, cli_environment
+from conftest import CliResult, Upstream, cli_environment
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -72,17 +72,9 @@ def raw_output_problems(text: str) -> set[str]:
     return set(text) & (DANGEROUS - {"\n"})
 
 
-@dataclass
-class Raw:
+def run_raw(folder: Path, *args: str) -> CliResult:
     """A command's exit code and output, decoded without newline translation (text mode would
     turn a raw ``\\r`` into ``\\n`` and hide it)."""
-
-    exit_code: int
-    stdout: str
-    stderr: str
-
-
-def run_raw(folder: Path, *args: str) -> Raw:
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args],
         cwd=folder,
@@ -90,7 +82,7 @@ def run_raw(folder: Path, *args: str) -> Raw:
         capture_output=True,
         timeout=120,
     )
-    return Raw(proc.returncode, proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8"))
+    return CliResult(proc.returncode, proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8"))
 
 
 HOSTILE = {
@@ -117,7 +109,7 @@ class Scenario:
     solo_name: str
     solo_status: str
     dup_name: str
-    outputs: dict[str, Raw]
+    outputs: dict[str, CliResult]
 
 
 def play(folder: Path, text: str, typed: str, serve_account, *, with_json: bool) -> Scenario:
@@ -154,7 +146,7 @@ def play(folder: Path, text: str, typed: str, serve_account, *, with_json: bool)
     account.delete_runner(ids[3])
     foreign = serve_account(runners=2, seed=8, user_id=f"other-{text}")
 
-    def cli(*args: str) -> Raw:
+    def cli(*args: str) -> CliResult:
         return run_raw(folder, *args)
 
     where = ("--db", str(db))

@@ -20,20 +20,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import REPO, CliResult, cli_environment, dump_except_run_log, rows, run_comfysync
+from conftest import (
+    REPO,
+    CliResult,
+    cli_environment,
+    dump_except_run_log,
+    quietly,
+    rows,
+    run_comfysync,
+    write_protected,
+)
 
 from pipeline.settings import Settings
 from pipeline.store.schema import open_store
 from pipeline.sync.run import run_sync
 
 FULL = "could not write the database (database or disk is full); nothing was applied"
-
-
-def quietly(*command: str) -> bool:
-    try:
-        return subprocess.run(command, capture_output=True).returncode == 0
-    except OSError:  # no such program
-        return False
 
 
 @contextmanager
@@ -131,34 +133,6 @@ def test_a_disk_that_fills_up_during_apply_fails_with_exit_4_and_nothing_applied
             assert digest(db) == untouched
 
         assert run_sync(settings).created == 2000  # once there is room, the next sync works
-
-
-@contextmanager
-def write_protected(path: Path) -> Iterator[None]:
-    """Make ``path`` unwritable in a way root respects too."""
-    if os.geteuid() != 0:
-        mode = path.stat().st_mode
-        path.chmod(0o555 if path.is_dir() else 0o444)
-        try:
-            yield
-        finally:
-            path.chmod(mode)
-        return
-    if quietly("chattr", "+i", str(path)):
-        try:
-            yield
-        finally:
-            quietly("chattr", "-i", str(path))
-        return
-    if quietly("mount", "--bind", str(path), str(path)):
-        try:
-            if not quietly("mount", "-o", "remount,ro,bind", str(path), str(path)):
-                pytest.fail(f"could not make {path} read-only: neither chattr +i nor a ro bind")
-            yield
-        finally:
-            quietly("umount", str(path))
-        return
-    pytest.fail(f"as root, {path} cannot be write-protected here (no chattr +i, no mount)")
 
 
 def test_a_db_that_is_not_writable_is_refused_and_left_untouched(run_cli, tmp_path):

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import already_read, rows
+from conftest import already_read, rows, settings_for
 
 import pipeline.sync.collector
 from pipeline.errors import UpstreamError
-from pipeline.settings import Settings
 from pipeline.source.client import Page
 from pipeline.source.records import fingerprinter, page_digester
 from pipeline.source.walk import WalkResult
@@ -40,12 +39,6 @@ def fingerprinted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(pipeline.sync.collector, "fingerprinter", counting)
     return counts
-
-
-def settings_for(upstream: Any, db_path: Path, **options: Any) -> Settings:
-    options.setdefault("retry_wait_initial", 0.05)
-    options.setdefault("retry_wait_max", 0.2)
-    return Settings(base_url=upstream.url, token=upstream.account.token, db_path=db_path, **options)
 
 
 def digests(db_path: Path) -> list[tuple[object, ...]]:

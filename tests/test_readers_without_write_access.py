@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -30,7 +29,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import CliResult, Upstream, cli_environment, get_once_served, run_comfysync
+from conftest import (
+    CliResult,
+    Upstream,
+    cli_environment,
+    free_port,
+    get_once_served,
+    run_comfysync,
+)
 
 AS_ROOT = os.geteuid() == 0
 #: What makes a process "another user": root without any capability, or (not root) nothing.
@@ -234,12 +240,6 @@ def test_runner_store_gives_the_other_user_the_owners_frames(shared_mirror: Shar
     )  # fmt: skip
     assert json.loads(read) == json.loads(owner.stdout)
     assert len(json.loads(json.loads(read)["runners"])) == RUNNERS
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_browse_serves_the_other_user(shared_mirror: SharedMirror):

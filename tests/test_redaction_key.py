@@ -23,13 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CliResult, dump_except_run_log, rows
+from conftest import CliResult, dump_except_run_log, key_file, rows
 
 KEY_ENV = "COMFYSYNC_REDACTION_KEY"
-
-
-def key_file(db: Path) -> Path:
-    return db.with_name(db.name + ".key")
 
 
 def key_id(key: bytes) -> str:
@@ -114,7 +110,13 @@ def test_a_new_mirror_keeps_its_key_in_a_0600_file_beside_it_and_only_its_id_ins
         if stored != path:
             assert text.strip().encode() not in stored.read_bytes(), stored.name
     assert summary(sync())["unchanged"] == 30
-    assert folder_listing(tmp_path) == ["m.db", "m.db-shm", "m.db-wal", "m.db.key", "m.db.lock"]  # no temporary left
+    assert folder_listing(tmp_path) == [
+        "m.db",
+        "m.db-shm",
+        "m.db-wal",
+        "m.db.key",
+        "m.db.lock",
+    ]  # no temporary left
 
 
 def test_the_key_file_may_link_to_a_private_file_elsewhere(sync, tmp_path: Path):

@@ -13,7 +13,7 @@ import duckdb
 import pandas as pd
 import pyarrow.dataset as ds
 import pytest
-from conftest import rows
+from conftest import rows, settings_for
 from export_helpers import (
     FLEET_ORDER,
     StepClock,
@@ -24,22 +24,10 @@ from export_helpers import (
 )
 
 from pipeline.outputs.export import FLEET_SCHEMA, write_export_file
-from pipeline.settings import Settings
 from pipeline.sync.run import run_sync
 
 DAY_1 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
 DAY_2 = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
-
-
-def settings_for(upstream, db_path: Path, export_dir: Path | None, **options) -> Settings:
-    return Settings(
-        base_url=upstream.url,
-        token=upstream.account.token,
-        db_path=db_path,
-        export_dir=export_dir,
-        retry_wait_initial=0.05,
-        **options,
-    )
 
 
 def tree(folder: Path) -> list[str]:
@@ -50,7 +38,7 @@ def tree(folder: Path) -> list[str]:
 def two_syncs_on_two_days(upstream, db_path: Path, export_dir: Path) -> list[list[dict]]:
     """Sync on day 1, change the account, sync on day 2; the store's present fleet after each."""
     clock = StepClock(DAY_1)
-    settings = settings_for(upstream, db_path, export_dir)
+    settings = settings_for(upstream, db_path, export_dir=export_dir)
     run_sync(settings, clock=clock)
     first = store_fleet(db_path, sync_id=1, snapshot_at=finished_at(db_path, 1))
 
@@ -166,7 +154,8 @@ def test_a_write_interrupted_mid_file_leaves_no_file_under_its_final_name_and_th
 
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         summary = run_sync(
-            settings_for(upstream, db_path, export_dir), write_export_file=half_then_disk_full
+            settings_for(upstream, db_path, export_dir=export_dir),
+            write_export_file=half_then_disk_full,
         )
 
     assert summary.status == "success" and summary.created == 60
@@ -239,7 +228,11 @@ def test_keep_snapshots_prunes_the_oldest_files_and_their_emptied_date_folders(
     )
     clock = StepClock(DAY_1)
     settings = settings_for(
-        upstream, db_path, export_dir, keep_snapshots=2, export_formats=("csv", "parquet")
+        upstream,
+        db_path,
+        export_dir=export_dir,
+        keep_snapshots=2,
+        export_formats=("csv", "parquet"),
     )
     summaries = []
     for day in range(1, 5):
@@ -292,7 +285,7 @@ def test_temporary_files_left_by_a_crash_are_invisible_to_readers_and_swept_when
 ):
     upstream = serve_account(runners=5, seed=25)
     export_dir = tmp_path / "exports"
-    settings = settings_for(upstream, db_path, export_dir, export_formats=("parquet",))
+    settings = settings_for(upstream, db_path, export_dir=export_dir, export_formats=("parquet",))
     run_sync(settings)
     partition = next((export_dir / "parquet" / "runners").iterdir())
     stale = partition / ".runners-7.parquet.0a1b2c3d.tmp"
@@ -323,7 +316,7 @@ def test_a_partial_sync_is_snapshotted_a_failed_one_is_not_and_no_export_dir_wri
             account.create_runner()
 
     account.before_page.append(churn)
-    partial = run_sync(settings_for(upstream, db_path, export_dir, max_walks=1))
+    partial = run_sync(settings_for(upstream, db_path, export_dir=export_dir, max_walks=1))
     account.before_page.clear()
     assert partial.status == "partial"
     assert [(f.format, f.rows, f.error) for f in partial.snapshots] == [
@@ -333,12 +326,12 @@ def test_a_partial_sync_is_snapshotted_a_failed_one_is_not_and_no_export_dir_wri
 
     account.faults.fail_always(503)
     with pytest.raises(Exception, match="nothing was applied"):
-        run_sync(settings_for(upstream, db_path, export_dir, max_retries=0))
+        run_sync(settings_for(upstream, db_path, export_dir=export_dir, max_retries=0))
     account.faults.clear()
     assert len(tree(export_dir)) == 2
     assert rows(db_path, "SELECT DISTINCT sync_id FROM snapshots") == [(1,)]
 
-    quiet = run_sync(settings_for(upstream, db_path, None))
+    quiet = run_sync(settings_for(upstream, db_path, export_dir=None))
     assert quiet.status == "success" and quiet.snapshots == ()
     assert len(tree(export_dir)) == 2
     assert rows(db_path, "SELECT count(*) FROM snapshots") == [(2,)]
@@ -350,7 +343,7 @@ def test_snapshots_never_contain_a_header_secret(serve_account, db_path, tmp_pat
     target = upstream.account.runner_ids()[3]
     upstream.account.update_runner(target, headers={"Authorization": f"Bearer {secret}"})
     export_dir = tmp_path / "exports"
-    run_sync(settings_for(upstream, db_path, export_dir))
+    run_sync(settings_for(upstream, db_path, export_dir=export_dir))
     files = [p for p in export_dir.rglob("*") if p.is_file()]
     assert len(files) == 2
     for path in files:

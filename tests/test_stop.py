@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import signal
-import sqlite3
 import threading
 import time
 
 import pytest
-from conftest import dump_except_run_log, rows, wait_until
+from conftest import dump_except_run_log, rows, settings_for, wait_until
 
 from pipeline.errors import SyncInterruptedError
-from pipeline.settings import Settings
 from pipeline.store import schema
 from pipeline.sync.run import run_sync
 
 STOPPED = "The sync was stopped (SIGINT or SIGTERM) before applying; nothing was applied."
-
-
-def settings_for(upstream, db_path, **options) -> Settings:
-    return Settings(base_url=upstream.url, token="test-token", db_path=db_path, **options)
-
-
-def integrity(db_path) -> tuple[object, ...]:
-    conn = sqlite3.connect(db_path)
-    try:
-        return tuple(conn.execute("PRAGMA integrity_check").fetchone())
-    finally:
-        conn.close()
 
 
 def test_a_stop_during_the_walk_abandons_it_at_once_and_applies_nothing(serve_account, db_path):
@@ -118,7 +104,7 @@ def test_sigterm_stops_a_cli_sync_mid_walk_with_exit_6_and_nothing_applied(
     assert time.monotonic() - sent < 5
     assert (proc.returncode, stdout) == (6, "")
     assert stderr == f"comfysync: error: {STOPPED}\n"
-    assert integrity(db) == ("ok",)
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
     assert dump_except_run_log(db) == before
     assert rows(db, "SELECT status, error FROM sync_runs ORDER BY id DESC LIMIT 1") == [
         ("failed", STOPPED)

@@ -2,69 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import sqlite3
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import dump_except_run_log, rows
+from conftest import (
+    dump_except_run_log,
+    expected_mirror,
+    present_mirror,
+    redaction_key,
+    rows,
+    settings_for,
+)
 
 from pipeline.errors import AuthenticationError, UpstreamError
 from pipeline.settings import Settings
-from pipeline.source.records import TRACKED_FIELDS
 from pipeline.sync.run import run_sync
-
-
-def settings_for(upstream, db_path: Path, **options) -> Settings:
-    options.setdefault("retry_wait_initial", 0.05)
-    options.setdefault("retry_wait_max", 0.2)
-    return Settings(base_url=upstream.url, token=upstream.account.token, db_path=db_path, **options)
-
-
-def redaction_key(db_path: Path) -> bytes:
-    """The key the store redacts under: in the key file beside it (<db>.key)."""
-    return bytes.fromhex(db_path.with_name(db_path.name + ".key").read_text())
-
-
-def expected_mirror(account, key: bytes) -> dict[str, dict[str, object]]:
-    """The simulator's runners as the store must hold them, computed independently."""
-
-    def redact(value: str) -> str:
-        return "redacted:" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:12]
-
-    mirror = {}
-    for runner in account.list_runners():
-        mirror[runner["id"]] = {
-            "user_id": runner["user_id"],
-            "name": runner["name"],
-            "status": runner["status"],
-            "endpoint": runner["endpoint"],
-            "tags": runner["tags"],
-            "headers": {name: redact(value) for name, value in runner["headers"].items()},
-            "created_at": runner["created_at"],
-            "updated_at": runner["updated_at"],
-            "extra": {},
-        }
-    return mirror
-
-
-def present_mirror(db_path: Path) -> dict[str, dict[str, object]]:
-    found = rows(
-        db_path,
-        "SELECT id, user_id, name, status, endpoint, tags, headers, created_at, updated_at, "
-        "extra FROM runners WHERE deleted_at IS NULL",
-    )
-    mirror = {}
-    for row in found:
-        record = dict(zip(TRACKED_FIELDS, row[1:], strict=True))
-        for name in ("tags", "headers", "extra"):
-            record[name] = json.loads(str(record[name]))
-        mirror[str(row[0])] = record
-    return mirror
 
 
 def version_count(db_path: Path) -> int:
@@ -273,9 +228,10 @@ def test_records_whose_id_is_not_a_string_are_rejected_not_a_crash(tmp_path):
     summary = run_sync(settings, transport=transport)
 
     assert (summary.status, summary.created, summary.rejected) == ("partial", 1, 3)
-    assert rows(settings.db_path, "SELECT reason FROM rejected_records ORDER BY id") == [
-        ("missing or empty id",)
-    ] * 3
+    assert (
+        rows(settings.db_path, "SELECT reason FROM rejected_records ORDER BY id")
+        == [("missing or empty id",)] * 3
+    )
 
 
 def test_a_status_other_than_active_or_disabled_is_warned_about_while_a_present_runner_has_it(

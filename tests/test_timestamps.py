@@ -414,7 +414,7 @@ def old_database(path: Path) -> Database:
 
     db = Database(path)
     migrations.apply(db, stop_before=MIGRATION)
-    version = len([m for m in migrations._migrations if m.name < MIGRATION])
+    version = len(migrations.applied(db))
     db.table(META_TABLE).upsert({"key": "schema_version", "value": str(version)}, pk="key")
     db.execute(
         "INSERT INTO sync_runs (id, started_at, finished_at, status) "

@@ -29,8 +29,8 @@ HOST = "127.0.0.1"
 METADATA_RESOURCE = "datasette_metadata.json"
 #: The database name the bundled metadata is written for (``data/comfysync.db``).
 BUNDLED_DATABASE = "comfysync"
-#: The tag facet (runner_tags) runs json_each over every runner: give it more than
-#: Datasette's default 200 ms, for large mirrors on slow disks (queries keep their 1 s cap).
+#: The tag facet (runner_tags) runs json_each over every runner: give it more time than
+#: Datasette's default, for large mirrors on slow disks (queries keep their default cap).
 DATASETTE_SETTINGS = {"facet_time_limit_ms": 1000}
 INSTALL_HINT = (
     "Datasette is not installed; install the extra: pip install 'comfysync[datasette]' "

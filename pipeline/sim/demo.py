@@ -1,4 +1,4 @@
-"""``comfysync demo``: the whole product in thirty seconds, with no account and no network.
+"""``comfysync demo``: the whole product in one short run, with no account and no network.
 
 It starts the bundled simulator on a free loopback port, syncs, changes a few runners
 upstream (one created, one renamed, one header secret rotated, one deleted), syncs again and

@@ -3,9 +3,9 @@
 Why it exists: the mirror must be tested, demonstrated and benchmarked without a real account,
 and (more importantly) against the situations a real account produces rarely and unpredictably:
 runners created or deleted while a walk is between pages, throttling, broken responses. The
-simulator reproduces the documented contract (`shared/api/list-runners.md`) exactly, and takes
-the liberty the contract leaves (401 body, past-the-end pages, 400 for bad parameters) in the
-plainest way; `pipeline.sim.faults` adds the misbehaviour.
+simulator reproduces the documented contract (the vendor's List Runners API reference) exactly,
+and takes the liberty the contract leaves (401 body, past-the-end pages, 400 for bad
+parameters) in the plainest way; `pipeline.sim.faults` adds the misbehaviour.
 
 Three ways in:
 
@@ -71,7 +71,7 @@ RUNNER_FIELDS = (
     "created_at",
     "updated_at",
 )
-#: Newest generated runner is created at BASE_EPOCH; older ones step back 1-20 minutes each.
+#: Newest generated runner is created at BASE_EPOCH; older ones step back a few minutes each.
 BASE_EPOCH = 1_717_200_000  # 2024-06-01T00:00:00Z
 MAX_PER_PAGE = 100
 REQUEST_LOG_SIZE = 10_000
@@ -116,7 +116,8 @@ def _clone(value: Any) -> Any:
 def _copy(value: Any) -> Any:
     """Deep copy of stored JSON data: what callers get, so they can never alter the account.
 
-    Twice as fast as an orjson round trip at 100,000 runners (no string re-creation).
+    Faster than an orjson round trip: the strings are shared, not re-created (they are
+    immutable, so sharing them is safe).
     """
     if isinstance(value, dict):
         return {key: _copy(item) for key, item in value.items()}
@@ -176,7 +177,7 @@ class SimulatedAccount:
         self._records: dict[str, dict[str, Any]] = {}
         self._order: list[str] = []  # ids, oldest first
         self._created: list[str] = []  # created_at, parallel to _order
-        # The mutation clock starts at the newest generated timestamp; each mutation is +1 s.
+        # The mutation clock starts at the newest generated timestamp; each mutation ticks it.
         self._clock = BASE_EPOCH
         self._generate(runners)
 
@@ -540,7 +541,7 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # Accepted connections inherit this. uvicorn sets no TCP_NODELAY on sockets it is
-        # handed, and without it every keep-alive response waits ~40 ms for a delayed ACK.
+        # handed, and without it every keep-alive response waits for a delayed ACK.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         sock.listen(128)

@@ -2,7 +2,7 @@
 
 sqlite-utils imports pandas and numpy whenever they are installed, only to map their scalar
 types to column types, which comfysync never asks of it. With pandas installed (it is one of
-our dependencies) that costs every sync about 0.25 s of start-up and 80 MB of memory. Every
+our dependencies) that would add their start-up time and memory to every sync. Every
 module takes ``Database`` and ``Migrations`` from here instead of from sqlite_utils, so the
 import happens once, lean. pandas itself stays importable afterwards (``pipeline.read.frames``,
 exports): only sqlite-utils' optional type mapping is skipped.

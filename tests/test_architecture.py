@@ -192,10 +192,15 @@ def test_each_sub_package_says_what_lives_there_and_what_it_may_import():
 
 
 def test_benchmarks_are_not_installed():
-    import importlib.metadata
+    """What `pip install` puts into site-packages is what pyproject's package list finds."""
+    import tomllib
 
-    files = importlib.metadata.files("comfysync") or []
-    assert not [f for f in files if str(f).startswith("benchmarks")]
+    from setuptools import find_packages
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    installed = find_packages(where=str(REPO), **config["packages"]["find"])
+    assert "pipeline.sync" in installed and "jobs" in installed
+    assert not [name for name in installed if name.split(".")[0] in ("benchmarks", "tests")]
 
 
 def test_sync_orchestration_contains_no_http_and_no_sql():

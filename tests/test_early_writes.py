@@ -17,9 +17,9 @@ from pipeline.errors import AuthenticationError, StorageError
 from pipeline.settings import Settings
 from pipeline.sim.simulator import SimulatedAccount, create_app
 from pipeline.source.records import RunnerRecord
-from pipeline.store.early import EarlyCreations, settle_early_writes
+from pipeline.store.early import EarlyCreations
 from pipeline.store.schema import open_store
-from pipeline.store.write import begin_run
+from pipeline.store.write import _settle_early_writes, begin_run
 from pipeline.sync.run import run_sync
 
 
@@ -137,13 +137,13 @@ def early_record(runner_id: str, name: str = "n") -> RunnerRecord:
 
 def test_settling_early_writes_keeps_exactly_the_runners_created_as_written():
     a, b = early_record("a"), early_record("b")
-    assert settle_early_writes({"a": a, "b": b}, [a, b]) == ([], [])
-    assert settle_early_writes({"a": a}, [early_record("a"), b]) == ([], [b])  # equal, not same
+    assert _settle_early_writes({"a": a, "b": b}, [a, b]) == ([], [])
+    assert _settle_early_writes({"a": a}, [early_record("a"), b]) == ([], [b])  # equal, not same
 
     changed = early_record("b", name="renamed")
-    assert settle_early_writes({"a": a, "b": b}, [a, changed]) == (["b"], [changed])
-    assert settle_early_writes({"a": a, "b": b}, [b]) == (["a"], [])  # not created at all
-    assert settle_early_writes({}, [a]) == ([], [a])
+    assert _settle_early_writes({"a": a, "b": b}, [a, changed]) == (["b"], [changed])
+    assert _settle_early_writes({"a": a, "b": b}, [b]) == (["a"], [])  # not created at all
+    assert _settle_early_writes({}, [a]) == ([], [a])
 
 
 def early_writer(db_path: Path) -> tuple[object, EarlyCreations]:

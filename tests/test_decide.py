@@ -75,7 +75,7 @@ def test_a_missed_runner_the_re_read_did_not_prove_gone_is_never_deleted_whateve
         decision = decide(walk(gone=gone), sightings(set("abcd")), store_of("abcde"), SETTINGS)
         assert (decision.changes.deleted, decision.changes.deletions_withheld) == ([], 1)
         assert decision.outcome.status == "partial"
-        assert decision.warnings == (f"1 {NOT_PROVEN}",)
+        assert decision.outcome.warnings == (f"1 {NOT_PROVEN}",)
 
 
 def test_an_incomplete_walk_deletes_nothing_even_what_it_calls_gone():
@@ -87,7 +87,7 @@ def test_an_incomplete_walk_deletes_nothing_even_what_it_calls_gone():
     )
     assert decision.changes.deleted == []
     assert decision.outcome.status == "partial" and not decision.outcome.complete
-    assert decision.warnings == (
+    assert decision.outcome.warnings == (
         "no complete walk in 2 attempt(s): the head of the list changed during the walk",
         "1 runner(s) missing from the walk were NOT marked deleted because the walk was not "
         "proven complete",
@@ -99,7 +99,7 @@ def test_a_mass_deletion_is_withheld_with_its_reason_instead_of_the_not_proven_o
     decision = decide(walk(), sightings(set("ab")), store_of("abcdefghij"), SETTINGS)
     assert (decision.changes.deleted, decision.changes.deletions_withheld) == ([], 8)
     assert decision.outcome.status == "partial"
-    assert decision.warnings == (
+    assert decision.outcome.warnings == (
         "8 of the 10 present runners (80%) would be marked deleted, more than "
         "--max-delete-ratio 0.5 allows; no deletion was applied; if they really are gone, "
         "sync again with --allow-mass-delete",
@@ -131,7 +131,7 @@ def test_the_outcome_counts_the_walk_the_sightings_and_the_rejections():
     )
     assert decision.changes.created == [new] and decision.changes.deleted == []
     assert decision.rejections == (rejection,) and decision.owners == frozenset({"u"})
-    assert decision.warnings == (
+    assert decision.outcome.warnings == (
         "1 runner record(s) could not be stored (see rejected_records)",
         "3 runner(s) have a status other than active/disabled",
         "1 runner(s) missing from the walk were NOT marked deleted because the walk was not "

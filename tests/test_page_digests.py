@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from conftest import already_read, rows
 
-import pipeline.sync.run
+import pipeline.sync.collector
 from pipeline.errors import UpstreamError
 from pipeline.settings import Settings
 from pipeline.source.client import Page
@@ -26,7 +26,7 @@ RUNNERS = 250  # pages of 100, 100 and 50
 def fingerprinted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many runners each sync fingerprints (one entry per sync)."""
     counts: list[int] = []
-    real = pipeline.sync.run.fingerprinter
+    real = pipeline.sync.collector.fingerprinter
 
     def counting(key: bytes, mode: bool = False) -> Callable[[Any], str | None]:
         fingerprint = real(key, mode)
@@ -38,7 +38,7 @@ def fingerprinted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
         return counted
 
-    monkeypatch.setattr(pipeline.sync.run, "fingerprinter", counting)
+    monkeypatch.setattr(pipeline.sync.collector, "fingerprinter", counting)
     return counts
 
 

@@ -86,18 +86,12 @@ class RunOutcome:
 
 @dataclass(frozen=True)
 class Decision:
-    """What one sync decided to write, all of it or nothing: the changes, the records it
-    could not store, the owners it saw, the pages it vouches for, and its run-log row."""
+    """What one sync writes, all of it or nothing: its changes, its run-log row (warnings
+    included), the records it could not store, the owners (``user_id``) it saw, and the
+    digests of the pages the store will hold exactly as they were sent."""
 
     changes: ChangeSet
     outcome: RunOutcome
     rejections: tuple[Rejection, ...] = ()
-    #: The ``user_id`` of every runner parsed; new ones are remembered in ``account_owners``.
     owners: frozenset[str] = frozenset()
-    #: Pages whose every runner the store will hold exactly as they were sent (see
-    #: ``page_digests``); they replace the stored ones.
     page_digests: tuple[str, ...] = ()
-
-    @property
-    def warnings(self) -> tuple[str, ...]:
-        return self.outcome.warnings

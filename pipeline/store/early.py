@@ -27,10 +27,9 @@ from pipeline.store.write import insert_created, load_stored_fields
 class EarlyCreations:
     """Writes runners the store has never held, from a second thread, into one transaction.
 
-    Only such runners are written early, so the one question left for the end is whether the
-    final picture keeps them as written; ``apply_changes`` replaces those it does not.
-    Statements are multi-row, so the writer needs the GIL once per batch, not once per row;
-    it takes everything queued at once when it lags.
+    The one question left for the end is whether the final picture keeps them as written;
+    ``apply_changes`` replaces those it does not. The writer takes everything queued at once
+    when it lags, so it needs the GIL once per batch, not once per row.
     """
 
     def __init__(self, db: Database, *, sync_id: int, applied_at: str) -> None:
@@ -80,11 +79,8 @@ class EarlyCreations:
         self._written = {}
 
     def load_created_at(self, ids: Sequence[str]) -> dict[str, str]:
-        """The stored ``created_at`` of the given runners, read once the writer is done.
-
-        Why here: the walk asks it after its last page, while runners may still be queued,
-        and the connection is then the writer's.
-        """
+        """The stored ``created_at`` of the given runners, read once the writer is done (the
+        walk asks after its last page, when the connection may still be the writer's)."""
         self.finish()
         fields = load_stored_fields(self._db, ids)
         return {runner_id: fields[runner_id]["created_at"] for runner_id in ids}

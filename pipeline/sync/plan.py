@@ -27,17 +27,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class StoredPicture:
-    """What the store holds that a decision compares the walk with."""
+    """What the store holds that a decision compares the walk with: the present runners, the
+    states of those the walk parsed (see ``plan_changes``), the fields ``ids_needing_fields``
+    named, every owner ever mirrored, and the present runners of an unusual status."""
 
-    #: Every runner the store holds as present (not deleted).
     present: Collection[str]
-    #: The stored state of every stored runner among those the walk parsed.
     states: Mapping[str, StoredState]
-    #: The stored fields of every id ``ids_needing_fields`` named.
     fields: Mapping[str, Mapping[str, str]]
-    #: The owners of every runner the store has ever mirrored.
     known_owners: Collection[str]
-    #: Present runners whose status is neither active nor disabled.
     unusual_status: Collection[str]
 
 
@@ -77,7 +74,7 @@ def plan_changes(
 
     ``seen`` holds the runners the walk parsed; ``seen_unchanged`` the ids it did not need
     to parse because their raw fingerprint matched a present runner's stored one, or their
-    page's digest matched the last sync's (the collector in ``pipeline.sync.run`` decides).
+    page's digest matched the last sync's (``pipeline.sync.collector`` decides).
     ``stored`` must hold the state of every stored runner in ``seen``; ``present`` is every
     stored runner not deleted (by default, those of ``stored``). ``stored_fields`` must hold
     the fields of every id ``ids_needing_fields`` named.

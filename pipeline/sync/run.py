@@ -237,7 +237,7 @@ def _walk_and_apply(
         except StorageError as unrecorded:  # a full disk: the first failure is the news
             log.warning("%s", unrecorded)
         raise
-    for warning in decision.warnings:
+    for warning in decision.outcome.warnings:
         log.warning("%s", warning)
     seconds = time.monotonic() - started
     return _summarise(sync_id, decision, seconds, settings.db_path), finished_at

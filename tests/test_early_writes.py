@@ -1,6 +1,7 @@
 """New runners are written while the walk goes on (EarlyCreations), inside the sync's one
 transaction: what the final picture does not keep as written is taken back, and a sync that
-fails after writing some leaves nothing behind."""
+fails after writing some leaves nothing behind. The store module owns the writer thread and
+the connection's handover; the sync only adds, finishes once, or abandons."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import httpx
 import pytest
 from conftest import rows
 
-from pipeline.errors import AuthenticationError
+from pipeline.errors import AuthenticationError, StorageError
 from pipeline.settings import Settings
 from pipeline.sim.simulator import SimulatedAccount, create_app
 from pipeline.source.records import RunnerRecord
-from pipeline.store.write import _settle_early_writes
+from pipeline.store.early import EarlyCreations
+from pipeline.store.schema import open_store
+from pipeline.store.write import _settle_early_writes, begin_run
 from pipeline.sync.run import run_sync
 
 
@@ -141,3 +144,70 @@ def test_settling_early_writes_keeps_exactly_the_runners_created_as_written():
     assert _settle_early_writes({"a": a, "b": b}, [a, changed]) == (["b"], [changed])
     assert _settle_early_writes({"a": a, "b": b}, [b]) == (["a"], [])  # not created at all
     assert _settle_early_writes({}, [a]) == ([], [a])
+
+
+def early_writer(db_path: Path) -> tuple[object, EarlyCreations]:
+    db = open_store(db_path)
+    sync_id = begin_run(db, base_url="http://127.0.0.1", started_at="2024-01-01T00:00:00Z")
+    return db, EarlyCreations(db, sync_id=sync_id, applied_at="2024-01-01T00:00:01Z")
+
+
+def test_early_writes_stay_uncommitted_until_applied_and_abandon_takes_them_back(tmp_path):
+    account, settings, _ = synced(tmp_path)
+    db, early = early_writer(settings.db_path)
+    stored = account.runner_ids()[:2]
+    early.add([early_record("a"), early_record("b")])
+    early.add([early_record("b", name="again"), early_record("c")])  # b is written once
+    # The walk's last question (what a missing runner's place is) reads the same connection:
+    # the store waits for the writer first.
+    assert early.load_created_at(stored) == dict(
+        rows(
+            settings.db_path, "SELECT id, created_at FROM runners WHERE id IN (?, ?)", tuple(stored)
+        )
+    )
+    assert sorted(early.finish()) == ["a", "b", "c"]
+    assert sorted(early.finish()) == ["a", "b", "c"]  # finishing again changes nothing
+    assert [r[0] for r in db.execute("SELECT name FROM runners WHERE id = 'b'")] == ["n"]
+    assert rows(settings.db_path, "SELECT count(*) FROM runners") == [(12,)]  # not committed
+    early.abandon()
+    assert [r[0] for r in db.execute("SELECT count(*) FROM runners")] == [12]
+    assert [r[0] for r in db.execute("SELECT count(*) FROM runner_versions")] == [12]
+    db.close()
+
+
+def test_a_write_the_writer_could_not_make_is_reported_and_nothing_stays(tmp_path):
+    account, settings, _ = synced(tmp_path)
+    db, early = early_writer(settings.db_path)
+    taken = account.runner_ids()[0]
+    early.add([early_record("fresh"), early_record(taken)])  # its id is taken: SQLite refuses
+    with pytest.raises(StorageError, match="could not write the database"):
+        early.load_created_at([taken])
+    with pytest.raises(StorageError, match="could not write the database"):
+        early.finish()
+    early.abandon()
+    assert [r[0] for r in db.execute("SELECT count(*) FROM runners")] == [12]
+    db.close()
+
+
+def test_a_sync_that_fails_re_reading_a_missing_runner_leaves_no_early_write(tmp_path):
+    account, settings, transport = synced(tmp_path)
+    gone = account.runner_ids()[7]
+    account.delete_runner(gone)
+    for number in range(3):
+        account.create_runner(name=f"new-{number}")
+    requests = itertools.count(1)
+
+    def revoke_before_the_re_read(page: int, per_page: int) -> None:
+        # Hooks run after the token check: from the walk's 4th request (its closing re-read
+        # of page 1) on, the next one, the re-read of the missing runner's page, is refused.
+        if next(requests) == 4:
+            account.token = "rotated"
+
+    account.before_page.append(revoke_before_the_re_read)
+    with pytest.raises(AuthenticationError):
+        run_sync(settings, transport=transport)
+
+    assert rows(settings.db_path, "SELECT count(*), count(deleted_at) FROM runners") == [(12, 0)]
+    assert search(settings.db_path, "new") == []
+    assert rows(settings.db_path, "SELECT status FROM sync_runs") == [("success",), ("failed",)]
+    assert [r.page for r in account.requests][-2:] == [1, 1]  # the re-read was asked for

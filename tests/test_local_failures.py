@@ -66,7 +66,7 @@ def sync_with_page_cap(folder: Path, url: str, db: Path) -> CliResult:
     (the new ones are written as the walk reads them, inside the sync's transaction)."""
     proc = subprocess.run(
         [sys.executable, str(REPO / "tests" / "crash_harness.py"), "--phase", "apply",
-         "--target", "pipeline.store.write:_insert_created", "--max-page-count-headroom", "8", "--",
+         "--target", "pipeline.store.early:insert_created", "--max-page-count-headroom", "8", "--",
          "sync", "--base-url", url, "--token", "test-token", "--db", str(db)],
         cwd=folder, env=cli_environment(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip

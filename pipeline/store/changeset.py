@@ -1,7 +1,7 @@
 """The values the write path takes: what the store knows of a runner, and what a sync writes.
 
 They belong to the store, whose one write path (``pipeline.store.write.apply_changes``)
-applies a ``ChangeSet`` in one transaction; the sync's plan (``pipeline.sync.plan``) builds
+applies a ``Decision`` in one transaction; the sync's plan (``pipeline.sync.plan``) decides
 one from what the walk saw. Plain values: no SQL here.
 """
 
@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from pipeline.source.records import RunnerRecord
+from pipeline.source.records import Rejection, RunnerRecord
 
 
 class StoredState(NamedTuple):
     """What the store knows of a runner without loading its fields.
 
-    A NamedTuple so that loading 100,000 of them costs one C call each.
+    A NamedTuple so that loading one costs a single C call, however large the fleet.
     """
 
     content_hash: str
@@ -68,3 +68,30 @@ class ChangeSet:
             deletions_withheld=self.deletions_withheld + len(self.deleted),
             refingerprinted=self.refingerprinted,
         )
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """The run-log figures written together with the changes they describe."""
+
+    status: str
+    pages: int
+    walks: int
+    complete: bool
+    total_reported: int
+    runners_seen: int
+    rejected: int
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one sync writes, all of it or nothing: its changes, its run-log row (warnings
+    included), the records it could not store, the owners (``user_id``) it saw, and the
+    digests of the pages the store will hold exactly as they were sent."""
+
+    changes: ChangeSet
+    outcome: RunOutcome
+    rejections: tuple[Rejection, ...] = ()
+    owners: frozenset[str] = frozenset()
+    page_digests: tuple[str, ...] = ()

@@ -4,8 +4,8 @@ Invariants this module guarantees:
 
 * ``apply_changes`` writes a sync's runners, versions, rejected records and its run-log row
   in one transaction: all of it lands or none of it does. New runners may already have been
-  written into that same transaction during the walk (``EarlyCreations``); it commits them
-  with the rest, or a rollback takes them back with the rest.
+  written into that same transaction during the walk (``pipeline.store.early``); it commits
+  them with the rest, or a rollback takes them back with the rest.
 * Unchanged runners are never rewritten; a quiet re-sync writes only its run-log row.
 * Versions of a runner are numbered 1, 2, 3, ... with ``valid_from``/``valid_to`` intervals
   that touch end to end; exactly one version, the current one, has ``valid_to`` NULL.
@@ -21,21 +21,18 @@ from __future__ import annotations
 
 import itertools
 import os
-import queue
 import sqlite3
-import threading
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
 
 from pipeline.errors import StorageError
-from pipeline.source.records import TRACKED_FIELDS, Rejection, RunnerRecord
-from pipeline.store.changeset import ChangeSet, Revision, StoredState
+from pipeline.source.records import TRACKED_FIELDS, RunnerRecord
+from pipeline.store.changeset import ChangeSet, Decision, Revision, StoredState
 from pipeline.store.schema import (
     ABANDONED_RUN_ERROR,
     SEARCH_COLUMNS,
@@ -57,20 +54,6 @@ _INSERT_WIDTH = len(TRACKED_FIELDS) + 4
 _ROWS_PER_INSERT = 2000
 _VARIABLE_LIMIT = sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER
 _SEARCH = ", ".join(SEARCH_COLUMNS)
-
-
-@dataclass(frozen=True)
-class RunOutcome:
-    """The run-log figures written together with the changes they describe."""
-
-    status: str
-    pages: int
-    walks: int
-    complete: bool
-    total_reported: int
-    runners_seen: int
-    rejected: int
-    warnings: tuple[str, ...]
 
 
 def load_present_fingerprints(db: Database) -> dict[str, str | None]:
@@ -216,40 +199,34 @@ def close_abandoned_runs(db: Database, *, finished_at: str) -> int:
 
 def apply_changes(
     db: Database,
-    changes: ChangeSet,
-    rejections: Iterable[Rejection],
+    decision: Decision,
     *,
     sync_id: int,
-    outcome: RunOutcome,
     applied_at: str,
-    owners: Iterable[str] = (),
-    early: EarlyCreations | None = None,
     finished_at: str | None = None,
-    page_digests: Collection[str] = (),
+    written_early: Mapping[str, RunnerRecord] | None = None,
 ) -> None:
-    """Write a sync's changes and close its run-log row, in one transaction.
+    """Write a sync's decision and close its run-log row, in one transaction.
 
-    ``owners`` are the ``user_id``s of the runners the sync saw; new ones are remembered in
-    ``account_owners``. ``early`` holds the runners already written during the walk, in the
-    transaction this call commits: rows it wrote for runners ``changes`` (the plan) does not create
-    as written are replaced. ``finished_at`` (default ``applied_at``) closes the run-log
-    row. ``page_digests`` replace the stored ones: the pages this sync read whose every
-    runner is now stored exactly as that page sent it (none when the walk cannot say).
+    ``written_early`` are the runners already written during the walk
+    (``pipeline.store.early``, finished), in the transaction this call commits: those the
+    decision does not create as written are replaced. ``applied_at`` is every change's
+    time, ``finished_at`` (default ``applied_at``) closes the run-log row.
     Raises StorageError (and leaves the database as it was) if SQLite cannot write.
     """
     conn = db.conn
-    written = early.finish() if early is not None else {}
+    changes, outcome = decision.changes, decision.outcome
     try:
         reindexed = _ids_to_reindex(changes)
         with _transaction(db):
             conn.executemany(
                 "INSERT OR IGNORE INTO account_owners (user_id, first_seen_at, first_sync_id) "
                 "VALUES (?, ?, ?)",
-                [(owner, applied_at, sync_id) for owner in sorted(set(owners))],
+                [(owner, applied_at, sync_id) for owner in sorted(decision.owners)],
             )
-            taken_back, to_insert = _settle_early_writes(written, changes.created)
+            taken_back, to_insert = _settle_early_writes(written_early or {}, changes.created)
             _remove_created(taken_back, conn)
-            _insert_created(conn, to_insert, sync_id, applied_at)
+            insert_created(conn, to_insert, sync_id, applied_at)
             # An external-content FTS5 entry is removed by repeating the values it indexed,
             # so the old entries go before the rows change and the new ones go in after.
             _update_search_index(conn, reindexed, "remove")
@@ -261,14 +238,14 @@ def apply_changes(
             conn.execute("DELETE FROM page_digests")
             conn.executemany(
                 "INSERT OR IGNORE INTO page_digests (digest, sync_id) VALUES (?, ?)",
-                [(digest, sync_id) for digest in page_digests],
+                [(digest, sync_id) for digest in decision.page_digests],
             )
             conn.executemany(
                 "INSERT INTO rejected_records (sync_id, page, position, runner_id, reason, "
                 "raw_json) VALUES (?, ?, ?, ?, ?, ?)",
                 [
                     (sync_id, r.page, r.position, r.runner_id, r.reason, r.raw_json)
-                    for r in rejections
+                    for r in decision.rejections
                 ],
             )
             conn.execute(
@@ -300,7 +277,7 @@ def apply_changes(
 
 @contextmanager
 def _transaction(db: Database) -> Iterator[None]:
-    """The sync's transaction: the one EarlyCreations began, or a new one."""
+    """The sync's transaction: the one its early writes began, or a new one."""
     if not db.conn.in_transaction:
         with db.atomic():
             yield
@@ -311,102 +288,6 @@ def _transaction(db: Database) -> Iterator[None]:
     except BaseException:
         db.conn.rollback()
         raise
-
-
-class EarlyCreations:
-    """Runners new to the store, written into the sync's transaction while the walk goes on.
-
-    Why: on a first sync of 100,000 runners, SQLite's work (rows, versions, search index)
-    is as long as the walk itself, and SQLite does it with the GIL released. Written from a
-    second thread as pages arrive, it overlaps the walk, which is bound by the main thread's
-    parsing. Only runners the store has never held are written early, so the one question
-    left for the end is whether the final picture keeps them as they were written;
-    ``apply_changes`` replaces those it does not.
-
-    Atomicity is unchanged: the first runner written begins the transaction
-    (``BEGIN IMMEDIATE``), ``apply_changes`` commits it with everything else, ``abandon``
-    rolls it back. Statements are multi-row (up to 2,000 rows), so the writer needs the GIL
-    once per batch, not once per row; it takes everything queued at once when it lags.
-    """
-
-    def __init__(self, db: Database, *, sync_id: int, applied_at: str) -> None:
-        self._db = db
-        self._sync_id = sync_id
-        #: The time of every change the sync records (its versions' valid_from).
-        self.applied_at = applied_at
-        self._queue: queue.SimpleQueue[list[RunnerRecord] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._failure: sqlite3.Error | None = None
-        #: id -> the record written, for every runner written early
-        self.written: dict[str, RunnerRecord] = {}
-
-    def add(self, records: Sequence[RunnerRecord]) -> None:
-        """Queue new runners for writing (the caller guarantees the store never held them).
-
-        A runner already written (seen again, as the list shifted) is not written twice.
-        """
-        written = self.written
-        records = list({r.id: r for r in records if r.id not in written}.values())
-        if not records:
-            return
-        self._raise_failure()
-        if self._thread is None:
-            try:
-                self._db.conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise StorageError(f"could not write the database ({exc})") from exc
-            self._thread = threading.Thread(
-                target=self._write_until_done, name="comfysync-early-writes", daemon=True
-            )
-            self._thread.start()
-        written.update((record.id, record) for record in records)
-        self._queue.put(records)
-
-    def finish(self) -> dict[str, RunnerRecord]:
-        """Wait for every queued runner to be written; StorageError if one could not be."""
-        self._join_writer()
-        self._raise_failure()
-        return self.written
-
-    def abandon(self) -> None:
-        """Stop writing and roll back everything written (the sync failed or was stopped)."""
-        self._join_writer()
-        if self._db.conn.in_transaction:
-            self._db.conn.rollback()
-        self.written = {}
-
-    def _join_writer(self) -> None:
-        """Let the writer drain its queue and end; the connection is this thread's again."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
-    def _raise_failure(self) -> None:
-        if self._failure is not None:
-            raise StorageError(
-                f"could not write the database ({self._failure}); nothing was applied"
-            ) from self._failure
-
-    def _write_until_done(self) -> None:
-        while True:
-            batch = self._queue.get()
-            done = batch is None
-            records = batch or []
-            while not done:  # everything queued meanwhile goes in the same statements
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                done = more is None
-                records.extend(more or [])
-            if records and self._failure is None:
-                try:
-                    _insert_created(self._db.conn, records, self._sync_id, self.applied_at)
-                except sqlite3.Error as exc:
-                    self._failure = exc
-            if done:
-                return
 
 
 def record_snapshots(db: Database, files: Iterable[SnapshotFile]) -> None:
@@ -437,10 +318,11 @@ def record_snapshots(db: Database, files: Iterable[SnapshotFile]) -> None:
         raise StorageError(f"could not record the snapshot files ({exc})") from exc
 
 
-def _insert_created(
+def insert_created(
     conn: sqlite3.Connection, created: Sequence[RunnerRecord], sync_id: int, now: str
 ) -> None:
-    """New runners: their rows, first versions and search entries."""
+    """New runners: their rows, first versions and search entries (the apply's, and the
+    early writes' during the walk)."""
     if not created:
         return
     last_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM runners").fetchone()[0]
@@ -590,7 +472,7 @@ def _update_search_index(conn: sqlite3.Connection, ids: Sequence[str], action: s
     """Add (or remove) the ``runners_fts`` entries of ``ids``, from their current rows.
 
     One statement for all the ids (passed as one JSON array), in rowid order: FTS5 flushes
-    its pending terms whenever a rowid goes backwards, so random order costs ten times more.
+    its pending terms whenever a rowid goes backwards, so any other order costs far more.
     """
     if not ids:
         return

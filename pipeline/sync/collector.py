@@ -29,10 +29,9 @@ from pipeline.source.walk import (
     pages_needed,
     string_ids,
 )
-from pipeline.store import write as store
 
 if TYPE_CHECKING:
-    pass
+    from pipeline.store.early import EarlyCreations
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +49,6 @@ class Sightings:
     #: not parsed at all.
     unchanged: set[str]
     rejections: list[Rejection]
-    #: Ids the complete walk missed that a re-read did not prove gone: not deleted.
-    spared: frozenset[str]
     #: Digests of the pages the store will hold exactly as sent, for the next sync.
     pages: list[str]
 
@@ -80,7 +77,7 @@ class Collector:
         store_header_values: bool,
         fingerprints: Future[dict[str, str | None]],
         on_progress: ProgressCallback | None,
-        early: store.EarlyCreations | None = None,
+        early: EarlyCreations | None = None,
         deleted_ids: frozenset[str] = frozenset(),
         known_pages: Collection[str] = frozenset(),
     ):
@@ -247,6 +244,5 @@ class Collector:
             parsed=parsed,
             unchanged=unchanged,
             rejections=[rej for n, rej in self.rejections if n == last],
-            spared=walk.kept,
             pages=self.pages_to_vouch_for(walk),
         )

@@ -1,7 +1,8 @@
 """One sync, wired together: walk the API, decide the changes, apply them in one transaction.
 
 This module only composes the parts (``source.client`` and ``source.walk`` fetch,
-``collector`` and ``plan`` decide, ``store.write`` writes); it contains no HTTP and no SQL.
+``collector`` and ``plan`` decide, ``store.early`` and ``store.write`` write); it contains no
+HTTP and no SQL, and leaves the store's connection and threads to the store.
 Every entry point (the CLI, the scheduler, the Python API) syncs through ``run_sync``, so
 they all share one behaviour:
 
@@ -31,7 +32,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -42,16 +43,12 @@ import httpx
 from pipeline.errors import (
     ComfySyncError,
     ConfigurationError,
-    ForeignAccountError,
     StorageError,
     SyncInterruptedError,
 )
 from pipeline.settings import Settings
 from pipeline.source.client import ComfyControlClient
-from pipeline.source.records import (
-    KNOWN_STATUSES,
-    Rejection,
-)
+from pipeline.source.records import RunnerRecord
 from pipeline.source.walk import (
     MissingAfter,
     WalkResult,
@@ -59,12 +56,12 @@ from pipeline.source.walk import (
 )
 from pipeline.store import keyfile, schema
 from pipeline.store import write as store
-from pipeline.store.changeset import ChangeSet
+from pipeline.store.changeset import Decision
+from pipeline.store.early import EarlyCreations
 from pipeline.store.sqlite import Database
-from pipeline.sync import guardrails
 from pipeline.sync.collector import Collector, ProgressCallback, Sightings
 from pipeline.sync.lock import hold_sync_lock
-from pipeline.sync.plan import ids_needing_fields, plan_changes
+from pipeline.sync.plan import StoredPicture, decide, ids_needing_fields, to_recheck
 from pipeline.times import utc_timestamp
 
 if TYPE_CHECKING:
@@ -195,7 +192,7 @@ def _walk_and_apply(
         # One time for everything this sync changes (its versions' valid_from), taken before
         # the walk because new runners are written while it goes on.
         applied_at = now()
-        early = store.EarlyCreations(db, sync_id=sync_id, applied_at=applied_at)
+        early = EarlyCreations(db, sync_id=sync_id, applied_at=applied_at)
         collector = Collector(
             key,
             settings.store_header_values,
@@ -207,25 +204,30 @@ def _walk_and_apply(
         )
 
         def missing_after(walk_number: int) -> dict[str, str]:
-            # What this complete walk would delete (if the mass-deletion guard allows it),
-            # with the created_at that places each one for its re-read.
+            # What this complete walk would delete, with the created_at that places each
+            # one for its re-read.
             if collector.rejected_in(walk_number):
                 return {}  # a walk with rejected records deletes nothing: no need to look
-            early.finish()  # the last page is in: the connection is the main thread's again
-            seen = collector.seen_in(walk_number)
-            present = collector.present
-            missing = present - seen
-            if not missing or _mass_deletion(settings, len(missing), len(present), len(seen)):
-                return {}
-            fields = store.load_stored_fields(db, sorted(missing))
-            return {runner_id: fields[runner_id]["created_at"] for runner_id in missing}
+            missing = to_recheck(collector.present, collector.seen_in(walk_number), settings)
+            return early.load_created_at(missing)
 
         with _cyclic_collection_paused():
             walk = asyncio.run(_walk_unless_stopped(settings, seams, collector, missing_after))
-            early.finish()
             sightings = collector.final(walk)
-            summary, finished_at = _decide_and_apply(
-                db, settings, sync_id, walk, collector.present, sightings, seams, started, early
+            written = early.finish()
+            decision = decide(
+                walk, sightings, _stored_picture(db, collector, sightings, written), settings
+            )
+            if seams.stop is not None and seams.stop.is_set():
+                raise SyncInterruptedError()  # the last moment a stop can leave the store untouched
+            finished_at = now()
+            store.apply_changes(
+                db,
+                decision,
+                sync_id=sync_id,
+                applied_at=applied_at,
+                finished_at=finished_at,
+                written_early=written,
             )
     except BaseException as exc:
         early.abandon()
@@ -235,18 +237,36 @@ def _walk_and_apply(
         except StorageError as unrecorded:  # a full disk: the first failure is the news
             log.warning("%s", unrecorded)
         raise
-    return summary, finished_at
+    for warning in decision.outcome.warnings:
+        log.warning("%s", warning)
+    seconds = time.monotonic() - started
+    return _summarise(sync_id, decision, seconds, settings.db_path), finished_at
+
+
+def _stored_picture(
+    db: Database, collector: Collector, seen: Sightings, written: Mapping[str, RunnerRecord]
+) -> StoredPicture:
+    """What the decision compares the walk with, read from the store."""
+    # Runners written early were never in the store: nothing to compare them with.
+    states = store.load_stored_states(db, list(seen.parsed.keys() - written.keys()))
+    return StoredPicture(
+        present=collector.present,
+        states=states,
+        fields=store.load_stored_fields(db, ids_needing_fields(states, seen.parsed)),
+        known_owners=store.load_known_owners(db),
+        unusual_status=store.load_unknown_status_ids(db),
+    )
 
 
 @contextlib.contextmanager
 def _cyclic_collection_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector for the walk and the apply.
 
-    Why: a walk allocates millions of short-lived objects (each page's parsed JSON) while it
-    holds 100,000 long-lived ones (the sightings), so the collector keeps re-scanning those
-    and finds nothing to free: a twentieth of a quiet sync's CPU (and the plan built after
-    the walk would set off one more full pass). Reference counting still frees every page
-    as soon as it is handled; only cycles wait, and a sync makes few.
+    Why: a walk allocates many short-lived objects (each page's parsed JSON) while it holds
+    a long-lived one per runner (the sightings), so the collector keeps re-scanning those
+    and finds nothing to free (and the plan built after the walk would set off one more full
+    pass). Reference counting still frees every page as soon as it is handled; only cycles
+    wait, and a sync makes few.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -351,113 +371,8 @@ async def _walk(
         )
 
 
-def _decide_and_apply(
-    db: Database,
-    settings: Settings,
-    sync_id: int,
-    walk: WalkResult,
-    present: Collection[str],
-    seen: Sightings,
-    seams: _Seams,
-    started: float,
-    early: store.EarlyCreations,
-) -> tuple[SyncSummary, str]:
-    records, rejections = seen.parsed, seen.rejections
-    owners = {record.user_id for record in records.values()}
-    known_owners = store.load_known_owners(db)
-    # An unchanged runner's owner is a known one (every stored runner's owner was recorded
-    # with it), so a walk that saw any is not of a foreign account.
-    if not seen.unchanged and guardrails.is_foreign_account(known_owners, owners):
-        raise ForeignAccountError(guardrails.foreign_account_message(owners, known_owners))
-    complete = walk.complete and not rejections
-    unknown_statuses = sum(1 for record in records.values() if record.status not in KNOWN_STATUSES)
-    unknown_statuses += len(store.load_unknown_status_ids(db) & seen.unchanged)
-    warnings = list(_warnings(walk, rejections, unknown_statuses))
-    # Runners written early were never in the store: nothing to compare them with.
-    stored = store.load_stored_states(db, list(records.keys() - early.written.keys()))
-    stored_fields = store.load_stored_fields(db, ids_needing_fields(stored, records))
-    changes = plan_changes(
-        stored,
-        stored_fields,
-        records,
-        present=present,
-        deletions_allowed=complete,
-        spared=seen.spared,
-        seen_unchanged=seen.unchanged,
-    )
-    present_count = len(present)
-    mass_deletion = _mass_deletion(settings, len(changes.deleted), present_count, seen.count)
-    if mass_deletion is not None:
-        changes = changes.without_deletions()
-        warnings.append(mass_deletion)
-    elif changes.deletions_withheld:
-        because = (
-            "a re-read of their pages did not prove them gone (the next sync decides)"
-            if complete
-            else "the walk was not proven complete"
-        )
-        warnings.append(
-            f"{changes.deletions_withheld} runner(s) missing from the walk were NOT marked "
-            f"deleted because {because}"
-        )
-    status = "success" if complete and not changes.deletions_withheld else "partial"
-    outcome = store.RunOutcome(
-        status=status,
-        pages=walk.pages_fetched,
-        walks=walk.walks,
-        complete=complete,
-        total_reported=walk.total_reported,
-        runners_seen=seen.count,
-        rejected=len(rejections),
-        warnings=tuple(warnings),
-    )
-    if seams.stop is not None and seams.stop.is_set():
-        raise SyncInterruptedError()  # the last moment a stop can leave the store untouched
-    finished_at = seams.now()
-    store.apply_changes(
-        db,
-        changes,
-        rejections,
-        sync_id=sync_id,
-        outcome=outcome,
-        applied_at=early.applied_at,
-        owners=owners,
-        early=early,
-        finished_at=finished_at,
-        page_digests=seen.pages,
-    )
-    for warning in warnings:
-        log.warning("%s", warning)
-    seconds = time.monotonic() - started
-    return _summarise(sync_id, outcome, changes, seconds, settings.db_path), finished_at
-
-
-def _mass_deletion(settings: Settings, would_delete: int, present: int, seen: int) -> str | None:
-    return guardrails.mass_deletion_reason(
-        would_delete,
-        present,
-        seen,
-        max_ratio=settings.max_delete_ratio,
-        allowed=settings.allow_mass_delete,
-    )
-
-
-def _warnings(walk: WalkResult, rejections: list[Rejection], unknown_statuses: int) -> list[str]:
-    warnings = []
-    if not walk.complete:
-        warnings.append(f"no complete walk in {walk.walks} attempt(s): " + "; ".join(walk.reasons))
-    if rejections:
-        warnings.append(
-            f"{len(rejections)} runner record(s) could not be stored (see rejected_records)"
-        )
-    if unknown_statuses:
-        warnings.append(f"{unknown_statuses} runner(s) have a status other than active/disabled")
-    return warnings
-
-
-def _summarise(
-    sync_id: int, outcome: store.RunOutcome, changes: ChangeSet, seconds: float, db_path: Path
-) -> SyncSummary:
+def _summarise(sync_id: int, decision: Decision, seconds: float, db_path: Path) -> SyncSummary:
+    outcome, changes = decision.outcome, decision.changes
     return SyncSummary(
         sync_id=sync_id,
         status=outcome.status,

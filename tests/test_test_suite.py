@@ -24,8 +24,6 @@ PRIVATE_REACHED = {
     ("test_records.py", "_describe_problem"),
     ("test_records.py", "_looks_valid"),
     ("test_timestamps.py", "_looks_valid"),
-    # A disk that fills while new runners are inserted: the crash harness needs the insert.
-    ("test_local_failures.py", "_insert_created"),
     # That a RunnerStore's own connection refuses writes; it exposes no connection.
     ("test_frames.py", "_db"),
     # TCP_NODELAY on the simulator's listening socket: accepted sockets are out of reach.

@@ -399,7 +399,9 @@ def sync(settings: Settings, as_json: bool, quiet: bool) -> None:
 
 @cli.command()
 @sync_options
-@click.option("--every", metavar="N[s|m|h|d]", help="Sync at this interval: 30s, 15m, 2h, 1d.")
+@click.option(
+    "--every", metavar="N[s|m|h|d|w]", help="Sync at this interval: 30s, 15m, 2h, 1d, 1w."
+)
 @click.option(
     "--cron",
     metavar="'M H DOM MON DOW'",

@@ -20,7 +20,6 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from pipeline.settings import DEFAULT_EXPORT_DIR
 from pipeline.store.schema import ABANDONED_RUN_ERROR, schema_version
 from pipeline.store.sqlite import Database
 from pipeline.sync.lock import sync_lock_is_free
+from pipeline.times import utc_instant
 
 _RUN_COLUMNS = (
     "id, started_at, finished_at, status, base_url, pages, walks, complete, total_reported, "
@@ -208,9 +208,7 @@ def _select_runs(db: Database, limit: int, status: str | None) -> list[SyncRun]:
 def _run(row: dict[str, Any]) -> SyncRun:
     seconds = None
     if row["finished_at"]:
-        elapsed = datetime.fromisoformat(row["finished_at"]) - datetime.fromisoformat(
-            row["started_at"]
-        )
+        elapsed = utc_instant(row["finished_at"]) - utc_instant(row["started_at"])
         seconds = round(elapsed.total_seconds(), 3)
     complete = None if row["complete"] is None else bool(row["complete"])
     warnings = tuple(orjson.loads(row["warnings"])) if row["warnings"] else ()

@@ -25,11 +25,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from pipeline.settings import MAX_PER_PAGE
 from pipeline.source.client import Page
+from pipeline.times import utc_instant
 
 #: Room wanted on each side of a missing runner's place, so runners arriving at the head
 #: (or leaving above it) between the walk and the re-read do not push its brackets off
@@ -48,14 +49,13 @@ class Recheck:
 
 
 def instant(value: Any) -> datetime | None:
-    """An ISO 8601 timestamp as an aware datetime (naive ones taken as UTC); None if not one."""
+    """An ISO 8601 timestamp as an instant (``pipeline.times.utc_instant``); None if not one."""
     if not isinstance(value, str):
         return None
     try:
-        moment = datetime.fromisoformat(value)
+        return utc_instant(value)
     except ValueError:
         return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 class _WalkOrder:

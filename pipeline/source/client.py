@@ -40,6 +40,7 @@ from pipeline.errors import (
     ConfigurationError,
     UpstreamError,
 )
+from pipeline.times import assume_utc
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,7 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
             when = parsedate_to_datetime(value)
         except (TypeError, ValueError, IndexError):
             return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+        seconds = (assume_utc(when) - (now or datetime.now(UTC))).total_seconds()
     if seconds != seconds or seconds <= 0:  # NaN or not in the future
         return None
     return seconds

@@ -28,6 +28,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
+from pipeline.times import assume_utc
+
 #: The record fields comfysync tracks, in the order of the store's columns. A version's
 #: ``changed_fields`` names a subset of these.
 TRACKED_FIELDS: tuple[str, ...] = (
@@ -147,10 +149,7 @@ def normalise_timestamp(text: str) -> str:
     try:
         if calendar_day is None:
             raise ValueError(text)
-        moment = _fromisoformat(f"{calendar_day}T{clock}")
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        moment = moment.astimezone(UTC)
+        moment = assume_utc(_fromisoformat(f"{calendar_day}T{clock}")).astimezone(UTC)
     except ValueError:
         raise ValueError(OUT_OF_RANGE if _YEAR_OUT_OF_RANGE(text) else NOT_A_TIMESTAMP) from None
     except OverflowError:

@@ -37,6 +37,7 @@ from pipeline.settings import (
     EXPORT_FORMATS,
     MAX_PER_PAGE,
     Settings,
+    is_loopback_host,
     refuse_blank_path,
 )
 from pipeline.store.keyfile import KEY_ENV
@@ -140,20 +141,14 @@ class FilePath(click.Path):
 
 
 class LoopbackHost(click.ParamType[str, str]):
-    """``localhost`` or a loopback IP address: the simulator serves fake secrets without TLS
-    and must never listen beyond this machine (the simulator checks the same again)."""
+    """A host ``is_loopback_host`` calls this machine: the simulator serves fake secrets without
+    TLS and must never listen beyond it (the simulator checks the same again)."""
 
     name = "host"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        import ipaddress
-
         text = str(value)
-        try:
-            loopback = text == "localhost" or ipaddress.ip_address(text).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
+        if not is_loopback_host(text):
             self.fail(
                 f"{_shown(text)} is not a loopback address (127.0.0.1, ::1 or localhost)",
                 param,

@@ -168,14 +168,25 @@ def _enable_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bo
     return value
 
 
-def store_option(help_text: str) -> Callable[[FC], FC]:
-    """``--db`` / COMFYSYNC_DB, the same for every command that works on the store."""
+def db_option(
+    help_text: str,
+    *,
+    dir_okay: bool = True,
+    envvar: str | None = "COMFYSYNC_DB",
+    default: Path = DEFAULT_DB_PATH,
+) -> Callable[[FC], FC]:
+    """``--db`` / COMFYSYNC_DB, the same for every command that works on a database.
+
+    With ``dir_okay`` False click refuses a folder before the command starts; otherwise the
+    command refuses it in its own words. The demo, whose database is its own, passes no
+    ``envvar``.
+    """
     return click.option(
         "--db",
         "db_path",
-        type=FilePath(path_type=Path),
-        envvar="COMFYSYNC_DB",
-        default=DEFAULT_DB_PATH,
+        type=FilePath(path_type=Path, dir_okay=dir_okay),
+        envvar=envvar,
+        default=default,
         show_envvar=True,
         help=help_text,
     )
@@ -270,7 +281,7 @@ _SYNC_OPTIONS = (
         show_default=False,
         help="API token (prefer the environment variable: command lines are visible to others).",
     ),
-    store_option("SQLite database to sync into."),
+    db_option("SQLite database to sync into."),
     click.option(
         "--per-page",
         type=WholeNumber(1, MAX_PER_PAGE),
@@ -681,7 +692,7 @@ def simulate(
     "valid_to, sync_id) instead of one row per runner.",
 )
 @csv_safe_option
-@store_option("SQLite database to export from (opened read-only).")
+@db_option("SQLite database to export from (opened read-only).")
 @debug_option(DEBUG_READS)
 def export(
     output: Path,
@@ -711,12 +722,10 @@ def export(
 
 
 @cli.command()
-@click.option(
-    "--db",
-    "db_path",
-    type=FilePath(path_type=Path),  # a folder: refused by the demo, saying what to do
+@db_option(
+    "Demo database (recreated on each run); its snapshots go to exports/<name> beside it.",
+    envvar=None,
     default=DEMO_DB_PATH,
-    help="Demo database (recreated on each run); its snapshots go to exports/<name> beside it.",
 )
 @debug_option(DEBUG_REQUESTS)
 def demo(db_path: Path) -> None:
@@ -732,15 +741,7 @@ def demo(db_path: Path) -> None:
 
 # -- reading the mirror: status, runs, history, changes, browse ------------------------------
 
-read_db_option = click.option(
-    "--db",
-    "db_path",
-    type=FilePath(path_type=Path, dir_okay=False),
-    envvar="COMFYSYNC_DB",
-    default=DEFAULT_DB_PATH,
-    show_envvar=True,
-    help="SQLite database to read (opened read-only).",
-)
+read_db_option = db_option("SQLite database to read (opened read-only).", dir_okay=False)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 
 

@@ -29,7 +29,6 @@ from pipeline.read.history import RUN_COLUMNS
 from pipeline.settings import DEFAULT_EXPORT_DIR, EXPORT_FORMATS
 from pipeline.store.schema import ABANDONED_RUN_ERROR, schema_version
 from pipeline.store.sqlite import Database
-from pipeline.times import utc_instant
 from pipeline.sync.lock import sync_lock_is_free
 from pipeline.times import utc_instant
 

@@ -904,10 +904,10 @@ def browse(db_path: Path, port: int, metadata_out: Path | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the CLI and map errors to exit codes, in one place."""
-    # At exit, Python's shutdown collects the cycles of every module it tears down: after a
-    # 100,000-runner sync that took 70-90 ms, against 20 ms with every object frozen first
-    # (nothing left then is garbage; the OS reclaims the memory). Registered to run at
-    # interpreter exit, so an embedder that calls main() keeps a working collector until then.
+    # At exit, Python's shutdown collects the cycles of every module it tears down, which a
+    # large sync leaves many of; freezing every object first spares that (nothing left then
+    # is garbage; the OS reclaims the memory). Registered to run at interpreter exit, so an
+    # embedder that calls main() keeps a working collector until then.
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
     handler = logging.StreamHandler(sys.stderr)

@@ -534,7 +534,7 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # Accepted connections inherit this. uvicorn sets no TCP_NODELAY on sockets it is
-        # handed, and without it every keep-alive response waits ~40 ms for a delayed ACK.
+        # handed, and without it every keep-alive response waits for a delayed ACK.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         sock.listen(128)

@@ -15,9 +15,8 @@ list moved again under the re-read, or runners share its ``created_at`` beyond a
 proven gone, and is kept for the next sync to decide.
 
 Why not a second full walk: at 100,000 runners that doubles the cost of every sync that
-deletes anything, where this reads one small page per missing runner (0.1% deleted: about
-a fiftieth of a walk). This module is the pure part (where to look, what a page proves);
-``pipeline.source.walk`` reads the pages.
+deletes anything, where this reads one small page per missing runner. This module is the
+pure part (where to look, what a page proves); ``pipeline.source.walk`` reads the pages.
 """
 
 from __future__ import annotations

@@ -113,8 +113,8 @@ class ComfyControlClient:
 
     Why requests go to the transport directly rather than through ``httpx.AsyncClient``: the
     client's per-request machinery (base-URL merging, parameter encoding, cookie jar, auth
-    flow, redirects, event hooks) costs about 0.3 ms a request, a third of the CPU of a
-    100,000-runner walk, and this client uses none of it. The transport is httpx's own
+    flow, redirects, event hooks) is a large share of a long walk's CPU, and this client
+    uses none of it. The transport is httpx's own
     (connection pool, timeouts, TLS, httpx's exceptions), and it honours the same
     ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` variables an AsyncClient would.
     """
@@ -174,8 +174,8 @@ class ComfyControlClient:
         """Fetch one page, retrying transient failures; raise a ComfySyncError otherwise.
 
         The first attempt is made directly; stamina takes over only after it failed
-        transiently (its retry loop costs ~20 us a request and its import 12 ms, paid by
-        every sync for pages that nearly always arrive at the first attempt).
+        transiently (its retry loop and its import cost every sync something, for pages
+        that nearly always arrive at the first attempt).
         """
         try:
             return await self._fetch_once(number, per_page)

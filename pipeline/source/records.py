@@ -284,7 +284,7 @@ def page_digester(key: bytes, store_header_values: bool = False) -> Callable[[by
     digest the last sync recorded holds only runners stored exactly as sent, so none of
     them needs fingerprinting (a whole page costs one hash of its bytes instead of a hash
     per runner). Keyed and mode-bound like ``raw_fingerprint``, for the same reasons:
-    HMAC-SHA256 (SHA-256 has CPU instructions, 2.5x faster than BLAKE2b over a 34 KB
+    HMAC-SHA256 (SHA-256 has CPU instructions, which makes it faster than BLAKE2b over a
     page, paid by every sync) of a prefix naming the mode, then the body.
     """
     inner, outer = _hmac_sha256_states(key)

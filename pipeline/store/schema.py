@@ -337,9 +337,9 @@ SCHEMA_VERSION = len(migrations._migrations)
 
 #: Page cache of a writing connection, in KiB. A first sync inserts 100,000 runners under
 #: random UUID keys into three B-trees; with SQLite's default 2 MiB cache their index pages
-#: keep being spilled and read back (a fifth of the insert time). 32 MiB holds the indexes
-#: of 100,000 runners; it is an upper bound, used only as pages are touched, and keeps a
-#: first sync's peak memory well under its 300 MB budget.
+#: keep being spilled and read back. 32 MiB holds the indexes of 100,000 runners; it is an
+#: upper bound, used only as pages are touched, and keeps a first sync's peak memory within
+#: its budget.
 WRITE_CACHE_KIB = 32768
 
 
@@ -573,10 +573,9 @@ def journal_for_first_sync(db: Database) -> Iterator[None]:
     """Write a store's first sync through SQLite's rollback journal, then go back to WAL.
 
     Why: in WAL mode every page a sync writes goes to the log first and, at the checkpoint,
-    into the database again. A first sync writes only new pages (100 MB at 100,000
-    runners), and the rollback journal never copies a page past the file's old end, so
-    each is written once: about 0.2 s of a 3.5 s first sync of 100,000 runners. Atomicity
-    is the same in both modes. Leaving WAL needs the database to itself, so the switch is
+    into the database again. A first sync writes only new pages, and the rollback journal
+    never copies a page past the file's old end, so each is written once. Atomicity is the
+    same in both modes. Leaving WAL needs the database to itself, so the switch is
     tried without waiting: a store someone else has open stays in WAL (the sync is only
     slower). While the first sync runs, a reader may wait for its commit, as with any
     rollback journal. WAL comes back as the sync ends; should that fail, ``open_store``

@@ -39,11 +39,9 @@ MARGIN = 10
 
 @dataclass(frozen=True, slots=True)
 class Recheck:
-    """What the re-reads proved: which missing runners are gone, which were found, pages read."""
+    """What the re-reads proved: which missing runners are gone; how many pages they read."""
 
     gone: frozenset[str]
-    found: frozenset[str]
-    unproven: frozenset[str]
     pages: int
 
 

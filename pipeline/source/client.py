@@ -154,7 +154,6 @@ class ComfyControlClient:
         self._wait_max = retry_wait_max
         self._max_retry_after = max_retry_after
         self._token = token
-        self.requests_sent = 0
 
     async def __aenter__(self) -> ComfyControlClient:
         return self
@@ -238,7 +237,6 @@ class ComfyControlClient:
         return exc.retry_after
 
     async def _fetch_once(self, number: int, per_page: int) -> Page:
-        self.requests_sent += 1
         request = httpx.Request(
             "GET",
             f"{self._list_url}?page={number}&per_page={per_page}",

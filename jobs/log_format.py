@@ -17,8 +17,6 @@ from typing import Any
 
 from pipeline.printable import printable, printable_lines
 
-LOG_FORMATS = ("text", "json")
-
 
 def _utc(record: logging.LogRecord) -> str:
     moment = time.gmtime(record.created)

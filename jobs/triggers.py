@@ -19,30 +19,32 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-EVERY_FORMS = "a positive whole number and a unit s, m, h or d: 30s, 15m, 2h, 1d"
+from pipeline.times import DURATION_UNITS, duration_seconds
+
+EVERY_FORMS = f"a positive whole number and a unit {DURATION_UNITS}: 30s, 15m, 2h, 1d, 1w"
 CRON_FORMS = (
     "a standard 5-field crontab 'MINUTE HOUR DAY MONTH WEEKDAY', "
     "e.g. '*/15 * * * *' or '0 3 * * 1-5'"
 )
 TIMEZONE_FORMS = "an IANA time zone name such as UTC, Europe/Berlin or America/New_York"
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 #: The longest --every: a year is beyond any real schedule, and a much longer one overflows
 #: the dates APScheduler computes.
 MAX_EVERY = timedelta(days=365)
-_EVERY = re.compile(r"\s*(\d+)\s*([smhd])\s*", re.IGNORECASE)
-#: Crontab's weekday names, indexed by crontab's numbers (0 and 7 are Sunday).
 _ZONE_NAME = re.compile(r"[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+)*")
+#: Crontab's weekday names, indexed by crontab's numbers (0 and 7 are Sunday).
 _CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 _WEEKDAY_TERM = re.compile(r"(\*|\w+)(?:-(\w+))?(?:/(\d+))?")
 
 
 def parse_every(text: str) -> timedelta:
-    """``30s``, ``15m``, ``2h``, ``1d`` -> a positive timedelta; ValueError otherwise."""
-    match = _EVERY.fullmatch(text)
-    if not match or int(match.group(1)) == 0:
+    """A positive ``pipeline.times`` duration (``15m``, ``1w``) -> timedelta; ValueError if not."""
+    try:
+        seconds = duration_seconds(text)
+    except ValueError:
+        seconds = 0
+    if seconds == 0:
         raise ValueError(f"{_shown(text)} is not an interval; use {EVERY_FORMS}")
-    seconds = int(match.group(1)) * _UNITS[match.group(2).lower()]
     if seconds > MAX_EVERY.total_seconds():
         raise ValueError(f"{_shown(text)} is longer than {MAX_EVERY.days}d; use {EVERY_FORMS}")
     return timedelta(seconds=seconds)

@@ -37,6 +37,7 @@ from pipeline.settings import (
     EXPORT_FORMATS,
     MAX_PER_PAGE,
     Settings,
+    is_loopback_host,
     refuse_blank_path,
 )
 from pipeline.store.keyfile import KEY_ENV
@@ -140,20 +141,14 @@ class FilePath(click.Path):
 
 
 class LoopbackHost(click.ParamType[str, str]):
-    """``localhost`` or a loopback IP address: the simulator serves fake secrets without TLS
-    and must never listen beyond this machine (the simulator checks the same again)."""
+    """A host ``is_loopback_host`` calls this machine: the simulator serves fake secrets without
+    TLS and must never listen beyond it (the simulator checks the same again)."""
 
     name = "host"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        import ipaddress
-
         text = str(value)
-        try:
-            loopback = text == "localhost" or ipaddress.ip_address(text).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
+        if not is_loopback_host(text):
             self.fail(
                 f"{_shown(text)} is not a loopback address (127.0.0.1, ::1 or localhost)",
                 param,
@@ -173,14 +168,25 @@ def _enable_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bo
     return value
 
 
-def store_option(help_text: str) -> Callable[[FC], FC]:
-    """``--db`` / COMFYSYNC_DB, the same for every command that works on the store."""
+def db_option(
+    help_text: str,
+    *,
+    dir_okay: bool = True,
+    envvar: str | None = "COMFYSYNC_DB",
+    default: Path = DEFAULT_DB_PATH,
+) -> Callable[[FC], FC]:
+    """``--db`` / COMFYSYNC_DB, the same for every command that works on a database.
+
+    With ``dir_okay`` False click refuses a folder before the command starts; otherwise the
+    command refuses it in its own words. The demo, whose database is its own, passes no
+    ``envvar``.
+    """
     return click.option(
         "--db",
         "db_path",
-        type=FilePath(path_type=Path),
-        envvar="COMFYSYNC_DB",
-        default=DEFAULT_DB_PATH,
+        type=FilePath(path_type=Path, dir_okay=dir_okay),
+        envvar=envvar,
+        default=default,
         show_envvar=True,
         help=help_text,
     )
@@ -275,7 +281,7 @@ _SYNC_OPTIONS = (
         show_default=False,
         help="API token (prefer the environment variable: command lines are visible to others).",
     ),
-    store_option("SQLite database to sync into."),
+    db_option("SQLite database to sync into."),
     click.option(
         "--per-page",
         type=WholeNumber(1, MAX_PER_PAGE),
@@ -399,7 +405,9 @@ def sync(settings: Settings, as_json: bool, quiet: bool) -> None:
 
 @cli.command()
 @sync_options
-@click.option("--every", metavar="N[s|m|h|d]", help="Sync at this interval: 30s, 15m, 2h, 1d.")
+@click.option(
+    "--every", metavar="N[s|m|h|d|w]", help="Sync at this interval: 30s, 15m, 2h, 1d, 1w."
+)
 @click.option(
     "--cron",
     metavar="'M H DOM MON DOW'",
@@ -684,7 +692,7 @@ def simulate(
     "valid_to, sync_id) instead of one row per runner.",
 )
 @csv_safe_option
-@store_option("SQLite database to export from (opened read-only).")
+@db_option("SQLite database to export from (opened read-only).")
 @debug_option(DEBUG_READS)
 def export(
     output: Path,
@@ -714,12 +722,10 @@ def export(
 
 
 @cli.command()
-@click.option(
-    "--db",
-    "db_path",
-    type=FilePath(path_type=Path),  # a folder: refused by the demo, saying what to do
+@db_option(
+    "Demo database (recreated on each run); its snapshots go to exports/<name> beside it.",
+    envvar=None,
     default=DEMO_DB_PATH,
-    help="Demo database (recreated on each run); its snapshots go to exports/<name> beside it.",
 )
 @debug_option(DEBUG_REQUESTS)
 def demo(db_path: Path) -> None:
@@ -735,15 +741,7 @@ def demo(db_path: Path) -> None:
 
 # -- reading the mirror: status, runs, history, changes, browse ------------------------------
 
-read_db_option = click.option(
-    "--db",
-    "db_path",
-    type=FilePath(path_type=Path, dir_okay=False),
-    envvar="COMFYSYNC_DB",
-    default=DEFAULT_DB_PATH,
-    show_envvar=True,
-    help="SQLite database to read (opened read-only).",
-)
+read_db_option = db_option("SQLite database to read (opened read-only).", dir_okay=False)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 
 

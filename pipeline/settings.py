@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,8 +219,3 @@ def _is_host_name(host: str, *, bracketed: bool) -> bool:
         return False
     labels = ascii_host.removesuffix(".").split(".")
     return len(ascii_host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
-
-
-def env_db_path() -> Path:
-    """The database path from COMFYSYNC_DB, or the default under data/."""
-    return Path(os.environ.get("COMFYSYNC_DB") or DEFAULT_DB_PATH)

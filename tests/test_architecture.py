@@ -312,3 +312,40 @@ def test_the_sync_hands_no_connection_around_inside_the_walk():
         source = path.read_text()
         for word in (".conn", "in_transaction", "rollback(", "commit("):
             assert word not in source, (path.name, word)
+
+
+#: One owner per idea: text that spells the idea out, and the only modules allowed to.
+OWNERS = {
+    # "A time without an offset is UTC": pipeline.times.assume_utc.
+    "tzinfo=UTC)": {"pipeline/times.py"},
+    # ISO 8601 text to an instant: pipeline.times.utc_instant (the records keep their own
+    # strict reader of what the API sends).
+    "fromisoformat(": {"pipeline/times.py", "pipeline/source/records.py"},
+    # The duration grammar of --since and --every.
+    "[smhd": {"pipeline/times.py"},
+    # The snapshot folder layout.
+    "snapshot_date=": {"pipeline/outputs/snapshot.py"},
+    "parts[-4:]": {"pipeline/outputs/snapshot.py"},
+    # What counts as this machine.
+    ".is_loopback": {"pipeline/settings.py"},
+    # The run log's columns: the table (schema), the read side's list (history) and the
+    # types the pandas API gives them (frames).
+    '"total_reported"': {
+        "pipeline/store/schema.py",
+        "pipeline/read/history.py",
+        "pipeline/read/frames.py",
+    },
+    "total_reported, ": set(),
+    # The log formats of `schedule`.
+    '"text", "json"': {"pipeline/cli.py"},
+}
+
+
+@pytest.mark.parametrize("text", sorted(OWNERS))
+def test_each_idea_is_spelled_out_by_its_one_owner_only(text):
+    holders = {str(path.relative_to(REPO)) for path in PRODUCT if text in path.read_text()}
+    assert holders <= OWNERS[text], f"{text!r} is spelled out outside its owner: {holders}"
+
+
+def test_the_cli_defines_db_once():
+    assert (REPO / "pipeline" / "cli.py").read_text().count('"--db",') == 1

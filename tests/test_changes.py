@@ -29,6 +29,10 @@ def state(rec: RunnerRecord, deleted: bool = False) -> StoredState:
     return StoredState(rec.content_hash, deleted, 1)
 
 
+def writes_no_version(plan) -> bool:
+    return not (plan.created or plan.updated or plan.restored or plan.deleted)
+
+
 def test_plan_names_created_updated_restored_deleted_and_unchanged():
     same, old_b, gone, back_old = record("a"), record("b"), record("c"), record("d")
     new_b = record("b", name="renamed")
@@ -55,14 +59,14 @@ def test_without_a_proven_walk_nothing_is_deleted_and_the_withheld_count_is_kept
         deletions_allowed=False,
         gone={"z"},
     )
-    assert plan.deleted == [] and plan.deletions_withheld == 1 and plan.is_empty
+    assert plan.deleted == [] and plan.deletions_withheld == 1 and writes_no_version(plan)
 
 
 def test_an_already_deleted_runner_that_stays_away_is_not_deleted_again():
     plan = plan_changes(
         {"z": state(record("z"), deleted=True)}, {}, {}, deletions_allowed=True, gone={"z"}
     )
-    assert plan.deleted == [] and plan.is_empty
+    assert plan.deleted == [] and writes_no_version(plan)
 
 
 def test_a_missing_runner_not_proven_gone_is_not_deleted_but_counted_as_withheld():
@@ -85,7 +89,7 @@ def test_runners_seen_unchanged_by_fingerprint_are_neither_changed_nor_deleted()
     kept, gone = record("a"), record("z")
     stored = {"a": state(kept), "z": state(gone)}
     plan = plan_changes(stored, {}, {}, deletions_allowed=True, gone={"z"}, seen_unchanged={"a"})
-    assert (plan.unchanged, plan.deleted, plan.is_empty) == (1, ["z"], False)
+    assert (plan.unchanged, plan.deleted, writes_no_version(plan)) == (1, ["z"], False)
 
 
 def test_an_unchanged_runner_with_a_stale_fingerprint_is_refingerprinted_not_versioned():
@@ -108,7 +112,7 @@ def test_an_unchanged_runner_with_a_stale_fingerprint_is_refingerprinted_not_ver
     assert isinstance(parsed, RunnerRecord) and parsed.fingerprint
     stale = StoredState(parsed.content_hash, False, 1, fingerprint=None)
     plan = plan_changes({"a": stale}, {}, {"a": parsed}, deletions_allowed=True)
-    assert plan.is_empty and plan.unchanged == 1
+    assert writes_no_version(plan) and plan.unchanged == 1
     assert plan.refingerprinted == [("a", parsed.fingerprint)]
     assert not stale.matches(parsed.fingerprint)
     assert StoredState(parsed.content_hash, False, 1, parsed.fingerprint).matches(

@@ -153,6 +153,39 @@ def test_status_finds_the_oldest_and_newest_snapshot_files(mirror: Mirror, run_c
     }
 
 
+def test_status_counts_exactly_the_files_the_snapshot_layout_holds(
+    mirror: Mirror, run_cli, tmp_path
+):
+    """status lists what the writer writes and --keep-snapshots prunes, nothing more."""
+    from pipeline.outputs.snapshot import snapshot_files
+
+    day = "parquet/runners/snapshot_date=2026-11-28"
+    for name in (
+        f"{day}/runners-2.parquet",
+        "csv/runners/snapshot_date=2026-11-28/runners-2.csv",
+        "json/runners/snapshot_date=2026-11-28/runners-3.json",  # a format never written
+        "csv/runners/snapshot_date=2026-11-28/runners-4.parquet",  # in another format's tree
+        f"{day}/runners-5.parquet.bak",
+        f"{day}/runners-6.csv",
+        f"{day}/runners-7.PARQUET",
+    ):
+        (tmp_path / "exports" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "exports" / name).write_bytes(b"x")
+    layout = sorted(
+        str(path.relative_to(tmp_path))
+        for fmt in ("parquet", "csv")
+        for _, path in snapshot_files(tmp_path / "exports", fmt)
+    )
+    assert layout == [
+        "exports/csv/runners/snapshot_date=2026-11-28/runners-2.csv",
+        "exports/parquet/runners/snapshot_date=2026-11-28/runners-2.parquet",
+    ]
+    result = run_cli("status", "--json", "--db", str(mirror.path), "--export-dir", "exports")
+    assert result.exit_code == 0, result.stderr
+    snapshots = json.loads(result.stdout)["snapshots"]
+    assert (snapshots["files"], snapshots["oldest"], snapshots["newest"]) == (2, *layout)
+
+
 def snapshot_lines(stdout: str) -> list[str]:
     """The snapshot lines of `status`, with the snapshot dates (today's) as D."""
     lines = stdout.splitlines()

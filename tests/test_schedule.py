@@ -242,7 +242,7 @@ def test_a_scheduled_run_and_one_off_syncs_never_overlap(
         assert str(finished) < str(next_started)  # ISO UTC text sorts as time
 
 
-EVERY_FORMS = "use a positive whole number and a unit s, m, h or d: 30s, 15m, 2h, 1d"
+EVERY_FORMS = "use a positive whole number and a unit s, m, h, d or w: 30s, 15m, 2h, 1d, 1w"
 CRON_FORMS = (
     "use a standard 5-field crontab 'MINUTE HOUR DAY MONTH WEEKDAY', "
     "e.g. '*/15 * * * *' or '0 3 * * 1-5'"
@@ -275,11 +275,11 @@ CRON_FORMS = (
         ),
         (
             (),
-            "pass exactly one of --every (a positive whole number and a unit s, m, h or d: 30s, 15m, 2h, 1d) or --cron (a standard 5-field crontab 'MINUTE HOUR DAY MONTH WEEKDAY', e.g. '*/15 * * * *' or '0 3 * * 1-5')",
+            "pass exactly one of --every (a positive whole number and a unit s, m, h, d or w: 30s, 15m, 2h, 1d, 1w) or --cron (a standard 5-field crontab 'MINUTE HOUR DAY MONTH WEEKDAY', e.g. '*/15 * * * *' or '0 3 * * 1-5')",
         ),
         (
             ("--every", "15m", "--cron", "*/15 * * * *"),
-            "pass exactly one of --every (a positive whole number and a unit s, m, h or d: 30s, 15m, 2h, 1d) or --cron (a standard 5-field crontab 'MINUTE HOUR DAY MONTH WEEKDAY', e.g. '*/15 * * * *' or '0 3 * * 1-5')",
+            "pass exactly one of --every (a positive whole number and a unit s, m, h, d or w: 30s, 15m, 2h, 1d, 1w) or --cron (a standard 5-field crontab 'MINUTE HOUR DAY MONTH WEEKDAY', e.g. '*/15 * * * *' or '0 3 * * 1-5')",
         ),
     ],
 )

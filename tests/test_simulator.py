@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from pipeline.settings import is_loopback_host
 from pipeline.sim.faults import FaultPlan, parse_latency
 from pipeline.sim.simulator import (
     LoopbackServer,
@@ -534,6 +535,24 @@ def test_the_simulator_refuses_to_listen_beyond_loopback(host: str) -> None:
         LoopbackServer(SimulatedAccount(runners=1), host=host)
     with pytest.raises(ValueError, match="loopback"):
         serve(SimulatedAccount(runners=1), host=host, port=0)
+
+
+@pytest.mark.parametrize("host", ["LOCALHOST", "Localhost", "127.0.0.2", "::1"])
+def test_the_simulator_listens_on_every_host_the_settings_call_loopback(host, run_simulator):
+    """One loopback rule: what `sync` trusts as this machine, the simulator may listen on."""
+    assert is_loopback_host(host)
+    with LoopbackServer(SimulatedAccount(runners=1, token=None), host=host) as server:
+        assert httpx.get(f"{server.url}/v1/runner", timeout=10).status_code == 200
+    simulator = run_simulator("--host", host, "--token", "")
+    assert httpx.get(f"{simulator.url}/v1/runner", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "example.com", "localhost.example.com", "::"])
+def test_the_cli_refuses_every_host_the_settings_do_not_call_loopback(host, run_cli):
+    assert not is_loopback_host(host)
+    result = run_cli("simulate", "--host", host, "--port", "0")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr.startswith("comfysync: error: Invalid value for '--host': ")
 
 
 # -- scale -------------------------------------------------------------------------------------

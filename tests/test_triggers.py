@@ -25,6 +25,7 @@ UTC = ZoneInfo("UTC")
         ("15m", timedelta(minutes=15)),
         ("2h", timedelta(hours=2)),
         ("1d", timedelta(days=1)),
+        ("1w", timedelta(weeks=1)),
         ("1s", timedelta(seconds=1)),
         (" 90M ", timedelta(minutes=90)),
     ],
@@ -33,13 +34,13 @@ def test_every_accepts_a_positive_whole_number_and_a_unit(text, expected):
     assert parse_every(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0s", "banana", "15", "m", "-5m", "1.5h", "15 minutes", "1w", ""])
+@pytest.mark.parametrize("text", ["0s", "banana", "15", "m", "-5m", "1.5h", "15 minutes", "1y", ""])
 def test_every_refuses_anything_else_and_shows_the_accepted_forms(text):
     with pytest.raises(ValueError) as refused:
         parse_every(text)
     assert str(refused.value) == (
-        f"{text!r} is not an interval; use a positive whole number and a unit s, m, h or d: "
-        "30s, 15m, 2h, 1d"
+        f"{text!r} is not an interval; use a positive whole number and a unit s, m, h, d or w: "
+        "30s, 15m, 2h, 1d, 1w"
     )
 
 

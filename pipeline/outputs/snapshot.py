@@ -79,6 +79,11 @@ def export_dir_of(path: Path) -> Path:
     return path.parents[3]
 
 
+def place_in_tree(path: Path) -> tuple[str, ...]:
+    """Where a ``snapshot_path`` lies below its export folder, wherever that folder now is."""
+    return path.parts[-4:]
+
+
 def write_atomically(path: Path, write: Callable[[Path], T]) -> T:
     """Create ``path`` through ``write(temporary path)``, so it is never seen half-written.
 

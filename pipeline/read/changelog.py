@@ -25,14 +25,11 @@ from pipeline.errors import ConfigurationError, RunnerLookupError
 from pipeline.source.records import REDACTED_PREFIX, TRACKED_FIELDS, redact_headers
 from pipeline.store.keyfile import key_for_reading
 from pipeline.store.sqlite import Database
-from pipeline.times import utc_timestamp
+from pipeline.times import duration_seconds, utc_instant, utc_timestamp
 
 #: How many candidates an ambiguous runner lookup names.
 MAX_CANDIDATES_SHOWN = 10
 
-_DURATION = re.compile(r"(\d+)\s*([smhdw])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _REDACTED = re.compile(re.escape(REDACTED_PREFIX) + r"[0-9a-f]{12}")
 #: A value stored in clear, shown to a reader who has no key to digest it with.
 REDACTED_WITHOUT_KEY = REDACTED_PREFIX.rstrip(":")
@@ -259,22 +256,17 @@ def _redacted_headers(text: str | None, key: bytes | None) -> str | None:
 def parse_since(text: str, *, now: datetime | None = None) -> str:
     """The stored-timestamp form of ``--since``: a duration back from now or an ISO moment.
 
-    Durations are a number and a unit: ``90m``, ``24h``, ``7d`` (also ``s`` and ``w``). A
+    Durations are ``pipeline.times.duration_seconds``'s: ``90m``, ``24h``, ``7d``, ``2w``. A
     date (``2026-11-01``) means its midnight UTC; a date and time without an offset is UTC.
     """
     value = text.strip()
-    now = now or datetime.now(UTC)
-    duration = _DURATION.fullmatch(value.lower())
     try:
-        if duration:
-            seconds = int(duration.group(1)) * _UNIT_SECONDS[duration.group(2)]
-            moment = now - timedelta(seconds=seconds)
-        elif _DATE.fullmatch(value):
-            moment = datetime.fromisoformat(value).replace(tzinfo=UTC)
+        try:
+            seconds = duration_seconds(value)
+        except ValueError:
+            moment = utc_instant(value)
         else:
-            moment = datetime.fromisoformat(value)
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=UTC)
+            moment = (now or datetime.now(UTC)) - timedelta(seconds=seconds)
         # In the try too: a moment near year 1 or 9999 can leave the calendar once in UTC.
         return utc_timestamp(moment)
     except (ValueError, OverflowError) as exc:

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 
 from pipeline.errors import ConfigurationError
 from pipeline.source.records import TRACKED_FIELDS
 from pipeline.store.sqlite import Database
-from pipeline.times import utc_timestamp
+from pipeline.times import utc_instant, utc_timestamp
 
 #: A runner's state, as the ``runners`` table holds it and as a past instant rebuilds it.
 FLEET_COLUMNS: tuple[str, ...] = (
@@ -95,23 +95,15 @@ class AppliedSync:
 
 
 def parse_instant(value: str | date | datetime) -> datetime:
-    """An instant in UTC from ISO 8601 text, a date or a datetime; ConfigurationError if not.
+    """``pipeline.times.utc_instant`` of a value a user gave; ConfigurationError if it names none.
 
-    A date alone means the start of that day, UTC; a time without an offset is taken as UTC
-    (the store keeps every time in UTC, so that is the only reading that cannot surprise).
+    A date alone means the start of that day, UTC; a time without an offset is UTC.
     """
-    text = value
     try:
-        if isinstance(value, str):
-            value = datetime.fromisoformat(value.strip())
-        if not isinstance(value, datetime):
-            value = datetime(value.year, value.month, value.day)
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        # Near year 1 or 9999 an offset can carry the instant off the calendar in UTC.
-        return value.astimezone(UTC)
-    except (ValueError, OverflowError):
-        shown = repr(text) if len(str(text)) <= 60 else repr(str(text)[:50]) + "..."
+        return utc_instant(value.strip() if isinstance(value, str) else value)
+    except ValueError:
+        text = str(value)
+        shown = repr(value) if len(text) <= 60 else repr(text[:50]) + "..."
         raise ConfigurationError(
             f"cannot read {shown} as an ISO 8601 timestamp; use e.g. 2026-11-28 or "
             "2026-11-28T14:30:00Z"

@@ -1,8 +1,7 @@
 """Did the syncs work? The figures ``comfysync status`` and ``comfysync runs`` show.
 
 Read-only: the database is only SELECTed from, and the snapshot files are only listed.
-Snapshots are found by their layout, which ``comfysync export`` writes:
-``<export-dir>/<format>/runners/snapshot_date=YYYY-MM-DD/runners-<sync_id>.<ext>``, in the
+Snapshots are found by their layout (``pipeline.outputs.snapshot`` owns it), in the
 export folder the caller names or, by default, the one the database's syncs recorded writing
 to (the ``snapshots`` table), so a database finds its own snapshots wherever they went.
 A listed file whose size is not what its sync recorded writing there (``snapshots.bytes``)
@@ -18,28 +17,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from pipeline.errors import ConfigurationError
-from pipeline.outputs.snapshot import export_dir_of, not_a_folder
-from pipeline.settings import DEFAULT_EXPORT_DIR
+from pipeline.outputs.snapshot import export_dir_of, not_a_folder, place_in_tree, snapshot_files
+from pipeline.read.history import RUN_COLUMNS
+from pipeline.settings import DEFAULT_EXPORT_DIR, EXPORT_FORMATS
 from pipeline.store.schema import ABANDONED_RUN_ERROR, schema_version
 from pipeline.store.sqlite import Database
 from pipeline.sync.lock import sync_lock_is_free
+from pipeline.times import utc_instant
 
-_RUN_COLUMNS = (
-    "id, started_at, finished_at, status, base_url, pages, walks, complete, total_reported, "
-    "runners_seen, created, updated, deleted, restored, unchanged, rejected, warnings, error"
-)
-_SNAPSHOT_DIR = re.compile(r"snapshot_date=(\d{4}-\d{2}-\d{2})")
-_SNAPSHOT_FILE = re.compile(r"runners-(\d+)\.[A-Za-z0-9]+(?:\.[A-Za-z0-9]+)?")
-_UNFINISHED_SUFFIXES = (".tmp", ".part", ".partial")
 #: How a ``running`` row whose sync is no longer going is shown (it is stored unchanged).
 INTERRUPTED = "interrupted"
 
@@ -199,18 +191,16 @@ def as_seen_now(run: SyncRun, *, newest_id: int, sync_live: bool) -> SyncRun:
 def _select_runs(db: Database, limit: int, status: str | None) -> list[SyncRun]:
     where, params = ("WHERE status = ?", [status]) if status else ("", [])
     cursor = db.execute(
-        f"SELECT {_RUN_COLUMNS} FROM sync_runs {where} ORDER BY id DESC LIMIT ?",
+        f"SELECT {', '.join(RUN_COLUMNS)} FROM sync_runs {where} ORDER BY id DESC LIMIT ?",
         [*params, limit],
     )
-    return [_run(dict(zip(_RUN_COLUMNS.split(", "), row, strict=True))) for row in cursor]
+    return [_run(dict(zip(RUN_COLUMNS, row, strict=True))) for row in cursor]
 
 
 def _run(row: dict[str, Any]) -> SyncRun:
     seconds = None
     if row["finished_at"]:
-        elapsed = datetime.fromisoformat(row["finished_at"]) - datetime.fromisoformat(
-            row["started_at"]
-        )
+        elapsed = utc_instant(row["finished_at"]) - utc_instant(row["started_at"])
         seconds = round(elapsed.total_seconds(), 3)
     complete = None if row["complete"] is None else bool(row["complete"])
     warnings = tuple(orjson.loads(row["warnings"])) if row["warnings"] else ()
@@ -220,7 +210,7 @@ def _run(row: dict[str, Any]) -> SyncRun:
 def find_snapshots(export_dir: Path, db: Database | None = None) -> Snapshots:
     """The snapshot files of every format, ordered by snapshot date, then sync id, then path.
 
-    Files that do not follow the layout (or look unfinished) are not snapshots and are
+    Files that do not follow the layout (``snapshot_files``) are not snapshots and are
     ignored. With ``db``, files are checked against the sizes their syncs recorded, and the
     latest snapshot's failures are included. ConfigurationError if ``export_dir`` (or a
     folder above it) is there but is not a folder: there is nothing to list.
@@ -231,13 +221,11 @@ def find_snapshots(export_dir: Path, db: Database | None = None) -> Snapshots:
             f"cannot list the snapshots under --export-dir {export_dir}: {blocker}; "
             "pass the folder the snapshots are written to"
         )
-    found: list[tuple[str, int, str]] = []
-    for path in export_dir.glob("*/runners/snapshot_date=*/runners-*"):
-        day = _SNAPSHOT_DIR.fullmatch(path.parent.name)
-        name = _SNAPSHOT_FILE.fullmatch(path.name)
-        if day and name and path.is_file() and not path.name.endswith(_UNFINISHED_SUFFIXES):
-            found.append((day.group(1), int(name.group(1)), str(path)))
-    found.sort()
+    found = sorted(
+        (path.parent.name, sync_id, str(path))
+        for fmt in EXPORT_FORMATS
+        for sync_id, path in snapshot_files(export_dir, fmt)
+    )
     damaged: tuple[DamagedSnapshot, ...] = ()
     not_written: tuple[FailedSnapshot, ...] = ()
     if db is not None:
@@ -267,14 +255,14 @@ def _damaged(db: Database, paths: list[str]) -> tuple[DamagedSnapshot, ...]:
     still checked.
     """
     written = {
-        Path(path).parts[-4:]: (sync_id, size)
+        place_in_tree(Path(path)): (sync_id, size)
         for path, sync_id, size in db.execute(
             "SELECT path, sync_id, bytes FROM snapshots WHERE error IS NULL"
         )
     }
     damaged = []
     for path in paths:
-        record = written.get(Path(path).parts[-4:])
+        record = written.get(place_in_tree(Path(path)))
         if record is None:
             continue
         try:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import hmac
-import ipaddress
 import logging
 import random
 import re
@@ -47,6 +46,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from pipeline.settings import is_loopback_host
 from pipeline.sim.faults import UNAUTHORIZED_BODY, FaultPlan, Gate, apply_churn, render_page
 
 log = logging.getLogger(__name__)
@@ -519,13 +519,7 @@ _DROP_FILTER = _HideInjectedDrops()
 
 def _require_loopback(host: str) -> None:
     """The simulator serves fake secrets with no TLS: it must never listen beyond this host."""
-    if host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not is_loopback_host(host):
         raise ValueError(f"the simulator only listens on loopback (127.0.0.1, ::1), not {host!r}")
 
 

@@ -15,9 +15,8 @@ list moved again under the re-read, or runners share its ``created_at`` beyond a
 proven gone, and is kept for the next sync to decide.
 
 Why not a second full walk: at 100,000 runners that doubles the cost of every sync that
-deletes anything, where this reads one small page per missing runner (0.1% deleted: about
-a fiftieth of a walk). This module is the pure part (where to look, what a page proves);
-``pipeline.source.walk`` reads the pages.
+deletes anything, where this reads one small page per missing runner. This module is the
+pure part (where to look, what a page proves); ``pipeline.source.walk`` reads the pages.
 """
 
 from __future__ import annotations
@@ -25,11 +24,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from pipeline.settings import MAX_PER_PAGE
 from pipeline.source.client import Page
+from pipeline.times import utc_instant
 
 #: Room wanted on each side of a missing runner's place, so runners arriving at the head
 #: (or leaving above it) between the walk and the re-read do not push its brackets off
@@ -39,23 +39,20 @@ MARGIN = 10
 
 @dataclass(frozen=True, slots=True)
 class Recheck:
-    """What the re-reads proved: which missing runners are gone, which were found, pages read."""
+    """What the re-reads proved: which missing runners are gone; how many pages they read."""
 
     gone: frozenset[str]
-    found: frozenset[str]
-    unproven: frozenset[str]
     pages: int
 
 
 def instant(value: Any) -> datetime | None:
-    """An ISO 8601 timestamp as an aware datetime (naive ones taken as UTC); None if not one."""
+    """An ISO 8601 timestamp as an instant (``pipeline.times.utc_instant``); None if not one."""
     if not isinstance(value, str):
         return None
     try:
-        moment = datetime.fromisoformat(value)
+        return utc_instant(value)
     except ValueError:
         return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 class _WalkOrder:

@@ -343,23 +343,18 @@ async def recheck_absences(
     concurrency: int,
 ) -> Recheck:
     """Re-read the page ``pipeline.source.absence`` plans for each missing runner, and judge it."""
-    planned, unproven = plan_rechecks(missing, walk_created)
+    planned, _ = plan_rechecks(missing, walk_created)
     gone: set[str] = set()
-    found: set[str] = set()
     queue = iter(planned.items())
 
     async def worker() -> None:
         for (page_size, number), ids in queue:
             page = await client.fetch_page(number, page_size)
-            page_gone, page_found, page_unproven = judge_page(
-                page, {runner_id: missing[runner_id] for runner_id in ids}
-            )
+            page_gone, _, _ = judge_page(page, {runner_id: missing[runner_id] for runner_id in ids})
             gone.update(page_gone)
-            found.update(page_found)
-            unproven.update(page_unproven)
 
     await _run_workers(worker, min(concurrency, len(planned)))
-    return Recheck(frozenset(gone), frozenset(found), frozenset(unproven), len(planned))
+    return Recheck(frozenset(gone), len(planned))
 
 
 async def _run_workers(worker: Callable[[], Coroutine[Any, Any, None]], count: int) -> None:

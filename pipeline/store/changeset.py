@@ -25,10 +25,6 @@ class StoredState(NamedTuple):
     #: The raw fingerprint of the version stored (None before one was recorded).
     fingerprint: str | None = None
 
-    def matches(self, fingerprint: str | None) -> bool:
-        """True when the API sent exactly what this present runner was stored from."""
-        return not self.deleted and fingerprint is not None and fingerprint == self.fingerprint
-
 
 @dataclass(frozen=True, slots=True)
 class Revision:
@@ -52,10 +48,6 @@ class ChangeSet:
     #: (id, fingerprint) of unchanged runners whose stored raw fingerprint is out of date
     #: (a database from before fingerprints, or bytes that changed with no content change).
     refingerprinted: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not (self.created or self.updated or self.restored or self.deleted)
 
     def without_deletions(self) -> ChangeSet:
         """The same changes with every deletion withheld (counted in ``deletions_withheld``)."""

@@ -37,7 +37,6 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ from pipeline.source.records import (
 from pipeline.store import keyfile
 from pipeline.store.meta import META_TABLE, read_meta
 from pipeline.store.sqlite import Database, Migrations
+from pipeline.times import utc_instant
 
 BUSY_TIMEOUT_MS = 10_000
 
@@ -302,9 +302,8 @@ def _legacy_time_in_stored_form(value: str | None) -> str | None:
     except ValueError:
         pass
     try:
-        moment = datetime.fromisoformat(value)
-        return timestamp_text(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
-    except (ValueError, OverflowError):
+        return timestamp_text(utc_instant(value))
+    except ValueError:
         return value
 
 

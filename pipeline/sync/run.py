@@ -97,15 +97,6 @@ class SyncSummary:
     snapshots: tuple[SnapshotFile, ...] = ()
     snapshots_pruned: tuple[str, ...] = ()
 
-    @property
-    def changed(self) -> int:
-        return self.created + self.updated + self.deleted + self.restored
-
-    @property
-    def snapshot_errors(self) -> tuple[str, ...]:
-        """Why snapshot files could not be written (empty when all were)."""
-        return tuple(f.error for f in self.snapshots if f.error)
-
 
 @dataclass(frozen=True)
 class _Seams:

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import already_read, rows
+from conftest import rows
 
-import pipeline.sync.run
+import pipeline.sync.collector
 from pipeline.errors import UpstreamError
 from pipeline.settings import Settings
 from pipeline.source.client import Page
@@ -26,7 +26,7 @@ RUNNERS = 250  # pages of 100, 100 and 50
 def fingerprinted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many runners each sync fingerprints (one entry per sync)."""
     counts: list[int] = []
-    real = pipeline.sync.run.fingerprinter
+    real = pipeline.sync.collector.fingerprinter
 
     def counting(key: bytes, mode: bool = False) -> Callable[[Any], str | None]:
         fingerprint = real(key, mode)
@@ -38,7 +38,7 @@ def fingerprinted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
         return counted
 
-    monkeypatch.setattr(pipeline.sync.run, "fingerprinter", counting)
+    monkeypatch.setattr(pipeline.sync.collector, "fingerprinter", counting)
     return counts
 
 
@@ -132,12 +132,12 @@ def test_a_known_page_is_taken_as_stored_without_fingerprints():
     runners = [{"id": "r1", "name": "new"}, {"id": "r2"}]
     body = b'{"runners":[{"id":"r1","name":"new"},{"id":"r2"}],"total":2}'
     page = Page(number=1, per_page=100, runners=runners, total=2, body=body)
-    known = Collector(key, False, already_read({}), None, known_pages={page_digester(key)(body)})
+    known = Collector(key, False, {}, None, known_pages={page_digester(key)(body)})
     known(page, 1)
     assert known.records == {"r1": (1, None), "r2": (1, None)}
 
     unknown = Collector(
-        key, False, already_read({}), None, known_pages={page_digester(key)(body + b" ")}
+        key, False, {}, None, known_pages={page_digester(key)(body + b" ")}
     )
     unknown(page, 1)
     assert all(record is not None for _, record in unknown.records.values())
@@ -161,7 +161,7 @@ def runner(runner_id: str, name: str = "a") -> dict[str, Any]:
 
 def test_a_complete_walk_that_saw_a_runner_twice_vouches_for_no_page():
     key = b"k" * 32
-    collector = Collector(key, False, already_read({}), None)
+    collector = Collector(key, False, {}, None)
     first = [runner("r1"), runner("r2")]
     second = [runner("r2", name="moved and changed"), runner("r3")]
     for number, runners in ((1, first), (2, second)):
@@ -169,7 +169,7 @@ def test_a_complete_walk_that_saw_a_runner_twice_vouches_for_no_page():
     walk = WalkResult(complete=True, walks=1, pages_fetched=2, total_reported=3, reasons=())
     assert collector.pages_to_vouch_for(walk) == []
 
-    once = Collector(key, False, already_read({}), None)
+    once = Collector(key, False, {}, None)
     once(Page(1, 2, first, 3, body=b"1"), 1)
     once(Page(2, 2, [runner("r3")], 3, body=b"2"), 1)
     vouched = once.pages_to_vouch_for(walk)

@@ -136,9 +136,7 @@ def test_a_known_page_is_taken_as_stored_without_fingerprints():
     known(page, 1)
     assert known.records == {"r1": (1, None), "r2": (1, None)}
 
-    unknown = Collector(
-        key, False, {}, None, known_pages={page_digester(key)(body + b" ")}
-    )
+    unknown = Collector(key, False, {}, None, known_pages={page_digester(key)(body + b" ")})
     unknown(page, 1)
     assert all(record is not None for _, record in unknown.records.values())
 
@@ -178,11 +176,12 @@ def test_a_complete_walk_that_saw_a_runner_twice_vouches_for_no_page():
     assert once.pages_to_vouch_for(incomplete) == []
 
 
-def test_a_page_digest_is_hmac_sha256_of_the_mode_and_the_body():
+@pytest.mark.parametrize("key", [b"k" * 32, b"x" * 100, b"", bytes(range(64))])
+def test_a_page_digest_is_hmac_sha256_of_the_mode_and_the_body(key: bytes) -> None:
     import hashlib
     import hmac
 
-    key, body = b"k" * 32, b'{"runners":[],"total":0}'
+    body = b'{"runners":[],"total":0}'
     for clear, mode in ((False, b"redacted"), (True, b"clear")):
         message = b"comfysync page, headers " + mode + b"\n" + body
         expected = hmac.new(key, message, hashlib.sha256).hexdigest()

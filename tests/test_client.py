@@ -174,3 +174,78 @@ def test_the_proxy_comes_from_the_environment_as_httpx_would_take_it(monkeypatch
     assert environment_proxy("http://127.0.0.1:8080/v1/runner") is None
     monkeypatch.setenv("NO_PROXY", "comfycontrol.app")
     assert environment_proxy("https://api.comfycontrol.app/v1/runner") is None
+
+
+def test_every_retry_goes_through_stamina_and_waits_what_retry_after_asked():
+    import stamina.instrumentation
+
+    scheduled: list[stamina.instrumentation.RetryDetails] = []
+    answers = iter(
+        [
+            httpx.Response(503, headers={"Retry-After": "1"}),
+            httpx.Response(500),
+            httpx.Response(200, json={"runners": [], "total": 0}),
+        ]
+    )
+    stamina.instrumentation.set_on_retry_hooks([scheduled.append])
+    try:
+        began = time.monotonic()
+        assert fetch(lambda request: next(answers), max_retries=2).total == 0
+        elapsed = time.monotonic() - began
+    finally:
+        stamina.instrumentation.set_on_retry_hooks(None)
+    assert [details.retry_num for details in scheduled] == [1, 2]
+    assert scheduled[0].wait_for == 1.0 and scheduled[1].wait_for <= 0.03
+    assert [str(details.caused_by) for details in scheduled] == [
+        "HTTP 503, Retry-After 1 s",
+        "HTTP 500",
+    ]
+    assert 1.0 <= elapsed < 3
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "message"),
+    [
+        (httpx.Response(401), AuthenticationError, "answered 401 on page 3"),
+        (httpx.Response(400), ApiResponseError, "HTTP 400 on page 3"),
+        (httpx.Response(429, headers={"Retry-After": "600"}), UpstreamError, "wait 600 s"),
+        (httpx.Response(200, json={"total": 1}), ApiResponseError, "page 3 is not the"),
+    ],
+)
+def test_a_failure_that_is_not_transient_ends_the_retries_at_any_attempt(answer, error, message):
+    answers = iter([httpx.Response(503), httpx.Response(502), answer])
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return next(answers)
+
+    with pytest.raises(error, match=message) as caught:
+        fetch(handler, max_retries=5)
+    assert type(caught.value) is error and len(calls) == 3
+
+
+def test_a_long_retry_after_is_announced_only_when_it_will_be_waited(monkeypatch, caplog):
+    import logging
+
+    import pipeline.source.client
+
+    monkeypatch.setattr(pipeline.source.client, "NOTICEABLE_WAIT_SECONDS", 0.5)
+    caplog.set_level(logging.INFO, logger="pipeline.source.client")
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(429, headers={"Retry-After": "1"})
+
+    with pytest.raises(UpstreamError, match=r"after 2 attempts \(HTTP 429, Retry-After 1 s\)"):
+        fetch(handler, max_retries=1, max_retry_after=60)
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "pipeline.source.client" and r.levelno == logging.WARNING
+    ]
+    assert warnings == [
+        "ComfyControl asked to wait 1 s before retrying page 3 (Retry-After); waiting"
+    ]
+    assert len(calls) == 2

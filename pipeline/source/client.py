@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 import orjson
+import stamina
 
 from pipeline import __version__
 from pipeline.errors import (
@@ -113,10 +114,10 @@ class ComfyControlClient:
 
     Why requests go to the transport directly rather than through ``httpx.AsyncClient``: the
     client's per-request machinery (base-URL merging, parameter encoding, cookie jar, auth
-    flow, redirects, event hooks) is a large share of a long walk's CPU, and this client
-    uses none of it. The transport is httpx's own
-    (connection pool, timeouts, TLS, httpx's exceptions), and it honours the same
-    ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` variables an AsyncClient would.
+    flow, redirects, event hooks) is paid on every page, and this client uses none of it.
+    The transport is httpx's own (connection pool, timeouts, TLS, httpx's exceptions), and it
+    honours the same ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` variables an AsyncClient
+    would.
     """
 
     def __init__(
@@ -170,25 +171,8 @@ class ComfyControlClient:
         await self._transport.aclose()
 
     async def fetch_page(self, number: int, per_page: int) -> Page:
-        """Fetch one page, retrying transient failures; raise a ComfySyncError otherwise.
-
-        The first attempt is made directly; stamina takes over only after it failed
-        transiently (its retry loop and its import cost every sync something, for pages
-        that nearly always arrive at the first attempt).
-        """
-        try:
-            return await self._fetch_once(number, per_page)
-        except _RetryableFailure as failure:
-            first_failure = failure
-        return await self._retry(number, per_page, first_failure)
-
-    async def _retry(self, number: int, per_page: int, first_failure: _RetryableFailure) -> Page:
-        """Attempts 2..n of ``fetch_page``: the first failure is handed to stamina as its
-        first attempt, so it waits and counts exactly as if it had made that attempt."""
-        import stamina
-
+        """Fetch one page, retrying transient failures; raise a ComfySyncError otherwise."""
         attempts = self._max_retries + 1
-        replay: _RetryableFailure | None = first_failure
         attempt_number = 1
 
         def backoff_for(exc: Exception) -> bool | float:
@@ -205,9 +189,6 @@ class ComfyControlClient:
             ):
                 attempt_number = attempt.num
                 with attempt:
-                    if replay is not None:
-                        failure, replay = replay, None
-                        raise failure
                     return await self._fetch_once(number, per_page)
         except _RetryableFailure as failure:
             error = ApiResponseError if failure.malformed else UpstreamError

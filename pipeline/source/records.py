@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -60,32 +61,16 @@ def redact_value(value: str, key: bytes) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _redactor(key: bytes) -> Callable[[str], str]:
-    """``redact_value`` for one key, from HMAC's two keyed SHA-256 states, set up once.
-
-    HMAC(key, m) = H(key ^ opad || H(key ^ ipad || m)) (RFC 2104): copying the two keyed
-    states is what ``hmac.HMAC.copy`` does, without its Python-level object per call (a third
-    of the cost of redacting 100,000 runners' headers). ``test_records`` checks it against
-    ``hmac`` itself.
-    """
-    inner, outer = _hmac_sha256_states(key)
+    """``redact_value`` for one key: the keyed HMAC is set up once and copied per value,
+    since a sync redacts many values under the same key."""
+    keyed = hmac.new(key, digestmod=hashlib.sha256)
 
     def redact(value: str) -> str:
-        digest = inner.copy()
-        digest.update(value.encode("utf-8"))
-        mac = outer.copy()
-        mac.update(digest.digest())
+        mac = keyed.copy()
+        mac.update(value.encode("utf-8"))
         return REDACTED_PREFIX + mac.hexdigest()[:12]
 
     return redact
-
-
-def _hmac_sha256_states(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
-    """HMAC-SHA256's inner and outer states for ``key``, each to be copied per message."""
-    block = hashlib.sha256().block_size
-    padded = (hashlib.sha256(key).digest() if len(key) > block else key).ljust(block, b"\0")
-    inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in padded))
-    outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in padded))
-    return inner, outer
 
 
 def redact_headers(headers: Mapping[str, Any], key: bytes) -> dict[str, str]:
@@ -196,8 +181,8 @@ class RunnerRecord(NamedTuple):
 
     The JSON columns are serialised canonically (sorted keys) so equal content always has
     equal text, which makes ``content_hash`` and per-field change detection exact. A
-    NamedTuple rather than a frozen dataclass: just as immutable, and several times cheaper
-    to build, which matters at 100,000 runners a sync.
+    NamedTuple rather than a frozen dataclass: just as immutable, and cheaper to build, which
+    a sync does once per runner it parses.
     """
 
     id: str
@@ -244,12 +229,12 @@ def raw_fingerprint(raw: Any, key: bytes, *, store_header_values: bool = False) 
     """A keyed BLAKE2b digest of a raw runner object exactly as the API sent it.
 
     Why: an unchanged runner sends the same bytes sync after sync, and comparing this digest
-    with the stored one lets a sync skip validating, redacting and hashing it (most of a
-    quiet sync's CPU). It is keyed with the database's redaction key because the raw object
-    holds header secrets; and it covers the redaction mode, so switching
-    ``--store-header-values`` re-parses every runner. A differing fingerprint only means
-    "parse it": the content hash still decides whether anything changed. None for an object
-    that cannot be serialised (it will be parsed, and rejected, the slow way).
+    with the stored one lets a sync skip validating, redacting and hashing it. It is keyed
+    with the database's redaction key because the raw object holds header secrets; and it
+    covers the redaction mode, so switching ``--store-header-values`` re-parses every
+    runner. A differing fingerprint only means "parse it": the content hash still decides
+    whether anything changed. None for an object that cannot be serialised (it will be
+    parsed, and rejected, the slow way).
     """
     return fingerprinter(key, store_header_values)(raw)
 
@@ -258,8 +243,8 @@ def raw_fingerprint(raw: Any, key: bytes, *, store_header_values: bool = False) 
 def fingerprinter(key: bytes, store_header_values: bool = False) -> Callable[[Any], str | None]:
     """``raw_fingerprint`` for one key and mode, with the keyed hash set up once.
 
-    Copying a keyed BLAKE2b state costs a third of building one, which matters when a quiet
-    sync fingerprints 100,000 runners and does little else.
+    Copying a keyed BLAKE2b state is cheaper than building one, and a sync fingerprints
+    every runner on a page it has not seen before.
     """
     person = b"clear-headers" if store_header_values else b"redacted"
     keyed = hashlib.blake2b(key=key[:64], person=person, digest_size=16)
@@ -284,18 +269,15 @@ def page_digester(key: bytes, store_header_values: bool = False) -> Callable[[by
     digest the last sync recorded holds only runners stored exactly as sent, so none of
     them needs fingerprinting (a whole page costs one hash of its bytes instead of a hash
     per runner). Keyed and mode-bound like ``raw_fingerprint``, for the same reasons:
-    HMAC-SHA256 (SHA-256 has CPU instructions, which makes it faster than BLAKE2b over a
-    page, paid by every sync) of a prefix naming the mode, then the body.
+    HMAC-SHA256 (SHA-256 has CPU instructions, so it hashes a whole page faster than
+    BLAKE2b, and every sync pays it) of a prefix naming the mode, then the body.
     """
-    inner, outer = _hmac_sha256_states(key)
     mode = b"clear" if store_header_values else b"redacted"
-    inner.update(b"comfysync page, headers " + mode + b"\n")
+    keyed = hmac.new(key, b"comfysync page, headers " + mode + b"\n", hashlib.sha256)
 
     def digest(body: bytes) -> str:
-        message = inner.copy()
-        message.update(body)
-        mac = outer.copy()
-        mac.update(message.digest())
+        mac = keyed.copy()
+        mac.update(body)
         return mac.hexdigest()
 
     return digest

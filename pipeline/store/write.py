@@ -23,9 +23,7 @@ import itertools
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
@@ -37,7 +35,6 @@ from pipeline.store.schema import (
     ABANDONED_RUN_ERROR,
     SEARCH_COLUMNS,
     UNUSUAL_STATUS,
-    open_store_read_only,
 )
 from pipeline.store.sqlite import Database
 
@@ -59,44 +56,14 @@ _SEARCH = ", ".join(SEARCH_COLUMNS)
 def load_present_fingerprints(db: Database) -> dict[str, str | None]:
     """id -> raw fingerprint of every present runner: all a quiet sync compares against.
 
-    SQLite writes them as one JSON object and orjson reads it back: both in C, a third
-    faster than building the dict row by row from a cursor (0.11 s against 0.15 s at
-    100,000 runners, most of it making the Python strings).
+    SQLite writes them as one JSON object and orjson reads it back, both in C: cheaper than
+    building the dict row by row from a cursor.
     """
     [(text,)] = db.execute(
         "SELECT json_group_object(id, raw_fingerprint) FROM runners WHERE deleted_at IS NULL"
     )
     fingerprints: dict[str, str | None] = orjson.loads(text)
     return fingerprints
-
-
-def read_present_fingerprints_aside(db: Database, path: Path) -> Future[dict[str, str | None]]:
-    """``load_present_fingerprints``, read on a connection of its own in a second thread.
-
-    Why: at 100,000 runners the read takes 0.1 s, most of it SQLite building one JSON text
-    with the GIL released; read aside, it overlaps the walk's first requests (the pages
-    that arrive meanwhile wait for it), a fourteenth of a quiet sync. ``path`` is the file
-    ``db`` has open. Only in WAL mode, where a reader never waits for a writer: in
-    rollback-journal mode (a store's first sync) it could wait for this sync's own commit,
-    so there they are read at once on ``db``.
-    """
-    if db.journal_mode != "wal":
-        read: Future[dict[str, str | None]] = Future()
-        read.set_result(load_present_fingerprints(db))
-        return read
-
-    def read_aside() -> dict[str, str | None]:
-        reader = open_store_read_only(path)
-        try:
-            return load_present_fingerprints(reader)
-        finally:
-            reader.close()
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comfysync-fingerprints")
-    try:
-        return pool.submit(read_aside)
-    finally:
-        pool.shutdown(wait=False)
 
 
 def load_page_digests(db: Database) -> set[str]:

@@ -14,8 +14,8 @@ it was gone. A runner found on its page is not gone; one whose page did not brac
 list moved again under the re-read, or runners share its ``created_at`` beyond a page) is not
 proven gone, and is kept for the next sync to decide.
 
-Why not a second full walk: at 100,000 runners that doubles the cost of every sync that
-deletes anything, where this reads one small page per missing runner. This module is the
+Why not a second full walk: that would double the cost of every sync that deletes
+anything, where this reads one small page per missing runner. This module is the
 pure part (where to look, what a page proves); ``pipeline.source.walk`` reads the pages.
 """
 

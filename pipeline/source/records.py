@@ -1,8 +1,8 @@
 """Turn raw API runner objects into the rows comfysync stores, with secrets redacted.
 
 Everything here is a plain function over plain values: no HTTP, no SQL. A record is
-validated against the reference (``../shared/api/list-runners.md``); fields the reference does
-not name are kept in ``extra`` so nothing the API sends is dropped; a record that cannot be
+validated against the vendor's List Runners API reference; fields the reference does not
+name are kept in ``extra`` so nothing the API sends is dropped; a record that cannot be
 stored becomes a ``Rejection`` that carries the reason and its raw JSON, redacted.
 
 Timestamps: ``created_at`` and ``updated_at`` are stored in one form, ``normalise_timestamp``'s,

@@ -246,7 +246,7 @@ async def walk_all_pages(
     """Walk the list until one walk is complete or ``max_walks`` walks were made.
 
     Every answered page is handed to ``on_page(page, walk_number)`` as it arrives, so the
-    caller can parse and drop it (a 100,000-runner walk never holds all raw JSON at once).
+    caller can parse and drop it (a large walk never holds all its raw JSON at once).
     When a walk is complete and ``missing_after(walk_number)`` names runners it would delete,
     their pages are re-read (``pipeline.source.absence``) and the result says which are ``gone``.
     Errors from the client propagate: a walk that cannot read a page has no verdict. Each

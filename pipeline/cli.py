@@ -43,10 +43,14 @@ from pipeline.settings import (
 from pipeline.store.keyfile import KEY_ENV
 
 if TYPE_CHECKING:
+    from pipeline.read.changelog import RunnerHistory
+    from pipeline.read.overview import SyncRun
+    from pipeline.store.sqlite import Database
     from pipeline.sync.run import SyncSummary
 
 _debug = False
 FC = TypeVar("FC", bound=Callable[..., Any])
+T = TypeVar("T")
 #: The cap of counts a user gives (runs to show, runs to make, snapshots to keep): beyond any
 #: real need, and far inside what SQLite and the scheduler can hold.
 MANY = 1_000_000_000
@@ -745,6 +749,27 @@ read_db_option = db_option("SQLite database to read (opened read-only).", dir_ok
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 
 
+def _read(db_path: Path, read: Callable[[Database], T]) -> T:
+    """``read`` over the database at ``db_path``, opened read-only and closed after."""
+    from pipeline.store.schema import open_store_read_only
+
+    with closing(open_store_read_only(db_path)) as db:
+        return read(db)
+
+
+def _show(
+    db_path: Path, read: Callable[[Database], Any], describe: Callable[[Any], str], as_json: bool
+) -> None:
+    """What ``read`` finds, as JSON (every field, every record) or as ``describe``'s text."""
+    result = _read(db_path, read)
+    if not as_json:
+        click.echo(describe(result))
+    elif isinstance(result, list):
+        _echo_json([dataclasses.asdict(item) for item in result])
+    else:
+        _echo_json(dataclasses.asdict(result))
+
+
 def _echo_json(value: Any) -> None:
     # Exact JSON still, with the controls JSON leaves raw (C1, bidi, separators) escaped.
     click.echo(printable_json(json.dumps(value, indent=2, ensure_ascii=False)))
@@ -767,14 +792,8 @@ def status(db_path: Path, export_dir: Path | None, as_json: bool) -> None:
     """Show the mirror's state: last sync, counts, snapshot files."""
     from pipeline.read.overview import read_status
     from pipeline.read.report import describe_status
-    from pipeline.store.schema import open_store_read_only
 
-    with closing(open_store_read_only(db_path)) as db:
-        result = read_status(db, db_path, export_dir)
-    if as_json:
-        _echo_json(dataclasses.asdict(result))
-    else:
-        click.echo(describe_status(result))
+    _show(db_path, lambda db: read_status(db, db_path, export_dir), describe_status, as_json)
 
 
 @cli.command()
@@ -793,14 +812,11 @@ def runs(db_path: Path, limit: int, run_status: str | None, as_json: bool) -> No
     """Show the run log, newest first, with errors and warnings."""
     from pipeline.read.overview import list_runs
     from pipeline.read.report import describe_runs
-    from pipeline.store.schema import open_store_read_only
 
-    with closing(open_store_read_only(db_path)) as db:
-        result = list_runs(db, limit=limit, status=run_status, db_path=db_path)
-    if as_json:
-        _echo_json([dataclasses.asdict(run) for run in result])
-    else:
-        click.echo(describe_runs(result))
+    def read(db: Database) -> list[SyncRun]:
+        return list_runs(db, limit=limit, status=run_status, db_path=db_path)
+
+    _show(db_path, read, describe_runs, as_json)
 
 
 @cli.command()
@@ -818,15 +834,12 @@ def history(runner: str, db_path: Path, as_json: bool) -> None:
     """
     from pipeline.read.changelog import resolve_runner, runner_history
     from pipeline.read.report import describe_history
-    from pipeline.store.schema import open_store_read_only
 
-    with closing(open_store_read_only(db_path)) as db:
+    def read(db: Database) -> RunnerHistory:
         runner_id, matched = resolve_runner(db, runner)
-        result = runner_history(db, runner_id, matched=matched)
-    if as_json:
-        _echo_json(dataclasses.asdict(result))
-    else:
-        click.echo(describe_history(result))
+        return runner_history(db, runner_id, matched=matched)
+
+    _show(db_path, read, describe_history, as_json)
 
 
 @cli.command()
@@ -846,11 +859,9 @@ def changes(since: str, db_path: Path, as_json: bool) -> None:
     """
     from pipeline.read.changelog import changes_since, parse_since
     from pipeline.read.report import describe_changes
-    from pipeline.store.schema import open_store_read_only
 
     cutoff = parse_since(since)
-    with closing(open_store_read_only(db_path)) as db:
-        result = changes_since(db, cutoff)
+    result = _read(db_path, lambda db: changes_since(db, cutoff))
     if as_json:
         _echo_json({"since": cutoff, "changes": [dataclasses.asdict(e) for e in result]})
     else:

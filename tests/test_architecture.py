@@ -118,6 +118,7 @@ MAY_IMPORT = {
     },
     "pipeline.sim": {
         "pipeline.errors",
+        "pipeline.source.records",  # the fields of a runner object the simulator serves
         "pipeline.settings",
         "pipeline.times",
         "pipeline.printable",

@@ -48,6 +48,7 @@ from starlette.types import Receive, Scope, Send
 
 from pipeline.settings import is_loopback_host
 from pipeline.sim.faults import UNAUTHORIZED_BODY, FaultPlan, Gate, apply_churn, render_page
+from pipeline.source.records import REFERENCE_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +61,6 @@ __all__ = [
     "serve",
 ]
 
-RUNNER_FIELDS = (
-    "id",
-    "user_id",
-    "name",
-    "status",
-    "endpoint",
-    "tags",
-    "headers",
-    "created_at",
-    "updated_at",
-)
 #: Newest generated runner is created at BASE_EPOCH; older ones step back a few minutes each.
 BASE_EPOCH = 1_717_200_000  # 2024-06-01T00:00:00Z
 MAX_PER_PAGE = 100
@@ -298,7 +288,7 @@ class SimulatedAccount:
         return format_timestamp(self._clock)
 
     def _check_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(fields) - set(RUNNER_FIELDS))
+        unknown = sorted(set(fields) - REFERENCE_FIELDS)
         if unknown:
             raise ValueError(f"not runner fields: {', '.join(unknown)}")
         if not isinstance(fields.get("created_at", ""), str):

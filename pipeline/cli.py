@@ -66,51 +66,28 @@ def _number_text(number: float) -> str:
     return f"{number:g}" if isinstance(number, float) else str(number)
 
 
-class WholeNumber(click.IntRange):
-    """A whole number between two bounds, both required: an unbounded one would reach SQLite
-    or the scheduler as a number they cannot hold. Refused in plain words, not click's."""
-
-    name = "integer"
-
-    def __init__(self, min: int, max: int) -> None:
-        super().__init__(min, max)
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        given = value
-        if isinstance(value, bool) or not isinstance(value, int):
-            try:
-                value = int(str(value).strip())
-            except ValueError:
-                self.fail(f"{_shown(value)} is not a whole number", param, ctx)
-        assert self.min is not None and self.max is not None
-        if not self.min <= value <= self.max:
-            self.fail(f"{_shown(given)} must be between {self.min} and {self.max}", param, ctx)
-        return value
-
-    def _describe_range(self) -> str:  # the [range] --help shows
-        return f"{self.min}-{self.max}"
-
-
 class Number(click.FloatRange):
-    """A finite number between two bounds (``min_open``: strictly above the lower one)."""
+    """A finite number between two bounds, both required: an unbounded one would reach SQLite
+    or the scheduler as a number they cannot hold. Refused in plain words, not click's.
+    ``min_open``: strictly above the lower bound."""
 
     name = "number"
+    whole = False
 
     def __init__(self, min: float, max: float, *, min_open: bool = False) -> None:
         super().__init__(min, max, min_open=min_open)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        given = value
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            try:
-                value = float(str(value).strip())
-            except ValueError:
-                self.fail(f"{_shown(given)} is not a number", param, ctx)
-        if not (math.isfinite(value) and self._within(value)):
+        kind, what = (int, "a whole number") if self.whole else (float, "a number")
+        try:
+            number = kind(str(value).strip()) if isinstance(value, bool | str) else value
+        except ValueError:
+            self.fail(f"{_shown(value)} is not {what}", param, ctx)
+        if not ((self.whole or math.isfinite(number)) and self._within(number)):
             low, high = _number_text(self.min or 0), _number_text(self.max or 0)
             wanted = f"above {low} and at most" if self.min_open else f"between {low} and"
-            self.fail(f"{_shown(given)} must be {wanted} {high}", param, ctx)
-        return float(value)
+            self.fail(f"{_shown(value)} must be {wanted} {high}", param, ctx)
+        return kind(number)
 
     def _within(self, value: float) -> bool:
         assert self.min is not None and self.max is not None
@@ -120,6 +97,13 @@ class Number(click.FloatRange):
     def _describe_range(self) -> str:  # the [range] --help shows
         low, high = _number_text(self.min or 0), _number_text(self.max or 0)
         return f"{low}<x<={high}" if self.min_open else f"{low}-{high}"
+
+
+class WholeNumber(Number):
+    """A whole number between two bounds."""
+
+    name = "integer"
+    whole = True
 
 
 class FilePath(click.Path):

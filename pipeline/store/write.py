@@ -24,6 +24,7 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
@@ -35,6 +36,7 @@ from pipeline.store.schema import (
     ABANDONED_RUN_ERROR,
     SEARCH_COLUMNS,
     UNUSUAL_STATUS,
+    open_store_read_only,
 )
 from pipeline.store.sqlite import Database
 
@@ -53,15 +55,21 @@ _VARIABLE_LIMIT = sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER
 _SEARCH = ", ".join(SEARCH_COLUMNS)
 
 
-def load_present_fingerprints(db: Database) -> dict[str, str | None]:
+def load_present_fingerprints(path: Path) -> dict[str, str | None]:
     """id -> raw fingerprint of every present runner: all a quiet sync compares against.
 
-    SQLite writes them as one JSON object and orjson reads it back, both in C: cheaper than
-    building the dict row by row from a cursor.
+    Read on a short-lived read-only connection of its own, before the walk's writes begin,
+    so the rows pass through a small page cache that is dropped at once, not the writing
+    connection's large one. SQLite writes them as one JSON object and orjson reads it back,
+    both in C: cheaper than building the dict row by row from a cursor.
     """
-    [(text,)] = db.execute(
-        "SELECT json_group_object(id, raw_fingerprint) FROM runners WHERE deleted_at IS NULL"
-    )
+    reader = open_store_read_only(path)
+    try:
+        [(text,)] = reader.execute(
+            "SELECT json_group_object(id, raw_fingerprint) FROM runners WHERE deleted_at IS NULL"
+        )
+    finally:
+        reader.close()
     fingerprints: dict[str, str | None] = orjson.loads(text)
     return fingerprints
 

@@ -109,15 +109,11 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
 class ComfyControlClient:
     """Fetches pages of ``GET /v1/runner`` over one pooled keep-alive connection set.
 
-    Use as an async context manager. ``transport`` is the test seam: pass
-    ``httpx.ASGITransport(app=...)`` to talk to the simulator in-process.
-
-    Why requests go to the transport directly rather than through ``httpx.AsyncClient``: the
-    client's per-request machinery (base-URL merging, parameter encoding, cookie jar, auth
-    flow, redirects, event hooks) is paid on every page, and this client uses none of it.
-    The transport is httpx's own (connection pool, timeouts, TLS, httpx's exceptions), and it
-    honours the same ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` variables an AsyncClient
-    would.
+    Use as an async context manager; ``transport`` is the test seam (e.g.
+    ``httpx.ASGITransport(app=...)``). Requests go to httpx's transport directly: an
+    ``AsyncClient``'s per-request machinery (cookies, auth flow, redirects, hooks) is paid on
+    every page and used by none; the transport keeps the pool, timeouts, TLS and the proxy
+    variables.
     """
 
     def __init__(

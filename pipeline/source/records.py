@@ -228,13 +228,9 @@ def content_hash(values: tuple[str, ...]) -> str:
 def raw_fingerprint(raw: Any, key: bytes, *, store_header_values: bool = False) -> str | None:
     """A keyed BLAKE2b digest of a raw runner object exactly as the API sent it.
 
-    Why: an unchanged runner sends the same bytes sync after sync, and comparing this digest
-    with the stored one lets a sync skip validating, redacting and hashing it. It is keyed
-    with the database's redaction key because the raw object holds header secrets; and it
-    covers the redaction mode, so switching ``--store-header-values`` re-parses every
-    runner. A differing fingerprint only means "parse it": the content hash still decides
-    whether anything changed. None for an object that cannot be serialised (it will be
-    parsed, and rejected, the slow way).
+    A runner sent with the same bytes as last time need not be validated, redacted or hashed
+    again; the content hash still decides what changed. Keyed (the object holds secrets) and
+    bound to the redaction mode. None for an object that cannot be serialised.
     """
     return fingerprinter(key, store_header_values)(raw)
 
@@ -265,12 +261,9 @@ def fingerprinter(key: bytes, store_header_values: bool = False) -> Callable[[An
 def page_digester(key: bytes, store_header_values: bool = False) -> Callable[[bytes], str]:
     """Keyed digest of a list page's body exactly as sent, for ``page_digests``.
 
-    Why: a quiet sync reads the same pages byte for byte as the last one. A page whose
-    digest the last sync recorded holds only runners stored exactly as sent, so none of
-    them needs fingerprinting (a whole page costs one hash of its bytes instead of a hash
-    per runner). Keyed and mode-bound like ``raw_fingerprint``, for the same reasons:
-    HMAC-SHA256 (SHA-256 has CPU instructions, so it hashes a whole page faster than
-    BLAKE2b, and every sync pays it) of a prefix naming the mode, then the body.
+    A page whose digest the last sync recorded holds only runners stored exactly as sent, so
+    none needs fingerprinting. HMAC-SHA256, keyed and mode-bound like ``raw_fingerprint``, over
+    a prefix naming the mode, then the body.
     """
     mode = b"clear" if store_header_values else b"redacted"
     keyed = hmac.new(key, b"comfysync page, headers " + mode + b"\n", hashlib.sha256)

@@ -539,17 +539,11 @@ def open_store(path: Path) -> Database:
 def close_store(db: Database, path: Path, *, for_readers: bool = True) -> None:
     """Close a connection ``open_store`` gave, leaving the -wal and -shm files for readers.
 
-    ``for_readers`` False closes it plainly (SQLite then removes the files): for a refused
-    sync, which must leave the folder as it found it.
-
-    Why: a user who may read the database but not write its folder can read a WAL database
-    only while its -wal and -shm files exist (``open_store_read_only``), and the last
-    connection to close removes them, unless it is read-only: a read-only connection cannot
-    checkpoint, so it leaves them. So the store is checkpointed first (the database file
-    holds everything, the -wal is emptied; readers are not waited for), a read-only
-    connection joins, the writer closes, and the read-only one closes last. Best effort:
-    what the sync wrote is committed either way; should this fail, the files go as usual
-    and the next sync puts them back.
+    A user who may read the database but not write its folder can read it only while those
+    files exist, and the last connection to close removes them unless it is read-only. So the
+    store is checkpointed, a read-only connection joins and closes last. Best effort: should it
+    fail, the next sync puts the files back. ``for_readers`` False closes plainly (a refused
+    sync leaves the folder as it found it).
     """
     keeper: sqlite3.Connection | None = None
     try:
@@ -571,14 +565,10 @@ def close_store(db: Database, path: Path, *, for_readers: bool = True) -> None:
 def journal_for_first_sync(db: Database) -> Iterator[None]:
     """Write a store's first sync through SQLite's rollback journal, then go back to WAL.
 
-    Why: in WAL mode every page a sync writes goes to the log first and, at the checkpoint,
-    into the database again. A first sync writes only new pages, and the rollback journal
-    never copies a page past the file's old end, so each is written once. Atomicity
-    is the same in both modes. Leaving WAL needs the database to itself, so the switch is
-    tried without waiting: a store someone else has open stays in WAL (the sync is only
-    slower). While the first sync runs, a reader may wait for its commit, as with any
-    rollback journal. WAL comes back as the sync ends; should that fail, ``open_store``
-    restores it the next time it opens the store.
+    A first sync writes only new pages, which the rollback journal writes once where WAL writes
+    them twice (log, then checkpoint). The switch is tried without waiting, so a store someone
+    has open stays in WAL; meanwhile a reader may wait for the commit. ``open_store`` restores
+    WAL should going back fail.
     """
     if not _store_is_empty(db) or not _set_journal_mode(db, "delete", wait=False):
         yield
@@ -618,16 +608,10 @@ def _set_journal_mode(db: Database, mode: str, *, wait: bool) -> bool:
 def open_store_read_only(path: Path, *, immutable: bool = False) -> Database:
     """Open an existing comfysync database without ever writing to it.
 
-    Every reader (the read commands, exports, ``RunnerStore``) opens the store here, with
-    SQLite's ``mode=ro``, and works for a user who may read the database but not write its
-    folder: SQLite reads a WAL database then as long as its -wal and -shm files exist
-    (https://www.sqlite.org/wal.html, "Read-Only Databases"), and ``close_store`` leaves them
-    after every sync. Without the files (a read-write connection other than a sync's closed
-    last and removed them), such a reader is told so and what to do.
-
-    ``immutable`` reads without locks and creates no side files. Readers never use it (a
-    sync's checkpoint could change pages under them); ``demo`` does, only for a database
-    with no -wal and -shm files whose sync lock it holds, so nothing can write it meanwhile.
+    Every reader opens the store here with SQLite's ``mode=ro``, which reads a WAL database
+    without write access to its folder as long as its -wal and -shm files exist (``close_store``
+    leaves them); without them the reader is told what to do. ``immutable`` (no locks, no side
+    files) is only for ``demo``, on a database with no such files whose sync lock it holds.
     """
     if not path.is_file():
         raise DatabaseError(f"no database at {path}; {_how_to_get_one(path)}")

@@ -253,11 +253,9 @@ def _stored_picture(
 def _cyclic_collection_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector for the walk and the apply.
 
-    Why: a walk allocates many short-lived objects (each page's parsed JSON) while it holds
-    a long-lived one per runner (the sightings), so the collector keeps re-scanning those
-    and finds nothing to free (and the plan built after the walk would set off one more full
-    pass). Reference counting still frees every page as soon as it is handled; only cycles
-    wait, and a sync makes few.
+    A walk makes many short-lived objects while holding one long-lived object per runner, so
+    the collector would keep re-scanning those for nothing; reference counting still frees
+    every page as soon as it is handled.
     """
     was_enabled = gc.isenabled()
     gc.disable()

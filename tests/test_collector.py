@@ -3,7 +3,11 @@ that the latest sighting wins, also within one page."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any
+
+import pytest
+from conftest import already_read
 
 from pipeline.source.client import Page
 from pipeline.source.records import Rejection, RunnerRecord, fingerprinter
@@ -27,7 +31,7 @@ def runner(runner_id: Any, name: str = "a") -> dict[str, Any]:
 
 
 def collect(runners: list[Any], stored: dict[str, str | None]) -> Collector:
-    collector = Collector(KEY, False, stored, None)
+    collector = Collector(KEY, False, already_read(stored), None)
     collector(Page(number=1, per_page=100, runners=runners, total=len(runners)), 1)
     return collector
 
@@ -67,19 +71,46 @@ def test_an_id_twice_on_one_page_keeps_the_later_sighting() -> None:
     assert isinstance(record, RunnerRecord) and record.name == "new"
 
 
-def test_each_page_is_handled_as_it_comes_and_the_walk_is_answered_from_the_store() -> None:
+def test_pages_that_come_before_the_stored_fingerprints_wait_and_are_handled_in_order() -> None:
     moved, renamed = runner("r2"), runner("r2", name="renamed")
     stored = {"r1": fingerprint(runner("r1")), "r2": fingerprint(moved)}
+    reading: Future[dict[str, str | None]] = Future()
     seen: list[tuple[int, int, int]] = []
-    collector = Collector(KEY, False, stored, lambda *progress: seen.append(progress))
+    collector = Collector(KEY, False, reading, lambda *progress: seen.append(progress))
 
     collector(Page(number=1, per_page=2, runners=[runner("r1"), moved], total=4), 1)
-    assert collector.records == {"r1": (1, None), "r2": (1, None)} and seen == [(1, 2, 2)]
-    collector(Page(number=2, per_page=2, runners=[renamed, runner(["odd"])], total=4), 1)
-    assert seen == [(1, 2, 2), (2, 2, 2)]
+    collector(Page(number=2, per_page=2, runners=[renamed, runner("r3")], total=4), 1)
+    assert collector.records == {} and seen == []  # nothing handled without the fingerprints
+
+    reading.set_result(stored)
+    collector(Page(number=3, per_page=2, runners=[], total=4), 1)
+    assert [pages for pages, _, _ in seen] == [1, 2, 3]  # in the order they came
+    assert collector.records["r1"] == (1, None)  # unchanged: its stored fingerprint matched
     record = collector.records["r2"][1]  # the later sighting (page 2) won
     assert isinstance(record, RunnerRecord) and record.name == "renamed"
+    assert isinstance(collector.records["r3"][1], RunnerRecord)
     assert set(collector.present) == {"r1", "r2"}
-    assert collector.seen_in(1) == {"r1", "r2"} and collector.rejected_in(1)
-    collector(Page(number=1, per_page=2, runners=[runner("r3")], total=1), 2)
-    assert collector.seen_in(2) == {"r3"} and not collector.rejected_in(2)
+
+
+def test_asking_the_collector_anything_waits_for_the_fingerprints_and_the_backlog() -> None:
+    for ask in (
+        lambda c: c.seen_in(1),
+        lambda c: c.rejected_in(1),
+        lambda c: set(c.present),
+    ):
+        reading: Future[dict[str, str | None]] = Future()
+        collector = Collector(KEY, False, reading, None)
+        collector(Page(number=1, per_page=100, runners=[runner("r1"), runner(["odd"])], total=2), 1)
+        reading.set_result({"r1": fingerprint(runner("r1"))})
+        ask(collector)
+        assert collector.records == {"r1": (1, None)}
+        assert len(collector.rejections) == 1
+
+
+def test_a_failed_read_of_the_fingerprints_fails_the_collector() -> None:
+    reading: Future[dict[str, str | None]] = Future()
+    collector = Collector(KEY, False, reading, None)
+    collector(Page(number=1, per_page=100, runners=[runner("r1")], total=1), 1)
+    reading.set_exception(OSError("disk gone"))
+    with pytest.raises(OSError, match="disk gone"):
+        collector(Page(number=2, per_page=100, runners=[runner("r2")], total=2), 1)

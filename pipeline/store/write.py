@@ -23,6 +23,7 @@ import itertools
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,23 +56,45 @@ _VARIABLE_LIMIT = sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER
 _SEARCH = ", ".join(SEARCH_COLUMNS)
 
 
-def load_present_fingerprints(path: Path) -> dict[str, str | None]:
+def load_present_fingerprints(db: Database) -> dict[str, str | None]:
     """id -> raw fingerprint of every present runner: all a quiet sync compares against.
 
-    Read on a short-lived read-only connection of its own, before the walk's writes begin,
-    so the rows pass through a small page cache that is dropped at once, not the writing
-    connection's large one. SQLite writes them as one JSON object and orjson reads it back,
-    both in C: cheaper than building the dict row by row from a cursor.
+    SQLite writes them as one JSON object and orjson reads it back, both in C: cheaper than
+    building the dict row by row from a cursor.
     """
-    reader = open_store_read_only(path)
-    try:
-        [(text,)] = reader.execute(
-            "SELECT json_group_object(id, raw_fingerprint) FROM runners WHERE deleted_at IS NULL"
-        )
-    finally:
-        reader.close()
+    [(text,)] = db.execute(
+        "SELECT json_group_object(id, raw_fingerprint) FROM runners WHERE deleted_at IS NULL"
+    )
     fingerprints: dict[str, str | None] = orjson.loads(text)
     return fingerprints
+
+
+def read_present_fingerprints_aside(db: Database, path: Path) -> Future[dict[str, str | None]]:
+    """``load_present_fingerprints``, read on a connection of its own in a second thread.
+
+    Most of the read is SQLite building one JSON text with the GIL released, so read aside
+    it overlaps the walk's first requests (pages that arrive meanwhile wait for it in the
+    collector), and through a small page cache rather than the writing connection's.
+    ``path`` is the file ``db`` has open. Only in WAL mode, where a reader never waits for
+    a writer; in rollback-journal mode (a first sync) they are read at once on ``db``.
+    """
+    if db.journal_mode != "wal":
+        read: Future[dict[str, str | None]] = Future()
+        read.set_result(load_present_fingerprints(db))
+        return read
+
+    def read_aside() -> dict[str, str | None]:
+        reader = open_store_read_only(path)
+        try:
+            return load_present_fingerprints(reader)
+        finally:
+            reader.close()
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comfysync-fingerprints")
+    try:
+        return pool.submit(read_aside)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def load_page_digests(db: Database) -> set[str]:

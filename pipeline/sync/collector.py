@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Collection, Iterable, KeysView, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -31,6 +32,9 @@ from pipeline.source.walk import (
 
 if TYPE_CHECKING:
     from pipeline.store.early import EarlyCreations
+
+if TYPE_CHECKING:
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +68,17 @@ class Collector:
     raw fingerprint matches the stored one is only noted as seen; everything else is
     parsed, and a runner the store never held is handed to ``early`` to be written while
     the walk goes on (the final decision can still take it back).
+
+    The stored fingerprints may still be being read when the first pages come: those pages
+    wait, in order, in a backlog that the first page after the read (or the first question
+    asked of the collector) works through.
     """
 
     def __init__(
         self,
         key: bytes,
         store_header_values: bool,
-        fingerprints: Mapping[str, str | None],
+        fingerprints: Future[dict[str, str | None]],
         on_progress: ProgressCallback | None,
         early: EarlyCreations | None = None,
         deleted_ids: frozenset[str] = frozenset(),
@@ -78,8 +86,10 @@ class Collector:
     ):
         self.key = key
         self.store_header_values = store_header_values
-        #: id -> stored raw fingerprint, for every present runner
-        self.fingerprints = fingerprints
+        #: id -> stored raw fingerprint, for every present runner (once read)
+        self.fingerprints: Mapping[str, str | None] = {}
+        self._fingerprints_read: Future[dict[str, str | None]] | None = fingerprints
+        self._backlog: list[tuple[Page, int]] = []
         self.fingerprint = fingerprinter(key, store_header_values)
         self.on_progress = on_progress
         #: Where runners the store never held go as soon as they are parsed; the stored
@@ -99,9 +109,25 @@ class Collector:
     @property
     def present(self) -> KeysView[str]:
         """The ids of every runner the store holds as present."""
+        self._catch_up()
         return self.fingerprints.keys()
 
+    def _catch_up(self) -> None:
+        """Wait for the stored fingerprints, then handle the pages that came before them."""
+        if self._fingerprints_read is None:
+            return
+        self.fingerprints = self._fingerprints_read.result()
+        self._fingerprints_read = None
+        backlog, self._backlog = self._backlog, []
+        for page, walk in backlog:
+            self(page, walk)
+
     def __call__(self, page: Page, walk: int) -> None:
+        if self._fingerprints_read is not None:
+            if not self._fingerprints_read.done():
+                self._backlog.append((page, walk))
+                return
+            self._catch_up()
         if walk != self.walk:
             self.walk, self.pages_in_walk = walk, 0
         runners = page.runners
@@ -183,11 +209,13 @@ class Collector:
 
     def seen_in(self, walk: int) -> set[str]:
         """Ids last seen in walk number ``walk`` (all of that walk's, while it is the latest)."""
+        self._catch_up()
         if walk == 1 == self.walk:  # a single walk: every sighting is its own (C-speed copy)
             return set(self.records)
         return {runner_id for runner_id, (n, _) in self.records.items() if n == walk}
 
     def rejected_in(self, walk: int) -> bool:
+        self._catch_up()
         return any(n == walk for n, _ in self.rejections)
 
     def pages_to_vouch_for(self, walk: WalkResult) -> list[str]:
@@ -204,6 +232,7 @@ class Collector:
 
     def final(self, walk: WalkResult) -> Sightings:
         """What to apply: the last walk's sightings if it is complete, else all sightings."""
+        self._catch_up()
         last = walk.walks
         parsed: dict[str, RunnerRecord] = {}
         unchanged: set[str] = set()

@@ -187,7 +187,7 @@ def _walk_and_apply(
         collector = Collector(
             key,
             settings.store_header_values,
-            store.load_present_fingerprints(settings.db_path),
+            store.read_present_fingerprints_aside(db, settings.db_path),
             seams.on_progress,
             early=early,
             deleted_ids=frozenset(store.load_deleted_ids(db)),

@@ -210,12 +210,9 @@ def test_metadata_out_writes_a_file_datasette_reads(run_cli, tmp_path, mirror: M
     )
 
 
-def test_browse_serves_the_mirror_on_loopback_until_interrupted(mirror: Mirror, tmp_path):
+def test_browse_serves_the_mirror_on_loopback_until_interrupted(mirror: Mirror, start_cli):
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "browse", "--port", str(port), "--db", str(mirror.path)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = start_cli("browse", "--port", str(port), "--db", str(mirror.path))
     try:
         url = f"http://127.0.0.1:{port}/mirror/runners.json?_search=renamed&_shape=array"
         response = get_once_served(proc, url)
@@ -267,12 +264,9 @@ def test_browse_on_a_port_in_use_exits_2_naming_it_and_never_prints_the_url(
     )
 
 
-def test_browse_prints_its_url_only_once_it_answers(mirror: Mirror, tmp_path):
+def test_browse_prints_its_url_only_once_it_answers(mirror: Mirror, start_cli):
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "browse", "--port", str(port), "--db", str(mirror.path)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = start_cli("browse", "--port", str(port), "--db", str(mirror.path))
     try:
         assert proc.stderr is not None
         for line in proc.stderr:

@@ -14,8 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,13 +264,6 @@ def dump_except_run_log(path: Path) -> list[str]:
         return [line for line in conn.iterdump() if not line.startswith('INSERT INTO "sync_runs"')]
     finally:
         conn.close()
-
-
-def already_read(fingerprints: Mapping[str, str | None]) -> Future[dict[str, str | None]]:
-    """Stored fingerprints as the sync's collector takes them: a read that has finished."""
-    read: Future[dict[str, str | None]] = Future()
-    read.set_result(dict(fingerprints))
-    return read
 
 
 def rows(path: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:

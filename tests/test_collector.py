@@ -7,11 +7,10 @@ from concurrent.futures import Future
 from typing import Any
 
 import pytest
-from conftest import already_read
 
 from pipeline.source.client import Page
 from pipeline.source.records import Rejection, RunnerRecord, fingerprinter
-from pipeline.sync.collector import Collector
+from pipeline.sync.collector import Collector, CollectorAfterRead
 
 KEY = b"k" * 32
 
@@ -31,7 +30,7 @@ def runner(runner_id: Any, name: str = "a") -> dict[str, Any]:
 
 
 def collect(runners: list[Any], stored: dict[str, str | None]) -> Collector:
-    collector = Collector(KEY, False, already_read(stored), None)
+    collector = Collector(KEY, False, stored, None)
     collector(Page(number=1, per_page=100, runners=runners, total=len(runners)), 1)
     return collector
 
@@ -76,14 +75,20 @@ def test_pages_that_come_before_the_stored_fingerprints_wait_and_are_handled_in_
     stored = {"r1": fingerprint(runner("r1")), "r2": fingerprint(moved)}
     reading: Future[dict[str, str | None]] = Future()
     seen: list[tuple[int, int, int]] = []
-    collector = Collector(KEY, False, reading, lambda *progress: seen.append(progress))
+    made: list[Collector] = []
 
-    collector(Page(number=1, per_page=2, runners=[runner("r1"), moved], total=4), 1)
-    collector(Page(number=2, per_page=2, runners=[renamed, runner("r3")], total=4), 1)
-    assert collector.records == {} and seen == []  # nothing handled without the fingerprints
+    def make(read: Any) -> Collector:
+        made.append(Collector(KEY, False, read, lambda *progress: seen.append(progress)))
+        return made[-1]
+
+    pages = CollectorAfterRead(reading, make)
+    pages(Page(number=1, per_page=2, runners=[runner("r1"), moved], total=4), 1)
+    pages(Page(number=2, per_page=2, runners=[renamed, runner("r3")], total=4), 1)
+    assert made == [] and seen == []  # nothing handled without the fingerprints
 
     reading.set_result(stored)
-    collector(Page(number=3, per_page=2, runners=[], total=4), 1)
+    pages(Page(number=3, per_page=2, runners=[], total=4), 1)
+    [collector] = made
     assert [pages for pages, _, _ in seen] == [1, 2, 3]  # in the order they came
     assert collector.records["r1"] == (1, None)  # unchanged: its stored fingerprint matched
     record = collector.records["r2"][1]  # the later sighting (page 2) won
@@ -92,25 +97,21 @@ def test_pages_that_come_before_the_stored_fingerprints_wait_and_are_handled_in_
     assert set(collector.present) == {"r1", "r2"}
 
 
-def test_asking_the_collector_anything_waits_for_the_fingerprints_and_the_backlog() -> None:
-    for ask in (
-        lambda c: c.seen_in(1),
-        lambda c: c.rejected_in(1),
-        lambda c: set(c.present),
-    ):
-        reading: Future[dict[str, str | None]] = Future()
-        collector = Collector(KEY, False, reading, None)
-        collector(Page(number=1, per_page=100, runners=[runner("r1"), runner(["odd"])], total=2), 1)
-        reading.set_result({"r1": fingerprint(runner("r1"))})
-        ask(collector)
-        assert collector.records == {"r1": (1, None)}
-        assert len(collector.rejections) == 1
+def test_asking_for_the_collector_hands_it_the_pages_that_waited() -> None:
+    reading: Future[dict[str, str | None]] = Future()
+    pages = CollectorAfterRead(reading, lambda read: Collector(KEY, False, read, None))
+    pages(Page(number=1, per_page=100, runners=[runner("r1"), runner(["odd"])], total=2), 1)
+    reading.set_result({"r1": fingerprint(runner("r1"))})
+    collector = pages.collector()
+    assert collector.records == {"r1": (1, None)}
+    assert len(collector.rejections) == 1
+    assert pages.collector() is collector  # made once
 
 
 def test_a_failed_read_of_the_fingerprints_fails_the_collector() -> None:
     reading: Future[dict[str, str | None]] = Future()
-    collector = Collector(KEY, False, reading, None)
-    collector(Page(number=1, per_page=100, runners=[runner("r1")], total=1), 1)
+    pages = CollectorAfterRead(reading, lambda read: Collector(KEY, False, read, None))
+    pages(Page(number=1, per_page=100, runners=[runner("r1")], total=1), 1)
     reading.set_exception(OSError("disk gone"))
     with pytest.raises(OSError, match="disk gone"):
-        collector(Page(number=2, per_page=100, runners=[runner("r2")], total=2), 1)
+        pages(Page(number=2, per_page=100, runners=[runner("r2")], total=2), 1)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import already_read, rows, settings_for
+from conftest import rows, settings_for
 
 import pipeline.sync.collector
 from pipeline.errors import UpstreamError
@@ -125,13 +125,11 @@ def test_a_known_page_is_taken_as_stored_without_fingerprints():
     runners = [{"id": "r1", "name": "new"}, {"id": "r2"}]
     body = b'{"runners":[{"id":"r1","name":"new"},{"id":"r2"}],"total":2}'
     page = Page(number=1, per_page=100, runners=runners, total=2, body=body)
-    known = Collector(key, False, already_read({}), None, known_pages={page_digester(key)(body)})
+    known = Collector(key, False, {}, None, known_pages={page_digester(key)(body)})
     known(page, 1)
     assert known.records == {"r1": (1, None), "r2": (1, None)}
 
-    unknown = Collector(
-        key, False, already_read({}), None, known_pages={page_digester(key)(body + b" ")}
-    )
+    unknown = Collector(key, False, {}, None, known_pages={page_digester(key)(body + b" ")})
     unknown(page, 1)
     assert all(record is not None for _, record in unknown.records.values())
 
@@ -154,7 +152,7 @@ def runner(runner_id: str, name: str = "a") -> dict[str, Any]:
 
 def test_a_complete_walk_that_saw_a_runner_twice_vouches_for_no_page():
     key = b"k" * 32
-    collector = Collector(key, False, already_read({}), None)
+    collector = Collector(key, False, {}, None)
     first = [runner("r1"), runner("r2")]
     second = [runner("r2", name="moved and changed"), runner("r3")]
     for number, runners in ((1, first), (2, second)):
@@ -162,7 +160,7 @@ def test_a_complete_walk_that_saw_a_runner_twice_vouches_for_no_page():
     walk = WalkResult(complete=True, walks=1, pages_fetched=2, total_reported=3, reasons=())
     assert collector.pages_to_vouch_for(walk) == []
 
-    once = Collector(key, False, already_read({}), None)
+    once = Collector(key, False, {}, None)
     once(Page(1, 2, first, 3, body=b"1"), 1)
     once(Page(2, 2, [runner("r3")], 3, body=b"2"), 1)
     vouched = once.pages_to_vouch_for(walk)

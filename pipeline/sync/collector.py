@@ -33,9 +33,6 @@ from pipeline.source.walk import (
 if TYPE_CHECKING:
     from pipeline.store.early import EarlyCreations
 
-if TYPE_CHECKING:
-    pass
-
 log = logging.getLogger(__name__)
 
 #: Called after each page with (pages read, pages expected in this walk, runners seen).
@@ -68,17 +65,13 @@ class Collector:
     raw fingerprint matches the stored one is only noted as seen; everything else is
     parsed, and a runner the store never held is handed to ``early`` to be written while
     the walk goes on (the final decision can still take it back).
-
-    The stored fingerprints may still be being read when the first pages come: those pages
-    wait, in order, in a backlog that the first page after the read (or the first question
-    asked of the collector) works through.
     """
 
     def __init__(
         self,
         key: bytes,
         store_header_values: bool,
-        fingerprints: Future[dict[str, str | None]],
+        fingerprints: Mapping[str, str | None],
         on_progress: ProgressCallback | None,
         early: EarlyCreations | None = None,
         deleted_ids: frozenset[str] = frozenset(),
@@ -86,10 +79,8 @@ class Collector:
     ):
         self.key = key
         self.store_header_values = store_header_values
-        #: id -> stored raw fingerprint, for every present runner (once read)
-        self.fingerprints: Mapping[str, str | None] = {}
-        self._fingerprints_read: Future[dict[str, str | None]] | None = fingerprints
-        self._backlog: list[tuple[Page, int]] = []
+        #: id -> stored raw fingerprint, for every present runner
+        self.fingerprints = fingerprints
         self.fingerprint = fingerprinter(key, store_header_values)
         self.on_progress = on_progress
         #: Where runners the store never held go as soon as they are parsed; the stored
@@ -109,25 +100,9 @@ class Collector:
     @property
     def present(self) -> KeysView[str]:
         """The ids of every runner the store holds as present."""
-        self._catch_up()
         return self.fingerprints.keys()
 
-    def _catch_up(self) -> None:
-        """Wait for the stored fingerprints, then handle the pages that came before them."""
-        if self._fingerprints_read is None:
-            return
-        self.fingerprints = self._fingerprints_read.result()
-        self._fingerprints_read = None
-        backlog, self._backlog = self._backlog, []
-        for page, walk in backlog:
-            self(page, walk)
-
     def __call__(self, page: Page, walk: int) -> None:
-        if self._fingerprints_read is not None:
-            if not self._fingerprints_read.done():
-                self._backlog.append((page, walk))
-                return
-            self._catch_up()
         if walk != self.walk:
             self.walk, self.pages_in_walk = walk, 0
         runners = page.runners
@@ -209,13 +184,11 @@ class Collector:
 
     def seen_in(self, walk: int) -> set[str]:
         """Ids last seen in walk number ``walk`` (all of that walk's, while it is the latest)."""
-        self._catch_up()
         if walk == 1 == self.walk:  # a single walk: every sighting is its own (C-speed copy)
             return set(self.records)
         return {runner_id for runner_id, (n, _) in self.records.items() if n == walk}
 
     def rejected_in(self, walk: int) -> bool:
-        self._catch_up()
         return any(n == walk for n, _ in self.rejections)
 
     def pages_to_vouch_for(self, walk: WalkResult) -> list[str]:
@@ -232,7 +205,6 @@ class Collector:
 
     def final(self, walk: WalkResult) -> Sightings:
         """What to apply: the last walk's sightings if it is complete, else all sightings."""
-        self._catch_up()
         last = walk.walks
         parsed: dict[str, RunnerRecord] = {}
         unchanged: set[str] = set()
@@ -249,3 +221,35 @@ class Collector:
             rejections=[rej for n, rej in self.rejections if n == last],
             pages=self.pages_to_vouch_for(walk),
         )
+
+
+class CollectorAfterRead:
+    """The walk's page handler while the stored fingerprints are read aside.
+
+    Pages that come before the read ends wait, in order; the collector is made, and handed
+    them, by the first page after it or the first call of ``collector``.
+    """
+
+    def __init__(
+        self,
+        fingerprints: Future[dict[str, str | None]],
+        make: Callable[[Mapping[str, str | None]], Collector],
+    ):
+        self._read, self._make = fingerprints, make
+        self._waiting: list[tuple[Page, int]] = []
+        self._collector: Collector | None = None
+
+    def __call__(self, page: Page, walk: int) -> None:
+        if self._collector is None and not self._read.done():
+            self._waiting.append((page, walk))
+        else:
+            self.collector()(page, walk)
+
+    def collector(self) -> Collector:
+        """The collector, once the fingerprints are read and the waiting pages handed to it."""
+        if self._collector is None:
+            self._collector = collector = self._make(self._read.result())
+            for page, walk in self._waiting:
+                collector(page, walk)
+            self._waiting.clear()
+        return self._collector

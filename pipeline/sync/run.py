@@ -51,6 +51,7 @@ from pipeline.source.client import ComfyControlClient
 from pipeline.source.records import RunnerRecord
 from pipeline.source.walk import (
     MissingAfter,
+    OnPage,
     WalkResult,
     walk_all_pages,
 )
@@ -59,7 +60,12 @@ from pipeline.store import write as store
 from pipeline.store.changeset import Decision
 from pipeline.store.early import EarlyCreations
 from pipeline.store.sqlite import Database
-from pipeline.sync.collector import Collector, ProgressCallback, Sightings
+from pipeline.sync.collector import (
+    Collector,
+    CollectorAfterRead,
+    ProgressCallback,
+    Sightings,
+)
 from pipeline.sync.lock import hold_sync_lock
 from pipeline.sync.plan import StoredPicture, decide, ids_needing_fields, to_recheck
 from pipeline.times import utc_timestamp
@@ -184,26 +190,35 @@ def _walk_and_apply(
         # the walk because new runners are written while it goes on.
         applied_at = now()
         early = EarlyCreations(db, sync_id=sync_id, applied_at=applied_at)
-        collector = Collector(
-            key,
-            settings.store_header_values,
+        deleted_ids, known_pages = (
+            frozenset(store.load_deleted_ids(db)),
+            store.load_page_digests(db),
+        )
+        pages = CollectorAfterRead(
             store.read_present_fingerprints_aside(db, settings.db_path),
-            seams.on_progress,
-            early=early,
-            deleted_ids=frozenset(store.load_deleted_ids(db)),
-            known_pages=store.load_page_digests(db),
+            lambda fingerprints: Collector(
+                key,
+                settings.store_header_values,
+                fingerprints,
+                seams.on_progress,
+                early=early,
+                deleted_ids=deleted_ids,
+                known_pages=known_pages,
+            ),
         )
 
         def missing_after(walk_number: int) -> dict[str, str]:
             # What this complete walk would delete, with the created_at that places each
             # one for its re-read.
+            collector = pages.collector()
             if collector.rejected_in(walk_number):
                 return {}  # a walk with rejected records deletes nothing: no need to look
             missing = to_recheck(collector.present, collector.seen_in(walk_number), settings)
             return early.load_created_at(missing)
 
         with _cyclic_collection_paused():
-            walk = asyncio.run(_walk_unless_stopped(settings, seams, collector, missing_after))
+            walk = asyncio.run(_walk_unless_stopped(settings, seams, pages, missing_after))
+            collector = pages.collector()
             sightings = collector.final(walk)
             written = early.finish()
             decision = decide(
@@ -306,7 +321,7 @@ def _describe(exc: BaseException) -> str:
 async def _walk_unless_stopped(
     settings: Settings,
     seams: _Seams,
-    collector: Collector,
+    on_page: OnPage,
     missing_after: MissingAfter,
 ) -> WalkResult:
     """The walk, cancelled (request or retry wait in flight included) as soon as ``stop`` is set.
@@ -314,7 +329,7 @@ async def _walk_unless_stopped(
     Cancelling is safe at any point of a walk: it has written nothing yet.
     """
     walk = asyncio.ensure_future(
-        _walk(settings, seams.client, seams.transport, collector, missing_after)
+        _walk(settings, seams.client, seams.transport, on_page, missing_after)
     )
     stop = seams.stop
     if stop is None:
@@ -334,7 +349,7 @@ async def _walk(
     settings: Settings,
     client: ComfyControlClient | None,
     transport: httpx.AsyncBaseTransport | None,
-    collector: Collector,
+    on_page: OnPage,
     missing_after: MissingAfter,
 ) -> WalkResult:
     if client is None:
@@ -355,7 +370,7 @@ async def _walk(
             per_page=settings.per_page,
             concurrency=settings.concurrency,
             max_walks=settings.max_walks,
-            on_page=collector,
+            on_page=on_page,
             missing_after=missing_after,
         )
 

@@ -5,30 +5,12 @@ users' own SQL depend on them. Migrations only ever move forward; a database who
 newer than this code is refused before anything is written to it, and a SQLite file that
 comfysync did not create is never written to at all.
 
-Tables (see README for every column):
-
-* ``runners``: one row per runner ever seen, its current state.
-* ``runner_versions``: every version of every runner with validity intervals.
-* ``sync_runs``: one row per sync attempt.
-* ``rejected_records``: runner objects that could not be stored, with the reason.
-* ``comfysync_meta``: schema version and the id of the per-database redaction key (the key
-  itself lives beside the database, never in it: ``pipeline.store.keyfile``, m009).
-* ``snapshots``: one row per snapshot file a sync wrote (or failed to write).
-* ``runners.raw_fingerprint`` (m005): a keyed digest of each runner as the API last sent it.
-* Runner ``created_at``/``updated_at`` in the one form ``records.normalise_timestamp`` stores
-  (m008 rewrites the times older versions kept as the API spelt them).
-* ``account_owners``: every runner owner (``user_id``) the mirror has seen, so a token for
-  another account is noticed (m004).
-
-Views and search (``m002_views_and_search``), for people reading the mirror with SQL or
-Datasette:
-
-* ``current_runners``: the runners present upstream (``deleted_at`` IS NULL).
-* ``runner_changes``: one row per changed field per version, with the old and new value.
-* ``runner_tags``: one row per present runner and tag.
-* ``runners_fts``: FTS5 over ``runners.name``, ``endpoint`` and ``tags`` (an external-content
-  index keyed by the rowid of ``runners``), kept current by ``store.apply_changes`` in the
-  same transaction as the changes, not by triggers.
+The tables are ``runners`` (each runner's current state), ``runner_versions`` (every
+version, with validity intervals), ``sync_runs`` (the run log), ``rejected_records``,
+``snapshots``, ``account_owners``, ``page_digests`` and ``comfysync_meta``; the views
+``current_runners``, ``runner_changes`` and ``runner_tags``; and ``runners_fts``, kept current
+by ``store.write`` in each sync's own transaction. The migrations below say why each came;
+the documentation's data model page describes every column.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ users' own SQL depend on them. Migrations only ever move forward; a database who
 newer than this code is refused before anything is written to it, and a SQLite file that
 comfysync did not create is never written to at all.
 
-Tables (see README for every column):
+Tables (docs/data-model.md describes every column):
 
 * ``runners``: one row per runner ever seen, its current state.
 * ``runner_versions``: every version of every runner with validity intervals.

@@ -184,7 +184,7 @@ csv_safe_option = click.option(
     "--csv-safe",
     is_flag=True,
     help="In CSV, prefix cells starting with = + - @ tab or CR with ' so that spreadsheets "
-    "show them instead of running them (alters the data; see README).",
+    "show them instead of running them (alters the data; see the Exports page of the docs).",
 )
 
 

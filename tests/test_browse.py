@@ -196,7 +196,7 @@ def test_metadata_out_writes_a_file_datasette_reads(run_cli, tmp_path, mirror: M
     assert written == metadata_for(Path("data/comfysync.db"))
     to_stdout = run_cli("browse", "--metadata-out", "-", "--db", "data/demo.db")
     assert json.loads(to_stdout.stdout) == metadata_for(Path("data/demo.db"))
-    # Datasette's own command line, as README shows it, with that file.
+    # Datasette's own command line, as the analysis page shows it, with that file.
     (tmp_path / "data").mkdir(exist_ok=True)
     shutil.copy(mirror.path, tmp_path / "data" / "comfysync.db")
     proc = subprocess.run(

@@ -117,7 +117,7 @@ def test_no_comment_or_docstring_quotes_a_measured_figure():
 
 
 def test_no_comment_or_docstring_points_at_a_file_outside_the_package():
-    """The API reference and other shared notes are not shipped: readers get the README."""
+    """The API reference and other shared notes are not shipped: readers get the docs."""
     outside = re.compile(r"\.\./|\bshared/")
     pointing = [
         f"{name}:{line}: {text.strip()}"

@@ -1,6 +1,6 @@
 """Every reader works for a user who can read the mirror but not write its folder.
 
-The README's systemd layout: `comfysync sync` runs as its own user and owns the folder; other
+The scheduling page's systemd layout: `comfysync sync` runs as its own user and owns the folder; other
 users read the database. SQLite can read a WAL database without write access only if its
 -wal and -shm files are there (https://www.sqlite.org/wal.html, "Read-Only Databases"), so a
 sync must leave them, and every reader (status, runs, history, changes, export, RunnerStore,

@@ -102,7 +102,7 @@ def test_two_syncs_make_two_partitions_per_format_that_pandas_pyarrow_and_duckdb
         assert parquet_rows(table.drop_columns(["snapshot_date"])) == fleet
         assert set(table.column("snapshot_date").to_pylist()) == {f"2026-03-0{sync_id}"}
 
-    # DuckDB over the glob, as the README shows it.
+    # DuckDB over the glob, as the analysis page shows it.
     glob = f"{export_dir}/parquet/runners/**/*.parquet"
     found = duckdb.sql(
         "SELECT CAST(snapshot_date AS VARCHAR), sync_id, count(*), count(DISTINCT id) "

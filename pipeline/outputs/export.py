@@ -139,7 +139,7 @@ def _write_parquet(path: Path, rows: ExportRows) -> int:
     count = pending_rows = 0
     pending: list[pa.RecordBatch] = []
     # zstd: markedly smaller files than snappy for this data, about as fast, and read by
-    # every tool the README names.
+    # every tool the analysis page names.
     with pq.ParquetWriter(path, rows.schema, compression="zstd") as writer:
         for batch in _arrow_batches(rows, for_csv=False):
             pending.append(batch)

@@ -10,7 +10,7 @@ version, with validity intervals), ``sync_runs`` (the run log), ``rejected_recor
 ``snapshots``, ``account_owners``, ``page_digests`` and ``comfysync_meta``; the views
 ``current_runners``, ``runner_changes`` and ``runner_tags``; and ``runners_fts``, kept current
 by ``store.write`` in each sync's own transaction. The migrations below say why each came;
-the documentation's data model page describes every column.
+docs/data-model.md describes every column.
 """
 
 from __future__ import annotations

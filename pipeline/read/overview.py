@@ -108,8 +108,11 @@ class MirrorStatus:
     snapshots: Snapshots
 
 
-def read_status(db: Database, db_path: Path, export_dir: Path | None = None) -> MirrorStatus:
-    """The state of the mirror in ``db`` (opened from ``db_path``) and its snapshot files.
+def read_status(
+    db: Database, db_path: Path, export_dir: Path | None = None, account: str | None = None
+) -> MirrorStatus:
+    """The state of the mirror in ``db`` (opened from ``db_path``) and its snapshot files
+    (those in ``account``'s partition, for an account of a configuration file).
 
     ``size_bytes`` counts the database file and its write-ahead log, both of which hold data.
     Snapshots are listed under ``export_dir``, or else under ``recorded_export_dir(db)``.
@@ -132,7 +135,7 @@ def read_status(db: Database, db_path: Path, export_dir: Path | None = None) -> 
         runners_present=present,
         runners_deleted=deleted,
         versions=versions,
-        snapshots=find_snapshots(export_dir, db),
+        snapshots=find_snapshots(export_dir, db, account),
     )
 
 
@@ -207,7 +210,9 @@ def _run(row: dict[str, Any]) -> SyncRun:
     return SyncRun(**{**row, "complete": complete, "warnings": warnings, "seconds": seconds})
 
 
-def find_snapshots(export_dir: Path, db: Database | None = None) -> Snapshots:
+def find_snapshots(
+    export_dir: Path, db: Database | None = None, account: str | None = None
+) -> Snapshots:
     """The snapshot files of every format, ordered by snapshot date, then sync id, then path.
 
     Files that do not follow the layout (``snapshot_files``) are not snapshots and are
@@ -224,7 +229,7 @@ def find_snapshots(export_dir: Path, db: Database | None = None) -> Snapshots:
     found = sorted(
         (path.parent.name, sync_id, str(path))
         for fmt in EXPORT_FORMATS
-        for sync_id, path in snapshot_files(export_dir, fmt)
+        for sync_id, path in snapshot_files(export_dir, fmt, account)
     )
     damaged: tuple[DamagedSnapshot, ...] = ()
     not_written: tuple[FailedSnapshot, ...] = ()

@@ -181,7 +181,8 @@ def _converted(path: Path, where: str, name: str, key: Key, value: object, folde
     try:
         converted = key.convert(value)
     except ValueError as exc:
-        raise ConfigurationError(f"{path}: {where} {name}: expected {exc}") from None
+        wrong = f", not {_kind(value)}" if str(exc).startswith("expected") else ""
+        raise ConfigurationError(f"{path}: {where} {name}: {exc}{wrong}") from None
     if key.is_path and isinstance(converted, Path):
         converted = folder / converted.expanduser()
     return converted

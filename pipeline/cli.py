@@ -219,6 +219,9 @@ class _WholeSentenceCommand(click.Command):
 class _Group(click.Group):
     command_class = _WholeSentenceCommand
 
+    def get_short_help_str(self, limit: int = 45) -> str:  # as a sub-group's line
+        return super().get_short_help_str(limit=10_000)
+
 
 @click.group(
     cls=_Group,
@@ -1265,8 +1268,9 @@ def browse(db_path: Path, port: int, metadata_out: Path | None) -> None:
 
 
 @cli.group(name="config", cls=_Group)
+@debug_option(DEBUG_READS)
 def config_group() -> None:
-    """Check the configuration file that names the accounts (comfysync.toml)."""
+    """Check the file that names the accounts (comfysync.toml)."""
 
 
 @config_group.command(name="check")
@@ -1326,7 +1330,10 @@ def _status_of(db_path: Path, db: Database) -> Any:
 @json_option
 @debug_option(DEBUG_READS)
 def accounts_command(config_path: Path | None, as_json: bool) -> None:
-    """List the configuration file's accounts: last sync, its status, runner counts."""
+    """List the accounts: last sync, its status, runner counts.
+
+    The accounts are those of the configuration file; one never synced shows as such.
+    """
     path = find_config(config_path)
     if path is None:
         raise ConfigurationError(

@@ -1233,8 +1233,11 @@ def changes(since: str, db_path: Path, as_json: bool) -> None:
     default=None,
     help="Write the Datasette metadata for --db to this file ('-': stdout) and exit.",
 )
+@_ACCOUNT_OPTIONS[0]
+@_ACCOUNT_OPTIONS[1]
+@_ACCOUNT_OPTIONS[2]
 @debug_option(DEBUG_READS)
-def browse(db_path: Path, port: int, metadata_out: Path | None) -> None:
+def browse(db_path: Path, port: int, metadata_out: Path | None, **accounts: Any) -> None:
     """Open the mirror in Datasette on 127.0.0.1.
 
     With descriptions of every table and column, default facets and canned queries.
@@ -1244,9 +1247,34 @@ def browse(db_path: Path, port: int, metadata_out: Path | None) -> None:
     \b
       comfysync browse --metadata-out metadata.json
       datasette data/comfysync.db --metadata metadata.json
+
+    With a configuration file's accounts (--account, --all), serves each account's database
+    under its name, with cross-database queries and the canned query _memory/all_fleets:
+    every account's fleet together.
     """
+    from pipeline.read import browse as browsing
     from pipeline.read.browse import HOST, database_name, metadata_json, serve, write_metadata
 
+    chosen = _chosen_accounts(accounts)
+    if chosen is not None:
+        if metadata_out is not None:
+            names = [account.name for account in chosen]
+            text = json.dumps(browsing.accounts_metadata(names), indent=2, ensure_ascii=False)
+            if str(metadata_out) == "-":
+                click.echo(text)
+                return
+            try:
+                metadata_out.write_text(text + "\n", encoding="utf-8")
+            except OSError as exc:
+                raise ConfigurationError(f"cannot write {metadata_out} ({exc.strerror})") from exc
+            return
+        url = f"http://{HOST}:{port}/_memory/all_fleets"
+        browsing.serve_accounts(
+            {account.name: account.db_path for account in chosen},
+            port=port,
+            on_start=lambda: click.echo(printable(f"browse {url} (Ctrl+C stops)"), err=True),
+        )
+        return
     if metadata_out is not None:
         if str(metadata_out) == "-":
             click.echo(metadata_json(db_path), nl=False)

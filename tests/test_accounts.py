@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 
 import duckdb
+import httpx
 import pandas as pd
 import pytest
-from conftest import free_port, present_mirror, rows
+from conftest import free_port, get_once_served, present_mirror, rows
 
 TOKENS = {"TOKEN_PROD": "prod-token-1", "TOKEN_STAGING": "staging-token-2"}
 
@@ -317,3 +318,30 @@ def test_config_is_found_by_option_then_environment_then_current_folder(run_cli,
     assert run_cli("sync", "--all").stderr.startswith(
         "comfysync: error: --account and --all need a configuration file"
     )
+
+
+def test_browse_serves_every_account_with_queries_across_them(
+    three_accounts, run_cli, start_cli, tmp_path
+):
+    assert run_cli("sync", "--account", "prod", "--account", "staging", env=TOKENS).exit_code == 0
+    port = free_port()
+    proc = start_cli("browse", "--account", "prod", "--account", "staging", "--port", str(port))
+    base = f"http://127.0.0.1:{port}"
+    fleets = get_once_served(proc, f"{base}/_memory/all_fleets.json?_shape=array").json()
+    counted = {name: sum(r["account"] == name for r in fleets) for name in ("prod", "staging")}
+    assert counted == {"prod": 37, "staging": 23}
+    assert {r["id"] for r in fleets if r["account"] == "prod"} == set(
+        three_accounts["prod"].account.runner_ids()
+    )
+    joined = httpx.get(
+        f"{base}/_memory.json",
+        params={
+            "sql": "SELECT (SELECT count(*) FROM prod.runners) + "
+            "(SELECT count(*) FROM staging.runners) AS runners",
+            "_shape": "array",
+        },
+    ).json()
+    assert joined == [{"runners": 60}]
+    assert httpx.get(f"{base}/staging/runners.json?_shape=array&_size=1").status_code == 200
+    proc.terminate()
+    assert "browse http://127.0.0.1:" in proc.communicate(timeout=10)[1]

@@ -28,7 +28,7 @@ import click
 
 from pipeline import __version__
 from pipeline.config import CONFIG_ENV, Account, Key, find_config, load_config
-from pipeline.errors import ComfySyncError, ConfigurationError
+from pipeline.errors import ComfySyncError, ConfigurationError, RunnerNotFoundError
 from pipeline.printable import PrintableFormatter, printable, printable_json, printable_lines
 from pipeline.settings import (
     DEFAULT_BASE_URL,
@@ -817,7 +817,8 @@ def for_each_account(command: Callable[..., None]) -> Callable[..., None]:
     With accounts chosen, the command runs once per account on the account's database (and
     snapshot folder); its lines start with the account's name and ``--json`` prints one array
     whose objects each say their account. One account failing does not stop the others;
-    the exit is the worst exit code.
+    the exit is the worst exit code. A runner asked for by name or id is looked for in every
+    account; only if none has it is that an error.
     """
 
     @functools.wraps(command)
@@ -833,6 +834,7 @@ def for_each_account(command: Callable[..., None]) -> Callable[..., None]:
                 "is in the configuration file"
             )
         worst, _per_account = 0, _PerAccount()
+        not_found: list[tuple[str, ComfySyncError]] = []
         try:
             for account in chosen:
                 _per_account.account = account.name
@@ -844,12 +846,18 @@ def for_each_account(command: Callable[..., None]) -> Callable[..., None]:
                     run["output"] = output.with_name(f"{output.stem}-{account.name}{output.suffix}")
                 try:
                     command(**run)
+                except RunnerNotFoundError as exc:  # an error only if no account has it
+                    not_found.append((account.name, exc))
                 except ComfySyncError as exc:
                     worst = max(worst, exc.exit_code)
                     _account_failed(account.name, exc)
             collected = _per_account.collected
         finally:
             _per_account = None
+        if len(not_found) == len(chosen):
+            for name, missing in not_found:
+                worst = max(worst, missing.exit_code)
+                _account_failed(name, missing)
         if options.get("as_json"):
             _echo_json(collected)
         if worst:

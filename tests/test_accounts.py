@@ -120,8 +120,15 @@ def test_read_commands_name_the_account_of_every_line_and_object(three_accounts,
     found = json.loads(changes.stdout)
     assert [(c["account"], len(c["changes"])) for c in found] == [("prod", 37), ("staging", 23)]
     runner = three_accounts["prod"].account.runner_ids()[0]
-    history = run_cli("history", runner, "--account", "prod")
+    history = run_cli("history", runner, "--account", "prod", "--account", "staging")
     assert history.exit_code == 0 and history.stdout.startswith("prod: ")
+    assert "staging: " not in history.stdout and history.stderr == ""  # only prod has it
+    nowhere = run_cli("history", "no-such-runner", "--account", "prod", "--account", "staging")
+    assert nowhere.exit_code == 2
+    assert [line.split(":")[2] for line in nowhere.stderr.splitlines()] == [
+        " account prod",
+        " account staging",
+    ]
 
     exported = run_cli("export", "-o", "fleet.csv", "--account", "prod", "--account", "staging")
     assert exported.exit_code == 0, exported.stderr

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigurationError
+from pipeline.settings import DEFAULT_EXPORT_DIR
 from pipeline.times import duration_seconds
 
 CONFIG_ENV = "COMFYSYNC_CONFIG"
@@ -60,9 +61,10 @@ class Key:
 class Account:
     """One ``[accounts.NAME]`` table, resolved over ``[defaults]``.
 
-    ``options`` maps option parameter names to what the file gave (``db_path`` always:
-    ``data/NAME.db`` beside the file by default). ``token_source`` says where the token is
-    looked for, for ``config check``; ``token`` is None when it was not found there.
+    ``options`` maps option parameter names to what the file gave (``db_path`` and
+    ``export_dir`` always: ``data/NAME.db`` and ``data/exports`` beside the file by
+    default). ``token_source`` says where the token is looked for, for ``config check``;
+    ``token`` is None when it was not found there.
     """
 
     name: str
@@ -146,7 +148,11 @@ def load_config(
         if any(k in table for k in TOKEN_KEYS):  # an account's own token replaces the default
             merged = {k: v for k, v in merged.items() if k not in TOKEN_KEYS or k in table}
         _refuse_unknown(path, where, table, allowed)
-        options = {"db_path": folder / "data" / f"{name}.db"}
+        # The built-in folders, read from the file's folder like every path in it.
+        options = {
+            "db_path": folder / "data" / f"{name}.db",
+            "export_dir": folder / DEFAULT_EXPORT_DIR,
+        }
         for key, value in merged.items():
             if key in keys:
                 options[keys[key].field] = _converted(path, where, key, keys[key], value, folder)

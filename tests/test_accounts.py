@@ -257,14 +257,28 @@ GOOD = '[accounts.a]\nbase_url = "http://127.0.0.1:9"\n'
 )
 def test_a_bad_config_exits_2_naming_the_file_and_the_key(run_cli, tmp_path, config, message):
     write_config(tmp_path, config)
-    for command in (("config", "check"), ("sync", "--all"), ("accounts",)):
-        if command[0] != "config" and ("crontab" in message or "http(s)" in message):
-            continue  # checked when a sync or schedule starts, and by config check
+    result = run_cli("config", "check")
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith("comfysync: error: comfysync.toml"), result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_every_command_that_reads_the_file_refuses_a_bad_one_alike(run_cli, tmp_path):
+    write_config(tmp_path, GOOD + "per_page = 0\n")
+    expected = (
+        "comfysync: error: comfysync.toml: [accounts.a] per_page: '0' must be between 1 and 100\n"
+    )
+    for command in (
+        ("sync", "--all"),
+        ("sync",),
+        ("schedule", "--all"),
+        ("accounts",),
+        ("status", "--account", "a"),
+        ("browse", "--all"),
+    ):
         result = run_cli(*command)
-        assert result.exit_code == 2, (command, result.stderr)
-        assert result.stderr.startswith("comfysync: error: comfysync.toml"), result.stderr
-        assert message in result.stderr
-        assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+        assert (result.exit_code, result.stderr) == (2, expected), command
 
 
 def test_a_token_in_a_file_others_can_read_is_refused(run_cli, tmp_path):

@@ -38,7 +38,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.blocking import BlockingScheduler
 
 from jobs.sync_runners import SKIPPED, SyncAttempt, sync_runners
-from pipeline.errors import ScheduleGaveUpError
+from pipeline.errors import ConfigurationError, ScheduleGaveUpError
 from pipeline.settings import Settings
 from pipeline.sync.stopping import leave_stop_signals_to_the_main_thread, stop_on_signals
 
@@ -86,7 +86,12 @@ def run_account_schedules(
     syncs of one database never overlap: one job per database, one instance per job, and
     the database's lock. Main thread only.
     """
-    checked = {name: (settings.validated(), plan) for name, (settings, plan) in schedules.items()}
+    checked = {}
+    for name, (settings, plan) in schedules.items():
+        try:
+            checked[name] = (settings.validated(), plan)
+        except ConfigurationError as exc:  # said for the account it is about
+            raise ConfigurationError(f"account {name}: {exc.message}") from exc
     zone = next(iter(checked.values()))[1].timezone
     with stop_on_signals() as stop:
         scheduler = BlockingScheduler(timezone=zone)

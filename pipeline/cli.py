@@ -18,16 +18,25 @@ import logging
 import math
 import os
 import sys
+import threading
 import traceback
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from pipeline import __version__
-from pipeline.config import CONFIG_ENV, Account, Key, find_config, load_config
+from pipeline.config import (
+    ACCOUNT_NAME,
+    ACCOUNT_NAME_FORMS,
+    CONFIG_ENV,
+    Account,
+    Key,
+    find_config,
+    load_config,
+)
 from pipeline.errors import ComfySyncError, ConfigurationError, RunnerNotFoundError
 from pipeline.printable import PrintableFormatter, printable, printable_json, printable_lines
 from pipeline.settings import (
@@ -619,12 +628,14 @@ _FILE_KEY = {"db_path": "db", "export_formats": "format"}
 
 @functools.cache
 def _sync_params() -> tuple[click.Option, ...]:
+    """The sync options as parameters, read from a command that has them alone."""
+
     def holder() -> None:
-        """Carries the sync options' parameters."""
+        """Carries the sync options."""
 
     for option in _SYNC_OPTIONS:
         holder = option(holder)
-    params = getattr(holder, "__click_params__", [])
+    params = click.command()(holder).params
     return tuple(param for param in params if isinstance(param, click.Option))
 
 
@@ -688,6 +699,12 @@ def _chosen_accounts(options: dict[str, Any]) -> tuple[Account, ...] | None:
     names, every = options.pop("account_names"), options.pop("all_accounts")
     if names and every:
         raise click.UsageError("pass --account NAME or --all, not both")
+    for name in names:
+        if not ACCOUNT_NAME.fullmatch(name):
+            raise click.BadParameter(
+                f"{_shown(name)} is not an account name ({ACCOUNT_NAME_FORMS})",
+                param_hint="'--account'",
+            )
     path = find_config(config_path)
     if path is None:
         if names or every:
@@ -734,6 +751,33 @@ def _account_failed(account: str, exc: ComfySyncError) -> None:
     click.echo(f"comfysync: error: account {account}: {printable(exc.message)}", err=True)
 
 
+#: The name of a thread syncing one account, before the account's name.
+_ACCOUNT_THREAD = "comfysync-account "
+
+
+class _AccountLogLabel(logging.Filter):
+    """Starts the log lines of an account's sync (its warnings) with the account's name."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        account = (record.threadName or "").removeprefix(_ACCOUNT_THREAD)
+        if account != record.threadName and not getattr(record, "account_labelled", False):
+            record.msg, record.account_labelled = f"account {account}: {record.msg}", True
+        return True
+
+
+@contextmanager
+def _log_filter(label: logging.Filter) -> Iterator[None]:
+    """``label`` on every handler of the root logger while the block runs."""
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(label)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(label)
+
+
 def _sync_accounts(
     accounts: dict[str, Settings | ConfigurationError],
     *,
@@ -748,13 +792,19 @@ def _sync_accounts(
     from pipeline.sync.run import run_sync
     from pipeline.sync.stopping import leave_stop_signals_to_the_main_thread, stop_on_signals
 
-    def sync_one(settings: Settings | ConfigurationError) -> SyncSummary:
+    def sync_one(name: str, settings: Settings | ConfigurationError) -> SyncSummary:
         if isinstance(settings, ConfigurationError):
             raise settings
-        return run_sync(settings, stop=stop)
+        threading.current_thread().name = f"{_ACCOUNT_THREAD}{name}"  # see _AccountLogLabel
+        try:
+            return run_sync(settings, stop=stop)
+        finally:
+            threading.current_thread().name = "comfysync-account"
 
     worst = 0
+    label = _AccountLogLabel()
     with (
+        _log_filter(label),
         stop_on_signals() as stop,
         ThreadPoolExecutor(
             max_parallel,
@@ -762,7 +812,7 @@ def _sync_accounts(
             initializer=leave_stop_signals_to_the_main_thread,
         ) as pool,
     ):
-        futures = {pool.submit(sync_one, settings): name for name, settings in accounts.items()}
+        futures = {pool.submit(sync_one, *item): item[0] for item in accounts.items()}
         for future in as_completed(futures):
             name = futures[future]
             try:

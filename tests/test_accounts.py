@@ -181,6 +181,11 @@ def test_no_account_chosen_acts_on_all_but_db_alone_means_one_database(
     alone = run_cli("sync", "-q", "--base-url", upstream.url, "--db", "alone.db", "--no-export")
     assert alone.exit_code == 0
     assert rows(tmp_path / "alone.db", "SELECT count(*) FROM runners") == [(5,)]
+    for runner in upstream.account.runner_ids()[:4]:
+        upstream.account.delete_runner(runner)
+    withheld = run_cli("sync", "-q")  # a mass deletion: the warning names its account
+    assert withheld.exit_code == 0
+    assert withheld.stderr.startswith("comfysync: WARNING: account a: "), withheld.stderr
 
 
 def test_schedule_runs_each_account_on_its_own_interval(three_accounts, run_cli, tmp_path):

@@ -109,6 +109,8 @@ def test_read_commands_name_the_account_of_every_line_and_object(three_accounts,
     assert [(s["account"], s["runners_present"], s["snapshots"]["files"]) for s in status] == [
         ("staging", 23, 1)
     ]
+    alone = json.loads(run_cli("status", "--json", "--db", "data/staging.db").stdout)
+    assert (alone["snapshots"]["files"], alone["snapshots"]["export_dir"]) == (1, "exports")
     runs = run_cli("runs", "--account", "prod", "--account", "staging")
     assert runs.exit_code == 0
     lines = runs.stdout.splitlines()

@@ -87,9 +87,15 @@ def snapshot_path(
     return runners_folder(export_dir, fmt, account) / partition / f"runners-{sync_id}.{fmt}"
 
 
+def account_of(path: Path) -> str | None:
+    """The account whose partition a ``snapshot_path`` lies in; None in the single layout."""
+    folder = path.parent.parent.name
+    return folder.removeprefix("account=") if folder.startswith("account=") else None
+
+
 def _depth(path: Path) -> int:
     """How many folders a ``snapshot_path`` lies below its export folder."""
-    return 5 if path.parent.parent.name.startswith("account=") else 4
+    return 4 if account_of(path) is None else 5
 
 
 def export_dir_of(path: Path) -> Path:

@@ -24,7 +24,13 @@ from typing import Any
 import orjson
 
 from pipeline.errors import ConfigurationError
-from pipeline.outputs.snapshot import export_dir_of, not_a_folder, place_in_tree, snapshot_files
+from pipeline.outputs.snapshot import (
+    account_of,
+    export_dir_of,
+    not_a_folder,
+    place_in_tree,
+    snapshot_files,
+)
 from pipeline.read.history import RUN_COLUMNS
 from pipeline.settings import DEFAULT_EXPORT_DIR, EXPORT_FORMATS
 from pipeline.store.schema import ABANDONED_RUN_ERROR, schema_version
@@ -115,10 +121,17 @@ def read_status(
     (those in ``account``'s partition, for an account of a configuration file).
 
     ``size_bytes`` counts the database file and its write-ahead log, both of which hold data.
-    Snapshots are listed under ``export_dir``, or else under ``recorded_export_dir(db)``.
+    Snapshots are listed under ``export_dir``, or else under ``recorded_export_dir(db)``;
+    without ``account``, in the partition of the account the latest snapshot was written for,
+    if any, so an account's database shows its snapshots when named by ``--db`` alone.
     """
     if export_dir is None:
         export_dir = recorded_export_dir(db)
+    if account is None:
+        row = db.execute(
+            "SELECT path FROM snapshots WHERE error IS NULL ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        account = account_of(Path(row[0])) if row else None
     present, deleted = db.execute(
         "SELECT count(*) - count(deleted_at), count(deleted_at) FROM runners"
     ).fetchone()

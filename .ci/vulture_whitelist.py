@@ -10,6 +10,8 @@ __getattr__
 # click: the hooks of its parameter types and groups.
 _describe_range
 command_class
+# click: `comfysync config check`, registered by its group's decorator.
+config_check
 # The simulator's scripted faults: the tests script them (tests are not scanned).
 fail_next
 fail_always

@@ -24,6 +24,7 @@ thread, and a small stopper thread shuts the scheduler down when the schedule is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -33,10 +34,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_SCHEDULER_STARTED
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.blocking import BlockingScheduler
 
 from jobs.sync_runners import SKIPPED, SyncAttempt, sync_runners
-from pipeline.errors import ScheduleGaveUpError
+from pipeline.errors import ConfigurationError, ScheduleGaveUpError
 from pipeline.settings import Settings
 from pipeline.sync.stopping import leave_stop_signals_to_the_main_thread, stop_on_signals
 
@@ -73,11 +75,73 @@ def run_schedule(settings: Settings, plan: SchedulePlan, *, job: SyncJob = sync_
         )
 
 
+def run_account_schedules(
+    schedules: dict[str, tuple[Settings, SchedulePlan]], *, job: SyncJob = sync_runners
+) -> None:
+    """Run every account of a configuration file on its own plan in one scheduler.
+
+    Each account is one job with its own counts: its ``--max-runs`` or
+    ``--max-consecutive-failures`` ends only its job, and the schedule returns once every
+    job has ended (or on a signal). ScheduleGaveUpError then if any account gave up. Two
+    syncs of one database never overlap: one job per database, one instance per job, and
+    the database's lock. Main thread only.
+    """
+    checked = {}
+    for name, (settings, plan) in schedules.items():
+        try:
+            checked[name] = (settings.validated(), plan)
+        except ConfigurationError as exc:  # said for the account it is about
+            raise ConfigurationError(f"account {name}: {exc.message}") from exc
+    zone = next(iter(checked.values()))[1].timezone
+    with stop_on_signals() as stop:
+        scheduler = BlockingScheduler(timezone=zone)
+        parts = [
+            _Schedule(settings, plan, job, stop, scheduler=scheduler, account=name)
+            for name, (settings, plan) in checked.items()
+        ]
+
+        def shut_down_when_all_finished() -> None:
+            leave_stop_signals_to_the_main_thread()
+            for part in parts:
+                part.finished.wait()
+            scheduler.remove_all_jobs()
+            scheduler.shutdown(wait=False)
+
+        stopper = threading.Thread(target=shut_down_when_all_finished, daemon=True)
+        scheduler.add_listener(lambda event: stopper.start(), EVENT_SCHEDULER_STARTED)
+        for part in parts:
+            part.add_job()
+        scheduler.start()
+        for part in parts:
+            with part.running:  # a run told to stop is let to end
+                pass
+    gave_up = [part for part in parts if part.gave_up]
+    if gave_up:
+        raise ScheduleGaveUpError(
+            "; ".join(
+                f"account {part.account}: {part.consecutive_failures} runs failed in a row "
+                f"(--max-consecutive-failures), the last: {part.last_error}"
+                for part in gave_up
+            )
+        )
+
+
 class _Schedule:
-    """The scheduler, the job and what they share: the counts and when to stop."""
+    """The scheduler, the job and what they share: the counts and when to stop.
+
+    With ``account`` (a configuration file's), it is that account's job in a ``scheduler``
+    shared with the other accounts, and its log lines name the account.
+    """
 
     def __init__(
-        self, settings: Settings, plan: SchedulePlan, job: SyncJob, stop: threading.Event
+        self,
+        settings: Settings,
+        plan: SchedulePlan,
+        job: SyncJob,
+        stop: threading.Event,
+        *,
+        scheduler: BlockingScheduler | None = None,
+        account: str | None = None,
     ) -> None:
         self.settings = settings
         self.plan = plan
@@ -91,20 +155,32 @@ class _Schedule:
         self.consecutive_failures = 0
         self.last_error: str | None = None
         self.gave_up = False
-        self.scheduler = BlockingScheduler(timezone=plan.timezone)
+        self.account = account
+        self.job_id = JOB_ID if account is None else f"{JOB_ID}-{account}"
+        self.label = "" if account is None else f"account {account}: "
+        self.scheduler = scheduler or BlockingScheduler(timezone=plan.timezone)
         self.stopper = threading.Thread(
             target=self._shut_down_when_finished, name="comfysync-schedule-stopper", daemon=True
         )
 
     def run(self) -> None:
         """Block until the schedule is finished and no run is in progress."""
+        self.scheduler.add_listener(lambda event: self.stopper.start(), EVENT_SCHEDULER_STARTED)
+        self.add_job()
+        self.scheduler.start()  # returns once the stopper has shut it down
+        with self.running:  # the run in progress, if any, has been told to stop: let it end
+            pass
+        log.info("schedule stopped after %d run(s): %s", self.runs, self.finish_reason)
+
+    def add_job(self) -> None:
+        """Add the job to the scheduler, and watch for the stop signal."""
         first: dict[str, Any] = {}
         if self.plan.run_now:
             first["next_run_time"] = datetime.now(self.plan.timezone)
         self.scheduler.add_job(
             self._tick,
             trigger=self.plan.trigger,
-            id=JOB_ID,
+            id=self.job_id,
             name="comfysync sync",
             max_instances=1,
             coalesce=True,
@@ -112,19 +188,15 @@ class _Schedule:
             **first,
         )
         self.scheduler.add_listener(self._tick_skipped, EVENT_JOB_MAX_INSTANCES)
-        self.scheduler.add_listener(lambda event: self.stopper.start(), EVENT_SCHEDULER_STARTED)
         watcher = threading.Thread(target=self._watch_signal, daemon=True)
         watcher.start()
         log.info(
-            "schedule: %s, database %s; first run %s",
+            "%sschedule: %s, database %s; first run %s",
+            self.label,
             self.plan.description,
             self.settings.db_path,
             "now" if self.plan.run_now else f"at {_when(self._first_tick())}",
         )
-        self.scheduler.start()  # returns once the stopper has shut it down
-        with self.running:  # the run in progress, if any, has been told to stop: let it end
-            pass
-        log.info("schedule stopped after %d run(s): %s", self.runs, self.finish_reason)
 
     def _watch_signal(self) -> None:
         leave_stop_signals_to_the_main_thread()
@@ -150,7 +222,7 @@ class _Schedule:
         return self.plan.trigger.get_next_fire_time(None, now)  # type: ignore[no-any-return]
 
     def _next_run_time(self) -> datetime | None:
-        job = self.scheduler.get_job(JOB_ID)
+        job = self.scheduler.get_job(self.job_id)
         return None if job is None else job.next_run_time
 
     def _tick(self) -> None:
@@ -162,7 +234,13 @@ class _Schedule:
             self._count(attempt)
             next_run = None if self.finished.is_set() else self._next_run_time()
             message, fields = describe_attempt(self.runs, attempt, next_run, self.finish_reason)
-            log.info("%s", message, extra={"fields": fields})
+            if self.account is not None:
+                fields["account"] = self.account
+            log.info("%s%s", self.label, message, extra={"fields": fields})
+            if self.account is not None and self.finished.is_set():  # the others go on
+                log.info("%sstopped after %d run(s): %s", self.label, self.runs, self.finish_reason)
+                with contextlib.suppress(JobLookupError):
+                    self.scheduler.remove_job(self.job_id)
 
     def _count(self, attempt: SyncAttempt) -> None:
         if not attempt.counts_as_run:
@@ -181,8 +259,11 @@ class _Schedule:
             self._finish(f"--max-runs {self.plan.max_runs} reached")
 
     def _tick_skipped(self, event: Any) -> None:
+        if event.job_id != self.job_id:
+            return
         log.info(
-            "tick at %s skipped: the previous run is still going (runs never overlap)",
+            "%stick at %s skipped: the previous run is still going (runs never overlap)",
+            self.label,
             _when(event.scheduled_run_times[-1]),
         )
 

@@ -18,16 +18,26 @@ import logging
 import math
 import os
 import sys
+import threading
 import traceback
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from pipeline import __version__
-from pipeline.errors import ComfySyncError, ConfigurationError
+from pipeline.config import (
+    ACCOUNT_NAME,
+    ACCOUNT_NAME_FORMS,
+    CONFIG_ENV,
+    Account,
+    Key,
+    find_config,
+    load_config,
+)
+from pipeline.errors import ComfySyncError, ConfigurationError, RunnerNotFoundError
 from pipeline.printable import PrintableFormatter, printable, printable_json, printable_lines
 from pipeline.settings import (
     DEFAULT_BASE_URL,
@@ -218,6 +228,9 @@ class _WholeSentenceCommand(click.Command):
 class _Group(click.Group):
     command_class = _WholeSentenceCommand
 
+    def get_short_help_str(self, limit: int = 45) -> str:  # as a sub-group's line
+        return super().get_short_help_str(limit=10_000)
+
 
 @click.group(
     cls=_Group,
@@ -241,16 +254,27 @@ def sync_options(command: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(command)
     def with_settings(**options: Any) -> None:
-        fields = {name: options.pop(name) for name in _SETTINGS_FIELDS if name in options}
-        # The key only from the environment: a command line is visible to other users.
-        fields["redaction_key"] = os.environ.get(KEY_ENV) or None
-        if options.pop("no_export"):
-            fields["export_dir"] = None
-        command(settings=Settings(**fields), **options)
+        chosen = _chosen_accounts(options)
+        values = {name: options.pop(name) for name in _sync_option_names()}
+        if chosen is None:
+            command(settings=_settings(values), accounts=[], **options)
+            return
+        accounts = [(account, _account_settings(account, values)) for account in chosen]
+        command(settings=None, accounts=accounts, **options)
 
-    for option in reversed(_SYNC_OPTIONS):
+    for option in reversed((*_SYNC_OPTIONS, *_ACCOUNT_OPTIONS)):
         with_settings = option(with_settings)
     return with_settings
+
+
+def _settings(values: dict[str, Any], account: Account | None = None) -> Settings:
+    """The Settings of one sync from its option values (``no_export`` clears ``export_dir``)."""
+    fields = {name: value for name, value in values.items() if name in _SETTINGS_FIELDS}
+    # The key only from the environment: a command line is visible to other users.
+    fields["redaction_key"] = os.environ.get(KEY_ENV) or None
+    if values["no_export"]:
+        fields["export_dir"] = None
+    return Settings(**fields, account=account.name if account else None)
 
 
 _SYNC_OPTIONS = (
@@ -356,14 +380,50 @@ _SYNC_OPTIONS = (
     ),
 )
 _SETTINGS_FIELDS = frozenset(field.name for field in dataclasses.fields(Settings))
+#: Which accounts of the configuration file (pipeline.config) a command acts on.
+_ACCOUNT_OPTIONS = (
+    click.option(
+        "--config",
+        "config_path",
+        type=FilePath(path_type=Path, dir_okay=False),
+        default=None,
+        show_default=f"${CONFIG_ENV}, else ./comfysync.toml if there",
+        help="Configuration file naming the accounts (see docs/accounts.md).",
+    ),
+    click.option(
+        "--account",
+        "account_names",
+        multiple=True,
+        metavar="NAME",
+        help="Act on this account of the configuration file; repeat for several.",
+    ),
+    click.option(
+        "--all",
+        "all_accounts",
+        is_flag=True,
+        help="Act on every account of the configuration file.",
+    ),
+)
 
 
 @cli.command()
 @sync_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors and warnings (for cron mail).")
+@click.option(
+    "--max-parallel",
+    type=WholeNumber(1, 32),
+    default=2,
+    help="With several accounts: how many sync at once, each under its own lock.",
+)
 @debug_option(DEBUG_REQUESTS)
-def sync(settings: Settings, as_json: bool, quiet: bool) -> None:
+def sync(
+    settings: Settings | None,
+    accounts: list[tuple[Account, Settings | ConfigurationError]],
+    as_json: bool,
+    quiet: bool,
+    max_parallel: int,
+) -> None:
     """Mirror every runner into the database, recording what changed.
 
     Deletions are only recorded when the walk over all pages is proven complete and would not
@@ -372,6 +432,10 @@ def sync(settings: Settings, as_json: bool, quiet: bool) -> None:
     the fleet is written as snapshot files (Parquet and CSV) under --export-dir; a snapshot
     that fails is a warning, never a failed sync. One sync at a time per database. SIGINT or
     SIGTERM stops it before it applies anything (or lets the apply it is in finish).
+
+    With a configuration file, --account NAME or --all syncs its accounts, --max-parallel at
+    once; each line (each --json object) names its account, one failing does not stop the
+    others, and the exit code is the worst of theirs.
 
     Exit codes: 0 success or partial, 2 usage or configuration, 3 authentication, 4 upstream
     failure or full disk (nothing applied), 5 another sync is running, 6 stopped by a signal
@@ -382,6 +446,10 @@ def sync(settings: Settings, as_json: bool, quiet: bool) -> None:
 
     if as_json and quiet:
         raise click.UsageError("--json and --quiet cannot be combined")
+    if settings is None:
+        chosen = {account.name: settings for account, settings in accounts}
+        _sync_accounts(chosen, max_parallel=max_parallel, as_json=as_json, quiet=quiet)
+        return
     show_progress = sys.stderr.isatty() and not (as_json or quiet)
     with stop_on_signals() as stop, _ProgressBar(enabled=show_progress) as progress:
         summary = run_sync(settings, on_progress=progress.update, stop=stop)
@@ -439,7 +507,8 @@ def sync(settings: Settings, as_json: bool, quiet: bool) -> None:
 )
 @debug_option(DEBUG_REQUESTS)
 def schedule(
-    settings: Settings,
+    settings: Settings | None,
+    accounts: list[tuple[Account, Settings | ConfigurationError]],
     every: str | None,
     cron: str | None,
     jitter: int,
@@ -451,21 +520,67 @@ def schedule(
 ) -> None:
     """Sync on a schedule, in the foreground, until SIGINT or SIGTERM.
 
-    Takes every `sync` option, plus exactly one of --every or --cron. Runs never overlap,
+    Takes every `sync` option, plus exactly one of --every or --cron; with a configuration
+    file's accounts (--account, --all), each runs on its own `schedule` from the file in one
+    process, with its own counts, unless --every or --cron is given for all. Runs never overlap,
     with each other or with any other sync of the database (a tick that finds one running
     is skipped). A failed run is logged and recorded, and the schedule goes on. After each
     run it logs one line: status, counts, duration, next run time. SIGINT or SIGTERM: no
     new run starts, a run in progress stops before applying (or finishes its apply), exit 0.
     """
-    from jobs import triggers
     from jobs.log_format import configure_logging
-    from jobs.scheduler import SchedulePlan, run_schedule
+    from jobs.scheduler import run_account_schedules, run_schedule
+
+    if settings is None:  # each account on its own schedule, unless the command line sets one
+        plans = {}
+        for account, chosen in accounts:
+            if isinstance(chosen, ConfigurationError):
+                raise chosen
+            given = {"every": every, "cron": cron} if every or cron else account.schedule
+            plan = _schedule_plan(
+                given.get("every"),
+                given.get("cron"),
+                jitter,
+                timezone_name,
+                run_now,
+                max_runs,
+                max_consecutive_failures,
+                account=account.name,
+            )
+            plans[account.name] = (chosen, plan)
+        configure_logging(log_format)
+        run_account_schedules(plans)
+        return
+    plan = _schedule_plan(
+        every, cron, jitter, timezone_name, run_now, max_runs, max_consecutive_failures
+    )
+    configure_logging(log_format)
+    run_schedule(settings, plan)
+
+
+def _schedule_plan(
+    every: str | None,
+    cron: str | None,
+    jitter: int,
+    timezone_name: str,
+    run_now: bool,
+    max_runs: int | None,
+    max_consecutive_failures: int | None,
+    *,
+    account: str | None = None,
+) -> Any:
+    """The SchedulePlan of ``schedule``'s options (of one account's, with ``account``)."""
+    from jobs import triggers
+    from jobs.scheduler import SchedulePlan
 
     if (every is None) == (cron is None):
-        raise click.UsageError(
-            f"pass exactly one of --every ({triggers.EVERY_FORMS}) "
-            f"or --cron ({triggers.CRON_FORMS})"
-        )
+        wanted = f"--every ({triggers.EVERY_FORMS}) or --cron ({triggers.CRON_FORMS})"
+        if account is not None:
+            raise click.UsageError(
+                f"account {account} has no schedule in the configuration file: give it one "
+                f'(schedule = {{ every = "15m" }}) or pass {wanted}'
+            )
+        raise click.UsageError(f"pass exactly one of {wanted}")
     zone = _parsed(triggers.parse_timezone, timezone_name, "--timezone")
     if every is not None:
         interval = _parsed(triggers.parse_every, every, "--every")
@@ -479,7 +594,7 @@ def schedule(
         description = f"cron '{cron}' in {zone.key}"
     if jitter:
         description += f", jitter up to {jitter} s"
-    plan = SchedulePlan(
+    return SchedulePlan(
         trigger=trigger,
         description=description,
         timezone=zone,
@@ -487,8 +602,6 @@ def schedule(
         max_runs=max_runs,
         max_consecutive_failures=max_consecutive_failures,
     )
-    configure_logging(log_format)
-    run_schedule(settings, plan)
 
 
 def _parsed(parse: Callable[[str], Any], value: str, option: str) -> Any:
@@ -499,6 +612,310 @@ def _parsed(parse: Callable[[str], Any], value: str, option: str) -> Any:
         raise click.BadParameter(
             str(exc), ctx=click.get_current_context(), param_hint=f"'{option}'"
         ) from None
+
+
+# -- many accounts from one configuration file (pipeline.config) -----------------------------
+
+#: Options that name one account's upstream or database: from the command line or the
+#: environment they may apply to one chosen account, never to several at once.
+_ONE_ACCOUNT_ONLY = ("base_url", "token", "db_path")
+#: Sync options that are no key of the file: a token has keys of its own, and a mass
+#: deletion is allowed once, by hand.
+_NOT_IN_FILE = frozenset({"token", "allow_mass_delete"})
+#: A file key named after its option where the parameter's name differs (--db, --format).
+_FILE_KEY = {"db_path": "db", "export_formats": "format"}
+
+
+@functools.cache
+def _sync_params() -> tuple[click.Option, ...]:
+    """The sync options as parameters, read from a command that has them alone."""
+
+    def holder() -> None:
+        """Carries the sync options."""
+
+    for option in _SYNC_OPTIONS:
+        holder = option(holder)
+    params = click.command()(holder).params
+    return tuple(param for param in params if isinstance(param, click.Option))
+
+
+def _sync_option_names() -> list[str]:
+    return [param.name for param in _sync_params() if param.name]
+
+
+def _config_keys() -> dict[str, Key]:
+    """The file's keys: one per sync option, checked by the option's own type, so an option
+    added to the sync options is a key of the file with no more code."""
+    return {
+        _FILE_KEY.get(param.name, param.name): Key(
+            param.name, functools.partial(_file_value, param), isinstance(param.type, click.Path)
+        )
+        for param in _sync_params()
+        if param.name and param.name not in _NOT_IN_FILE
+    }
+
+
+def _file_value(param: click.Option, value: object) -> Any:
+    """``value`` from the file as ``param`` takes it; ValueError saying what it expects."""
+    if param.is_flag:
+        ok, wanted = isinstance(value, bool), "a boolean"
+    elif param.multiple:
+        value = [value] if isinstance(value, str) else value
+        ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
+        wanted = "a string or an array of strings"
+    elif isinstance(param.type, Number):
+        kinds = (int,) if param.type.whole else (int, float)
+        ok = isinstance(value, kinds) and not isinstance(value, bool)
+        wanted = "a whole number" if param.type.whole else "a number"
+    else:
+        ok, wanted = isinstance(value, str), "a string"
+    if not ok:
+        raise ValueError(f"expected {wanted}")
+    try:
+        return param.type_cast_value(click.get_current_context(), value)
+    except click.BadParameter as exc:
+        raise ValueError(exc.message) from None
+
+
+def _given(name: str) -> bool:
+    """Whether the option ``name`` came from the command line or the environment."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source in (
+        click.core.ParameterSource.COMMANDLINE,
+        click.core.ParameterSource.ENVIRONMENT,
+    )
+
+
+def _option_text(name: str) -> str:
+    param = next(p for p in click.get_current_context().command.params if p.name == name)
+    envvar = f" (or {param.envvar})" if isinstance(param.envvar, str) else ""
+    return max(param.opts, key=len) + envvar
+
+
+def _chosen_accounts(options: dict[str, Any]) -> tuple[Account, ...] | None:
+    """The accounts ``--account``/``--all`` choose (popped from ``options``), or None to work
+    on one database as without a file: there is no file, or ``--db`` names the database."""
+    config_path = options.pop("config_path")
+    names, every = options.pop("account_names"), options.pop("all_accounts")
+    if names and every:
+        raise click.UsageError("pass --account NAME or --all, not both")
+    for name in names:
+        if not ACCOUNT_NAME.fullmatch(name):
+            raise click.BadParameter(
+                f"{_shown(name)} is not an account name ({ACCOUNT_NAME_FORMS})",
+                param_hint="'--account'",
+            )
+    path = find_config(config_path)
+    if path is None:
+        if names or every:
+            raise click.UsageError(
+                f"--account and --all need a configuration file: pass --config, set "
+                f"{CONFIG_ENV} or create ./comfysync.toml"
+            )
+        return None
+    if not (names or every) and _given("db_path"):
+        return None
+    chosen = load_config(path, _config_keys()).select(names)
+    for name in _ONE_ACCOUNT_ONLY:
+        if len(chosen) > 1 and _given(name):
+            raise click.UsageError(
+                f"{_option_text(name)} is given but applies to one account; pick one with "
+                f"--account, or set it per account in {path}"
+            )
+    return chosen
+
+
+def _account_values(account: Account, values: dict[str, Any]) -> dict[str, Any]:
+    """The sync option values for ``account``. Precedence, highest first: command line,
+    environment, the account's table, [defaults], built-in defaults."""
+    merged = {**values, "token": values["token"] if _given("token") else account.token}
+    merged.update({k: v for k, v in account.options.items() if not _given(k)})
+    return merged
+
+
+def _account_settings(account: Account, values: dict[str, Any]) -> Settings | ConfigurationError:
+    """``account``'s Settings, or why it has none: its token is not where the file says."""
+    settings = _settings(_account_values(account, values), account)
+    if settings.token is None and account.token_source != "none":
+        return ConfigurationError(
+            f"no API token for account {account.name}: {account.token_source} is not set"
+        )
+    return settings
+
+
+def _labelled(account: str, text: str) -> str:
+    return "\n".join(f"{account}: {line}" for line in text.splitlines())
+
+
+def _account_failed(account: str, exc: ComfySyncError) -> None:
+    click.echo(f"comfysync: error: account {account}: {printable(exc.message)}", err=True)
+
+
+#: The name of a thread syncing one account, before the account's name.
+_ACCOUNT_THREAD = "comfysync-account "
+
+
+class _AccountLogLabel(logging.Filter):
+    """Starts the log lines of an account's sync (its warnings) with the account's name."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        account = (record.threadName or "").removeprefix(_ACCOUNT_THREAD)
+        if account != record.threadName and not getattr(record, "account_labelled", False):
+            record.msg, record.account_labelled = f"account {account}: {record.msg}", True
+        return True
+
+
+@contextmanager
+def _log_filter(label: logging.Filter) -> Iterator[None]:
+    """``label`` on every handler of the root logger while the block runs."""
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(label)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(label)
+
+
+def _sync_accounts(
+    accounts: dict[str, Settings | ConfigurationError],
+    *,
+    max_parallel: int,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Sync ``accounts``, ``max_parallel`` at once; each result is shown as it comes, and the
+    exit is the worst exit code among them."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from pipeline.sync.run import run_sync
+    from pipeline.sync.stopping import leave_stop_signals_to_the_main_thread, stop_on_signals
+
+    def sync_one(name: str, settings: Settings | ConfigurationError) -> SyncSummary:
+        if isinstance(settings, ConfigurationError):
+            raise settings
+        threading.current_thread().name = f"{_ACCOUNT_THREAD}{name}"  # see _AccountLogLabel
+        try:
+            return run_sync(settings, stop=stop)
+        finally:
+            threading.current_thread().name = "comfysync-account"
+
+    worst = 0
+    label = _AccountLogLabel()
+    with (
+        _log_filter(label),
+        stop_on_signals() as stop,
+        ThreadPoolExecutor(
+            max_parallel,
+            thread_name_prefix="comfysync-account",
+            initializer=leave_stop_signals_to_the_main_thread,
+        ) as pool,
+    ):
+        futures = {pool.submit(sync_one, *item): item[0] for item in accounts.items()}
+        for future in as_completed(futures):
+            name = futures[future]
+            try:
+                summary = future.result()
+            except Exception as exc:
+                if not isinstance(exc, ComfySyncError):  # its text could quote a secret
+                    if _debug:
+                        click.echo(
+                            printable_lines("".join(traceback.format_exception(exc))), err=True
+                        )
+                    exc = ComfySyncError(f"internal error ({type(exc).__name__})")
+                worst = max(worst, exc.exit_code)
+                _account_failed(name, exc)
+                if as_json:
+                    failed = {"exit_code": exc.exit_code, "error": exc.message, "status": "failed"}
+                    click.echo(json.dumps({"account": name, **failed}, sort_keys=True))
+                continue
+            if as_json:
+                click.echo(
+                    json.dumps({"account": name, **dataclasses.asdict(summary)}, sort_keys=True)
+                )
+            elif not quiet:
+                click.echo(_labelled(name, describe_summary(summary)))
+    if worst:
+        raise click.exceptions.Exit(worst)
+
+
+@dataclasses.dataclass
+class _PerAccount:
+    """What a read command prints while it runs once per account: the account it is at, and
+    the JSON of every account so far, each object marked with its account."""
+
+    account: str = ""
+    collected: list[Any] = dataclasses.field(default_factory=list)
+
+    def collect(self, value: Any) -> None:
+        items = value if isinstance(value, list) else [value]
+        self.collected.extend({"account": self.account, **item} for item in items)
+
+
+_per_account: _PerAccount | None = None
+
+
+def _say(text: str) -> None:
+    """``text`` on stdout; while a command runs per account, each line starts with its name."""
+    click.echo(_labelled(_per_account.account, text) if _per_account else text)
+
+
+def for_each_account(command: Callable[..., None]) -> Callable[..., None]:
+    """``--config``, ``--account`` and ``--all`` on a command that reads one database.
+
+    With accounts chosen, the command runs once per account on the account's database (and
+    snapshot folder); its lines start with the account's name and ``--json`` prints one array
+    whose objects each say their account. One account failing does not stop the others;
+    the exit is the worst exit code. A runner asked for by name or id is looked for in every
+    account; only if none has it is that an error.
+    """
+
+    @functools.wraps(command)
+    def each(**options: Any) -> None:
+        global _per_account
+        chosen = _chosen_accounts(options)
+        if chosen is None:
+            command(**options)
+            return
+        if _given("db_path"):
+            raise click.UsageError(
+                "--db cannot be combined with --account or --all: each account's database "
+                "is in the configuration file"
+            )
+        worst, _per_account = 0, _PerAccount()
+        not_found: list[tuple[str, ComfySyncError]] = []
+        try:
+            for account in chosen:
+                _per_account.account = account.name
+                run = {**options, "db_path": account.db_path}
+                if "export_dir" in options and not _given("export_dir"):
+                    run["export_dir"] = account.options.get("export_dir")
+                if "output" in options and len(chosen) > 1:  # a file per account
+                    output = options["output"]
+                    run["output"] = output.with_name(f"{output.stem}-{account.name}{output.suffix}")
+                try:
+                    command(**run)
+                except RunnerNotFoundError as exc:  # an error only if no account has it
+                    not_found.append((account.name, exc))
+                except ComfySyncError as exc:
+                    worst = max(worst, exc.exit_code)
+                    _account_failed(account.name, exc)
+            collected = _per_account.collected
+        finally:
+            _per_account = None
+        if len(not_found) == len(chosen):
+            for name, missing in not_found:
+                worst = max(worst, missing.exit_code)
+                _account_failed(name, missing)
+        if options.get("as_json"):
+            _echo_json(collected)
+        if worst:
+            raise click.exceptions.Exit(worst)
+
+    for option in reversed(_ACCOUNT_OPTIONS):
+        each = option(each)
+    return each
 
 
 def describe_summary(summary: SyncSummary) -> str:
@@ -655,6 +1072,7 @@ def simulate(
 
 
 @cli.command()
+@for_each_account
 @click.option(
     "-o",
     "--output",
@@ -706,7 +1124,7 @@ def export(
         all_versions=all_versions,
         csv_safe=csv_safe,
     )
-    click.echo(printable(f"{result.rows} rows written to {result.path} ({result.description})"))
+    _say(printable(f"{result.rows} rows written to {result.path} ({result.description})"))
 
 
 @cli.command()
@@ -747,7 +1165,7 @@ def _show(
     """What ``read`` finds, as JSON (every field, every record) or as ``describe``'s text."""
     result = _read(db_path, read)
     if not as_json:
-        click.echo(describe(result))
+        _say(describe(result))
     elif isinstance(result, list):
         _echo_json([dataclasses.asdict(item) for item in result])
     else:
@@ -755,11 +1173,15 @@ def _show(
 
 
 def _echo_json(value: Any) -> None:
+    if _per_account is not None:  # printed once, for every account, by for_each_account
+        _per_account.collect(value)
+        return
     # Exact JSON still, with the controls JSON leaves raw (C1, bidi, separators) escaped.
     click.echo(printable_json(json.dumps(value, indent=2, ensure_ascii=False)))
 
 
 @cli.command()
+@for_each_account
 @read_db_option
 @click.option(
     "--export-dir",
@@ -777,10 +1199,14 @@ def status(db_path: Path, export_dir: Path | None, as_json: bool) -> None:
     from pipeline.read.overview import read_status
     from pipeline.read.report import describe_status
 
-    _show(db_path, lambda db: read_status(db, db_path, export_dir), describe_status, as_json)
+    account = _per_account.account if _per_account else None
+    _show(
+        db_path, lambda db: read_status(db, db_path, export_dir, account), describe_status, as_json
+    )
 
 
 @cli.command()
+@for_each_account
 @read_db_option
 @click.option("--limit", type=WholeNumber(1, MANY), default=20, help="Runs to show, newest first.")
 @click.option(
@@ -804,6 +1230,7 @@ def runs(db_path: Path, limit: int, run_status: str | None, as_json: bool) -> No
 
 
 @cli.command()
+@for_each_account
 @click.argument("runner")
 @read_db_option
 @json_option
@@ -827,6 +1254,7 @@ def history(runner: str, db_path: Path, as_json: bool) -> None:
 
 
 @cli.command()
+@for_each_account
 @click.option(
     "--since",
     default="24h",
@@ -849,7 +1277,7 @@ def changes(since: str, db_path: Path, as_json: bool) -> None:
     if as_json:
         _echo_json({"since": cutoff, "changes": [dataclasses.asdict(e) for e in result]})
     else:
-        click.echo(describe_changes(result, cutoff))
+        _say(describe_changes(result, cutoff))
 
 
 @cli.command()
@@ -863,8 +1291,11 @@ def changes(since: str, db_path: Path, as_json: bool) -> None:
     default=None,
     help="Write the Datasette metadata for --db to this file ('-': stdout) and exit.",
 )
+@_ACCOUNT_OPTIONS[0]
+@_ACCOUNT_OPTIONS[1]
+@_ACCOUNT_OPTIONS[2]
 @debug_option(DEBUG_READS)
-def browse(db_path: Path, port: int, metadata_out: Path | None) -> None:
+def browse(db_path: Path, port: int, metadata_out: Path | None, **accounts: Any) -> None:
     """Open the mirror in Datasette on 127.0.0.1.
 
     With descriptions of every table and column, default facets and canned queries.
@@ -874,9 +1305,34 @@ def browse(db_path: Path, port: int, metadata_out: Path | None) -> None:
     \b
       comfysync browse --metadata-out metadata.json
       datasette data/comfysync.db --metadata metadata.json
+
+    With a configuration file's accounts (--account, --all), serves each account's database
+    under its name, with cross-database queries and the canned query _memory/all_fleets:
+    every account's fleet together.
     """
+    from pipeline.read import browse as browsing
     from pipeline.read.browse import HOST, database_name, metadata_json, serve, write_metadata
 
+    chosen = _chosen_accounts(accounts)
+    if chosen is not None:
+        if metadata_out is not None:
+            names = [account.name for account in chosen]
+            text = json.dumps(browsing.accounts_metadata(names), indent=2, ensure_ascii=False)
+            if str(metadata_out) == "-":
+                click.echo(text)
+                return
+            try:
+                metadata_out.write_text(text + "\n", encoding="utf-8")
+            except OSError as exc:
+                raise ConfigurationError(f"cannot write {metadata_out} ({exc.strerror})") from exc
+            return
+        url = f"http://{HOST}:{port}/_memory/all_fleets"
+        browsing.serve_accounts(
+            {account.name: account.db_path for account in chosen},
+            port=port,
+            on_start=lambda: click.echo(printable(f"browse {url} (Ctrl+C stops)"), err=True),
+        )
+        return
     if metadata_out is not None:
         if str(metadata_out) == "-":
             click.echo(metadata_json(db_path), nl=False)
@@ -897,6 +1353,112 @@ def browse(db_path: Path, port: int, metadata_out: Path | None) -> None:
     )
 
 
+@cli.group(name="config", cls=_Group)
+@debug_option(DEBUG_READS)
+def config_group() -> None:
+    """Check the file that names the accounts (comfysync.toml)."""
+
+
+@config_group.command(name="check")
+@_ACCOUNT_OPTIONS[0]
+@debug_option(DEBUG_READS)
+def config_check(config_path: Path | None) -> None:
+    """Check the configuration file and print every account's resolved settings.
+
+    Tokens show as set or missing, never their value. Anything wrong exits 2 with the file,
+    the key and what it expects. Values from the environment are not applied here.
+    """
+    from jobs import triggers
+
+    path = find_config(config_path)
+    if path is None:
+        raise ConfigurationError(
+            f"no configuration file: pass --config, set {CONFIG_ENV} or create ./comfysync.toml"
+        )
+    config = load_config(path, _config_keys())
+    ctx = click.get_current_context()
+    defaults = {
+        param.name: param.get_default(ctx) if not param.is_flag else False
+        for param in _sync_params()
+        if param.name
+    }
+    lines = [f"{path}: {len(config.accounts)} account(s), all valid"]
+    for account in config.accounts:
+        values = {**defaults, **account.options, "token": account.token}
+        settings = _settings(values, account)
+        try:  # a stand-in token: a missing one is shown as missing, not refused here
+            dataclasses.replace(settings, token=settings.token or "stand-in").validated()
+            for kind, text in account.schedule.items():
+                if kind == "cron":
+                    triggers.parse_cron(text, triggers.parse_timezone("UTC"))
+        except (ConfigurationError, ValueError) as exc:
+            raise ConfigurationError(f"{path}: [accounts.{account.name}]: {exc}") from None
+        lines.append(f"[accounts.{account.name}]")
+        token = "set" if account.token else "missing"
+        lines.append(f"  token = {token} ({account.token_source})")
+        for key, spec in sorted(_config_keys().items()):
+            value = values[spec.field]
+            shown = ", ".join(value) if isinstance(value, tuple) else value
+            lines.append(f"  {key} = {'(not set)' if value is None else shown}")
+        schedule = " ".join(f"{k} {v}" for k, v in account.schedule.items()) or "(not set)"
+        lines.append(f"  schedule = {schedule}")
+    click.echo(printable_lines("\n".join(lines)))
+
+
+def _status_of(db_path: Path, db: Database) -> Any:
+    from pipeline.read.overview import read_status
+
+    return read_status(db, db_path)
+
+
+@cli.command(name="accounts")
+@_ACCOUNT_OPTIONS[0]
+@json_option
+@debug_option(DEBUG_READS)
+def accounts_command(config_path: Path | None, as_json: bool) -> None:
+    """List the accounts: last sync, its status, runner counts.
+
+    The accounts are those of the configuration file; one never synced shows as such.
+    """
+    path = find_config(config_path)
+    if path is None:
+        raise ConfigurationError(
+            f"no configuration file: pass --config, set {CONFIG_ENV} or create ./comfysync.toml"
+        )
+    found = []
+    for account in load_config(path, _config_keys()).accounts:
+        row: dict[str, Any] = {"account": account.name, "db": str(account.db_path)}
+        row.update(
+            last_sync=None, status="never synced", runners_present=None, runners_deleted=None
+        )
+        if account.db_path.exists():
+            status = _read(account.db_path, functools.partial(_status_of, account.db_path))
+            last = status.last_sync
+            row.update(
+                last_sync=last and (last.finished_at or last.started_at),
+                status=last.status if last else "never synced",
+                runners_present=status.runners_present,
+                runners_deleted=status.runners_deleted,
+            )
+        found.append(row)
+    if as_json:
+        _echo_json(found)
+        return
+    width = max(len(row["account"]) for row in found)
+    for row in found:
+        counts = (
+            f"{row['runners_present']} runners ({row['runners_deleted']} deleted)"
+            if row["runners_present"] is not None
+            else "no runners yet"
+        )
+        click.echo(
+            printable(
+                f"{row['account']:<{width}}  {row['status']:<12}  "
+                f"last sync {row['last_sync'] or 'never'}  {counts}  {row['db']}"
+            )
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the CLI and map errors to exit codes, in one place."""
     # At exit, Python's shutdown collects the cycles of every module it tears down, which is
@@ -912,7 +1474,9 @@ def main(argv: list[str] | None = None) -> None:
     # stamina logs a bare "stamina.retry_scheduled" warning per retry; the client logs its own.
     logging.getLogger("stamina").setLevel(logging.ERROR)
     try:
-        cli.main(args=argv, prog_name="comfysync", standalone_mode=False)
+        exit_code = cli.main(args=argv, prog_name="comfysync", standalone_mode=False)
+        if isinstance(exit_code, int) and exit_code:  # a command's ctx.exit: the accounts' worst
+            sys.exit(exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:

@@ -10,6 +10,7 @@ exactly one place::
     │   ├── ForeignAccountError    2  the token belongs to another account than the store's
     │   ├── ExportError            2  an export file could not be written (nothing left behind)
     │   └── RunnerLookupError      2  no runner, or more than one, matches what was asked
+    │       └── RunnerNotFoundError  2  no runner has or had that id, prefix or name
     ├── AuthenticationError        3  the API answered 401/403
     ├── UpstreamError              4  the API failed after retries; nothing was applied
     │   ├── ApiResponseError       4  a page that is not the documented JSON
@@ -58,6 +59,10 @@ class ExportError(ConfigurationError):
 
 class RunnerLookupError(ConfigurationError):
     """No runner, or more than one, matches; pass a full runner id."""
+
+
+class RunnerNotFoundError(RunnerLookupError):
+    """No runner has or had this id, id prefix or name."""
 
 
 class AuthenticationError(ComfySyncError):

@@ -105,6 +105,9 @@ class Settings:
     keep_snapshots: int | None = None
     csv_safe: bool = False
     redaction_key: str | None = field(default=None, repr=False)
+    #: The configuration file's account this sync is for (``pipeline.config``): its snapshots
+    #: go to the ``account=NAME`` partition. None: the single-account layout.
+    account: str | None = None
 
     def validated(self) -> Settings:
         """Return self after checking every option, or raise ConfigurationError.

@@ -24,6 +24,8 @@ from conftest import free_port
 from pipeline import cli as cli_module
 from pipeline.cli import cli
 
+#: The commands that take --config, --account and --all.
+ACCOUNT_COMMANDS = ("sync", "schedule", "status", "runs", "history", "changes", "export", "browse")
 #: How each parameter's bad values are refused. "type": its click type (a bounded number, a
 #: choice, a path, a flag); any other name: the validator that reads that kind of text.
 VALIDATION: dict[tuple[str, str], str] = {
@@ -97,6 +99,19 @@ VALIDATION: dict[tuple[str, str], str] = {
     ("browse", "db_path"): "type",
     ("browse", "port"): "type",
     ("browse", "metadata_out"): "type",
+    # The configuration file's accounts (pipeline.config), on every command that has them.
+    **{
+        (command, name): kind
+        for command in ACCOUNT_COMMANDS
+        for name, kind in (
+            ("config_path", "type"),
+            ("account_names", "account"),  # pipeline.config.ACCOUNT_NAME
+            ("all_accounts", "type"),
+        )
+    },
+    ("sync", "max_parallel"): "type",
+    ("accounts", "config_path"): "type",
+    ("accounts", "as_json"): "type",
 }
 
 #: Tried on every parameter that takes a value. No absolute file paths: a valid one would be
@@ -189,6 +204,7 @@ BY_VALIDATOR = {
         "1y",
     ],
     "runner": ["%", "_", "'; DROP TABLE runners; --", "*"],
+    "account": ["a b", "a/b", "a.b", "x" * 65, "\u00e9t\u00e9", "[accounts]", "a\tb"],
 }
 
 

@@ -11,7 +11,7 @@ from pipeline.cli import cli
 
 COMMANDS = sorted(cli.commands)
 #: Commands that only read local files: they make no request, so `--debug` logs none.
-READ_COMMANDS = ("browse", "changes", "export", "history", "runs", "status")
+READ_COMMANDS = ("accounts", "browse", "changes", "config", "export", "history", "runs", "status")
 
 
 def first_sentence(help_text: str) -> str:

@@ -310,3 +310,48 @@ def test_simulate_and_a_sync_against_it_print_no_secret(run_simulator, run_cli, 
         "sync": synced.stdout + synced.stderr,
     }
     audit(files_under(tmp_path / "data"), outputs, {TOKEN, *simulator_secrets(40, 33)})
+
+
+#: The commands across a configuration file's accounts, run in order after writing it; one
+#: account's token is in the file itself (mode 0600), the other's in AUDIT_TOKEN.
+ACCOUNT_COMMANDS: list[tuple[str, int]] = [
+    ("config check", 0),
+    ("config --debug check", 0),
+    ("accounts", 0),
+    ("sync --all", 0),
+    ("sync --all --json --debug --max-parallel 1", 0),
+    ("accounts --json", 0),
+    ("status --all --json", 0),
+    ("runs --all", 0),
+    ("history --all {good}", 0),
+    ("changes --all --json", 0),
+    ("export --all -o data/fleet.parquet", 0),
+    ("browse --all --metadata-out data/accounts-metadata.json", 0),
+    ("schedule --all --every 1s --max-runs 1 --log-format json --debug", 0),
+    ("sync --account byenv --token {wrong_token}", 3),
+]
+
+
+def test_the_config_file_path_and_config_check_leak_no_token(serve_account, tmp_path):
+    upstream = serve_account(runners=30, seed=34, token=TOKEN)
+    good, _ = plant(upstream.account)
+    config = tmp_path / "comfysync.toml"
+    config.write_text(
+        f'[defaults]\nexport_dir = "data/exports"\nbase_url = "{upstream.url}"\n\n'
+        f'[accounts.infile]\ntoken = "{TOKEN}"\n\n[accounts.byenv]\ntoken_env = "AUDIT_TOKEN"\n'
+    )
+    config.chmod(0o600)
+    outputs = {}
+    for line, expected in ACCOUNT_COMMANDS:
+        args = shlex.split(line.format(good=good, wrong_token=WRONG_TOKEN))
+        result = run_comfysync(tmp_path, *args, env={"AUDIT_TOKEN": TOKEN})
+        assert result.exit_code == expected, (line, result.stderr)
+        outputs[line] = result.stdout + result.stderr
+    check = outputs["config check"]
+    assert "token = set (the file comfysync.toml)" in check
+    assert "token = set (environment variable AUDIT_TOKEN)" in check
+    files = files_under(tmp_path / "data")
+    names = {str(path.relative_to(tmp_path / "data")) for path in files}
+    assert {"infile.db", "byenv.db", "fleet-infile.parquet", "accounts-metadata.json"} <= names
+    assert any(name.startswith("exports/parquet/runners/account=byenv/") for name in names)
+    audit(files, outputs, {*MARKERS, *simulator_secrets(30, 34)})

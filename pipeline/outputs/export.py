@@ -255,6 +255,7 @@ def export_snapshots(
     csv_safe: bool = False,
     keep: int | None = None,
     write: FileWriter = write_export_file,
+    account: str | None = None,
 ) -> SnapshotReport:
     """Write sync ``sync_id``'s snapshot in each format, then prune to ``keep`` if given.
 
@@ -269,9 +270,14 @@ def export_snapshots(
         sync_id=sync_id,
         snapshot_at=snapshot_at,
         write=lambda path, fmt: write(path, fmt, rows, csv_safe),
+        account=account,
     )
     written = [Path(f.path) for f in files if f.error is None]
-    pruned = prune_snapshots(export_dir, keep, spare=written) if keep is not None else ()
+    pruned = (
+        prune_snapshots(export_dir, keep, spare=written, account=account)
+        if keep is not None
+        else ()
+    )
     return SnapshotReport(files, pruned)
 
 

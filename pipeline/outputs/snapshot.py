@@ -4,6 +4,11 @@ Layout (Hive-style, one tree per format, so every reader discovers ``snapshot_da
 
     <export-dir>/<format>/runners/snapshot_date=YYYY-MM-DD/runners-<sync_id>.<format>
 
+An account of a configuration file (``pipeline.config``) gets its own partition, so the
+snapshots of several accounts form one dataset that readers see with an ``account`` column::
+
+    <export-dir>/<format>/runners/account=<name>/snapshot_date=YYYY-MM-DD/runners-<id>.<format>
+
 The date is the UTC day the sync finished. Files land atomically (``write_atomically``):
 under a final name there is only ever a complete file. Temporary files are hidden
 (``.runners-<id>.<format>.<random>.tmp``), so readers skip them even after a crash, and a
@@ -68,20 +73,39 @@ class SnapshotReport:
     pruned: tuple[str, ...] = ()
 
 
-def snapshot_path(export_dir: Path, fmt: str, *, sync_id: int, snapshot_at: str) -> Path:
+def runners_folder(export_dir: Path, fmt: str, account: str | None = None) -> Path:
+    """The folder holding the ``snapshot_date=`` partitions of ``fmt`` (of one ``account``)."""
+    root = export_dir / fmt / "runners"
+    return root if account is None else root / f"account={account}"
+
+
+def snapshot_path(
+    export_dir: Path, fmt: str, *, sync_id: int, snapshot_at: str, account: str | None = None
+) -> Path:
     """Where sync ``sync_id``'s ``fmt`` file goes; ``snapshot_at`` is store time text (UTC)."""
     partition = f"snapshot_date={snapshot_at[:10]}"
-    return export_dir / fmt / "runners" / partition / f"runners-{sync_id}.{fmt}"
+    return runners_folder(export_dir, fmt, account) / partition / f"runners-{sync_id}.{fmt}"
+
+
+def account_of(path: Path) -> str | None:
+    """The account whose partition a ``snapshot_path`` lies in; None in the single layout."""
+    folder = path.parent.parent.name
+    return folder.removeprefix("account=") if folder.startswith("account=") else None
+
+
+def _depth(path: Path) -> int:
+    """How many folders a ``snapshot_path`` lies below its export folder."""
+    return 4 if account_of(path) is None else 5
 
 
 def export_dir_of(path: Path) -> Path:
     """The export folder a ``snapshot_path`` lies in: its layout read backwards."""
-    return path.parents[3]
+    return path.parents[_depth(path) - 1]
 
 
 def place_in_tree(path: Path) -> tuple[str, ...]:
     """Where a ``snapshot_path`` lies below its export folder, wherever that folder now is."""
-    return path.parts[-4:]
+    return path.parts[-_depth(path) :]
 
 
 def write_atomically(path: Path, write: Callable[[Path], T]) -> T:
@@ -128,6 +152,7 @@ def write_snapshot_files(
     sync_id: int,
     snapshot_at: str,
     write: Callable[[Path, str], int],
+    account: str | None = None,
 ) -> tuple[SnapshotFile, ...]:
     """Write one file per format with ``write(temporary path, format) -> rows``, atomically.
 
@@ -135,17 +160,23 @@ def write_snapshot_files(
     others: a snapshot is a by-product of a sync and must never fail it.
     """
     files = tuple(
-        _write_one(export_dir, fmt, sync_id=sync_id, snapshot_at=snapshot_at, write=write)
+        _write_one(
+            snapshot_path(
+                export_dir, fmt, sync_id=sync_id, snapshot_at=snapshot_at, account=account
+            ),
+            fmt,
+            sync_id=sync_id,
+            write=write,
+        )
         for fmt in dict.fromkeys(formats)
     )
-    _remove_stale_temporaries(export_dir)
+    _remove_stale_temporaries(export_dir, account)
     return files
 
 
 def _write_one(
-    export_dir: Path, fmt: str, *, sync_id: int, snapshot_at: str, write: Callable[[Path, str], int]
+    path: Path, fmt: str, *, sync_id: int, write: Callable[[Path, str], int]
 ) -> SnapshotFile:
-    path = snapshot_path(export_dir, fmt, sync_id=sync_id, snapshot_at=snapshot_at)
     try:
         rows = write_atomically(path, lambda temporary: write(temporary, fmt))
         size = path.stat().st_size
@@ -211,13 +242,15 @@ def not_a_folder(folder: Path) -> str | None:
     return None
 
 
-def snapshot_files(export_dir: Path, fmt: str) -> list[tuple[int, Path]]:
+def snapshot_files(
+    export_dir: Path, fmt: str, account: str | None = None
+) -> list[tuple[int, Path]]:
     """The ``fmt`` snapshot files in the tree as (sync_id, path), newest first.
 
     Newest by snapshot date, then by sync id: sync ids alone would mislead when the files of
     another database, or of this one before it was restored from a backup, share the tree.
     """
-    root = export_dir / fmt / "runners"
+    root = runners_folder(export_dir, fmt, account)
     found = []
     for partition in _listing(root):
         if not _PARTITION.fullmatch(partition.name) or not partition.is_dir():
@@ -229,7 +262,9 @@ def snapshot_files(export_dir: Path, fmt: str) -> list[tuple[int, Path]]:
     return sorted(found, key=lambda item: (item[1].parent.name, item[0]), reverse=True)
 
 
-def prune_snapshots(export_dir: Path, keep: int, *, spare: Iterable[Path] = ()) -> tuple[str, ...]:
+def prune_snapshots(
+    export_dir: Path, keep: int, *, spare: Iterable[Path] = (), account: str | None = None
+) -> tuple[str, ...]:
     """Delete each format's snapshot files beyond the ``keep`` newest, never one in ``spare``.
 
     ``spare`` is the snapshot just written: however the tree looks (a stray file with a
@@ -242,7 +277,7 @@ def prune_snapshots(export_dir: Path, keep: int, *, spare: Iterable[Path] = ()) 
     spared = set(spare)
     pruned = []
     for fmt in EXPORT_FORMATS:
-        for _, path in snapshot_files(export_dir, fmt)[keep:]:
+        for _, path in snapshot_files(export_dir, fmt, account)[keep:]:
             if path in spared:
                 continue
             try:
@@ -256,10 +291,10 @@ def prune_snapshots(export_dir: Path, keep: int, *, spare: Iterable[Path] = ()) 
     return tuple(pruned)
 
 
-def _remove_stale_temporaries(export_dir: Path) -> None:
+def _remove_stale_temporaries(export_dir: Path, account: str | None) -> None:
     deadline = time.time() - STALE_TEMPORARY_SECONDS
     for fmt in EXPORT_FORMATS:
-        for partition in _listing(export_dir / fmt / "runners"):
+        for partition in _listing(runners_folder(export_dir, fmt, account)):
             for path in _listing(partition):
                 if _TEMPORARY.fullmatch(path.name):
                     with contextlib.suppress(OSError):

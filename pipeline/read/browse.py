@@ -3,6 +3,8 @@
 The metadata ships inside the package (``datasette_metadata.json``). Datasette keys a
 database's metadata by the database's name, which is its file name without the extension,
 so the bundled section (written for ``comfysync.db``) is re-keyed for the file being served.
+The accounts of a configuration file are served together, each database under its
+account's name, with cross-database queries on and a canned query over every fleet.
 
 Datasette is an optional extra (``pip install 'comfysync[datasette]'``) and the one heavy
 dependency of this module, imported only when a server starts. The server listens on
@@ -16,7 +18,7 @@ import contextlib
 import copy
 import json
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -61,6 +63,37 @@ def metadata_for(db_path: Path) -> dict[str, Any]:
 def metadata_json(db_path: Path) -> str:
     """The metadata as the JSON text ``datasette --metadata FILE`` reads."""
     return json.dumps(metadata_for(db_path), indent=2, ensure_ascii=False) + "\n"
+
+
+#: The most databases Datasette attaches for cross-database queries (SQLite's own limit).
+MAX_ACCOUNTS = 10
+#: The columns of the fleet query across accounts: the runner, never its header values.
+_FLEET_COLUMNS = ("id", "name", "status", "endpoint", "tags", "created_at", "updated_at")
+
+
+def accounts_metadata(accounts: Iterable[str]) -> dict[str, Any]:
+    """The bundled metadata for each account's database (named after the account), and the
+    canned query ``all_fleets`` on ``_memory`` that lists every account's present runners."""
+    metadata = copy.deepcopy(_bundled_metadata())
+    section = metadata["databases"].pop(BUNDLED_DATABASE)
+    names = list(accounts)
+    columns = ", ".join(_FLEET_COLUMNS)
+    union = "\nUNION ALL\n".join(
+        f"SELECT '{name}' AS account, {columns} FROM [{name}].runners WHERE deleted_at IS NULL"
+        for name in names
+    )
+    metadata["databases"] = {name: copy.deepcopy(section) for name in names}
+    metadata["databases"]["_memory"] = {
+        "description": "Every account's database, attached for queries across them.",
+        "queries": {
+            "all_fleets": {
+                "title": "All accounts' fleets",
+                "description": "The present runners of every account, with an account column.",
+                "sql": f"{union}\nORDER BY account, name",
+            }
+        },
+    }
+    return metadata
 
 
 def write_metadata(db_path: Path, out: Path) -> None:
@@ -115,10 +148,46 @@ def serve(db_path: Path, *, port: int, on_start: Callable[[], None] = lambda: No
     """
     schema.open_store_read_only(db_path).close()
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (what _run serves with: refused here, before starting)
         from datasette.app import Datasette
     except ImportError as exc:
         raise ConfigurationError(INSTALL_HINT) from exc
+    with listen_on(port) as sock:
+        datasette = Datasette(
+            [str(db_path)], metadata=metadata_for(db_path), settings=DATASETTE_SETTINGS
+        )
+        _run(datasette, sock, port, on_start)
+
+
+def serve_accounts(
+    databases: Mapping[str, Path], *, port: int, on_start: Callable[[], None] = lambda: None
+) -> None:
+    """Serve every account's database (``databases``: account name -> path) in one Datasette,
+    as ``serve`` does one, each under its account's name, with cross-database queries."""
+    if len(databases) > MAX_ACCOUNTS:
+        raise ConfigurationError(
+            f"Datasette joins at most {MAX_ACCOUNTS} databases; pick the accounts to browse "
+            "with --account"
+        )
+    for path in databases.values():
+        schema.open_store_read_only(path).close()
+    try:
+        from datasette.app import Datasette
+        from datasette.database import Database
+    except ImportError as exc:
+        raise ConfigurationError(INSTALL_HINT) from exc
+    with listen_on(port) as sock:
+        datasette = Datasette(
+            [], metadata=accounts_metadata(databases), settings=DATASETTE_SETTINGS, crossdb=True
+        )
+        for name, path in databases.items():
+            datasette.add_database(Database(datasette, path=str(path)), name=name, route=name)
+        _run(datasette, sock, port, on_start)
+
+
+def _run(datasette: Any, sock: socket.socket, port: int, on_start: Callable[[], None]) -> None:
+    """Serve ``datasette`` on ``sock`` until interrupted; ``on_start`` once it takes requests."""
+    import uvicorn
 
     class AnnouncingServer(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -126,15 +195,9 @@ def serve(db_path: Path, *, port: int, on_start: Callable[[], None] = lambda: No
             if self.started:
                 on_start()
 
-    with listen_on(port) as sock:
-        datasette = Datasette(
-            [str(db_path)], metadata=metadata_for(db_path), settings=DATASETTE_SETTINGS
-        )
-        # What `datasette serve` does before serving: the plugins' startup hooks.
-        asyncio.run(datasette.invoke_startup())
-        config = uvicorn.Config(
-            datasette.app(), host=HOST, port=port, log_level="info", lifespan="on"
-        )
-        # uvicorn re-raises the Ctrl+C it has handled; uvicorn.run swallows it the same way.
-        with contextlib.suppress(KeyboardInterrupt):
-            AnnouncingServer(config).run(sockets=[sock])
+    # What `datasette serve` does before serving: the plugins' startup hooks.
+    asyncio.run(datasette.invoke_startup())
+    config = uvicorn.Config(datasette.app(), host=HOST, port=port, log_level="info", lifespan="on")
+    # uvicorn re-raises the Ctrl+C it has handled; uvicorn.run swallows it the same way.
+    with contextlib.suppress(KeyboardInterrupt):
+        AnnouncingServer(config).run(sockets=[sock])

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 
-from pipeline.errors import ConfigurationError, RunnerLookupError
+from pipeline.errors import ConfigurationError, RunnerLookupError, RunnerNotFoundError
 from pipeline.source.records import REDACTED_PREFIX, TRACKED_FIELDS, redact_headers
 from pipeline.store.keyfile import key_for_reading
 from pipeline.store.sqlite import Database
@@ -124,7 +124,7 @@ def _resolve_former_name(db: Database, query: str) -> tuple[str, Match]:
     if len(formerly) == 1:
         return str(formerly[0][0]), Match(BY_FORMER_NAME, formerly[0][1])
     if not formerly:
-        raise RunnerLookupError(
+        raise RunnerNotFoundError(
             f"no runner has or had the id, id prefix or name '{query}'; "
             "`comfysync changes --since 30d` lists recent ones"
         )

@@ -24,7 +24,13 @@ from typing import Any
 import orjson
 
 from pipeline.errors import ConfigurationError
-from pipeline.outputs.snapshot import export_dir_of, not_a_folder, place_in_tree, snapshot_files
+from pipeline.outputs.snapshot import (
+    account_of,
+    export_dir_of,
+    not_a_folder,
+    place_in_tree,
+    snapshot_files,
+)
 from pipeline.read.history import RUN_COLUMNS
 from pipeline.settings import DEFAULT_EXPORT_DIR, EXPORT_FORMATS
 from pipeline.store.schema import ABANDONED_RUN_ERROR, schema_version
@@ -108,14 +114,24 @@ class MirrorStatus:
     snapshots: Snapshots
 
 
-def read_status(db: Database, db_path: Path, export_dir: Path | None = None) -> MirrorStatus:
-    """The state of the mirror in ``db`` (opened from ``db_path``) and its snapshot files.
+def read_status(
+    db: Database, db_path: Path, export_dir: Path | None = None, account: str | None = None
+) -> MirrorStatus:
+    """The state of the mirror in ``db`` (opened from ``db_path``) and its snapshot files
+    (those in ``account``'s partition, for an account of a configuration file).
 
     ``size_bytes`` counts the database file and its write-ahead log, both of which hold data.
-    Snapshots are listed under ``export_dir``, or else under ``recorded_export_dir(db)``.
+    Snapshots are listed under ``export_dir``, or else under ``recorded_export_dir(db)``;
+    without ``account``, in the partition of the account the latest snapshot was written for,
+    if any, so an account's database shows its snapshots when named by ``--db`` alone.
     """
     if export_dir is None:
         export_dir = recorded_export_dir(db)
+    if account is None:
+        row = db.execute(
+            "SELECT path FROM snapshots WHERE error IS NULL ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        account = account_of(Path(row[0])) if row else None
     present, deleted = db.execute(
         "SELECT count(*) - count(deleted_at), count(deleted_at) FROM runners"
     ).fetchone()
@@ -132,7 +148,7 @@ def read_status(db: Database, db_path: Path, export_dir: Path | None = None) -> 
         runners_present=present,
         runners_deleted=deleted,
         versions=versions,
-        snapshots=find_snapshots(export_dir, db),
+        snapshots=find_snapshots(export_dir, db, account),
     )
 
 
@@ -207,7 +223,9 @@ def _run(row: dict[str, Any]) -> SyncRun:
     return SyncRun(**{**row, "complete": complete, "warnings": warnings, "seconds": seconds})
 
 
-def find_snapshots(export_dir: Path, db: Database | None = None) -> Snapshots:
+def find_snapshots(
+    export_dir: Path, db: Database | None = None, account: str | None = None
+) -> Snapshots:
     """The snapshot files of every format, ordered by snapshot date, then sync id, then path.
 
     Files that do not follow the layout (``snapshot_files``) are not snapshots and are
@@ -224,7 +242,7 @@ def find_snapshots(export_dir: Path, db: Database | None = None) -> Snapshots:
     found = sorted(
         (path.parent.name, sync_id, str(path))
         for fmt in EXPORT_FORMATS
-        for sync_id, path in snapshot_files(export_dir, fmt)
+        for sync_id, path in snapshot_files(export_dir, fmt, account)
     )
     damaged: tuple[DamagedSnapshot, ...] = ()
     not_written: tuple[FailedSnapshot, ...] = ()

@@ -302,6 +302,7 @@ def _write_snapshots(
         csv_safe=settings.csv_safe,
         keep=settings.keep_snapshots,
         write=write_export_file or export.write_export_file,
+        account=settings.account,
     )
     for error in (f.error for f in report.files if f.error):
         log.warning("snapshot not written (the sync itself succeeded): %s", error)

@@ -616,8 +616,9 @@ def _parsed(parse: Callable[[str], Any], value: str, option: str) -> Any:
 
 # -- many accounts from one configuration file (pipeline.config) -----------------------------
 
-#: Options that name one account's upstream or database: from the command line or the
-#: environment they may apply to one chosen account, never to several at once.
+#: Options that name one account's upstream or database: from the command line they may
+#: apply to one chosen account, never to several at once. Their environment variables stand
+#: for the one account of a setup without a file, so they rank below the file's tables.
 _ONE_ACCOUNT_ONLY = ("base_url", "token", "db_path")
 #: Sync options that are no key of the file: a token has keys of its own, and a mass
 #: deletion is allowed once, by hand.
@@ -686,10 +687,14 @@ def _given(name: str) -> bool:
     )
 
 
+def _on_command_line(name: str) -> bool:
+    source = click.get_current_context().get_parameter_source(name)
+    return source == click.core.ParameterSource.COMMANDLINE
+
+
 def _option_text(name: str) -> str:
     param = next(p for p in click.get_current_context().command.params if p.name == name)
-    envvar = f" (or {param.envvar})" if isinstance(param.envvar, str) else ""
-    return max(param.opts, key=len) + envvar
+    return max(param.opts, key=len)
 
 
 def _chosen_accounts(options: dict[str, Any]) -> tuple[Account, ...] | None:
@@ -713,11 +718,11 @@ def _chosen_accounts(options: dict[str, Any]) -> tuple[Account, ...] | None:
                 f"{CONFIG_ENV} or create ./comfysync.toml"
             )
         return None
-    if not (names or every) and _given("db_path"):
+    if not (names or every) and _on_command_line("db_path"):
         return None
     chosen = load_config(path, _config_keys()).select(names)
     for name in _ONE_ACCOUNT_ONLY:
-        if len(chosen) > 1 and _given(name):
+        if len(chosen) > 1 and _on_command_line(name):
             raise click.UsageError(
                 f"{_option_text(name)} is given but applies to one account; pick one with "
                 f"--account, or set it per account in {path}"
@@ -727,9 +732,15 @@ def _chosen_accounts(options: dict[str, Any]) -> tuple[Account, ...] | None:
 
 def _account_values(account: Account, values: dict[str, Any]) -> dict[str, Any]:
     """The sync option values for ``account``. Precedence, highest first: command line,
-    environment, the account's table, [defaults], built-in defaults."""
-    merged = {**values, "token": values["token"] if _given("token") else account.token}
-    merged.update({k: v for k, v in account.options.items() if not _given(k)})
+    environment, the account's table, [defaults], built-in defaults; the environment of
+    ``_ONE_ACCOUNT_ONLY`` comes after [defaults]."""
+
+    def overrides_file(name: str) -> bool:
+        return _on_command_line(name) if name in _ONE_ACCOUNT_ONLY else _given(name)
+
+    token_from_file = account.token_source != "none" and not _on_command_line("token")
+    merged = {**values, "token": account.token if token_from_file else values["token"]}
+    merged.update({k: v for k, v in account.options.items() if not overrides_file(k)})
     return merged
 
 
@@ -878,7 +889,7 @@ def for_each_account(command: Callable[..., None]) -> Callable[..., None]:
         if chosen is None:
             command(**options)
             return
-        if _given("db_path"):
+        if _on_command_line("db_path"):
             raise click.UsageError(
                 "--db cannot be combined with --account or --all: each account's database "
                 "is in the configuration file"

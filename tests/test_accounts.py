@@ -152,7 +152,7 @@ def test_precedence_command_line_over_environment_over_account_over_defaults(
         f"""
 [defaults]
 per_page = 4
-no_export = true
+export_dir = "file-exports"
 
 [accounts.solo]
 base_url = "{upstream.url}"
@@ -166,11 +166,15 @@ per_page = 5
         return int(json.loads(result.stdout)["pages"])
 
     assert pages() == 4  # 20 runners, 5 a page: the account's table beats [defaults]
+    assert (tmp_path / "file-exports" / "parquet").is_dir()  # export_dir from [defaults]
     assert pages("--per-page", "10") == 2  # the command line beats the file
+    assert pages(env={"COMFYSYNC_EXPORT_DIR": "env-exports"}) == 4  # the environment too
+    assert (tmp_path / "env-exports" / "parquet").is_dir()
+    # A one-account setup's COMFYSYNC_DB ranks below the file: the account keeps data/solo.db.
     other = tmp_path / "other.db"
-    assert pages(env={"COMFYSYNC_DB": str(other)}) == 4  # the environment beats the file
-    assert rows(other, "SELECT count(*) FROM runners") == [(20,)]
-    assert not (tmp_path / "data" / "exports").exists()  # no_export from [defaults]
+    assert pages(env={"COMFYSYNC_DB": str(other)}) == 4
+    assert not other.exists()
+    assert rows(tmp_path / "data" / "solo.db", "SELECT count(*) FROM sync_runs") == [(4,)]
 
 
 def test_no_account_chosen_acts_on_all_but_db_alone_means_one_database(
@@ -328,8 +332,15 @@ def test_config_check_shows_resolved_settings_and_tokens_as_set_or_missing(run_c
     assert "account b: no API token for account b: environment variable B_TOKEN is not set" in (
         missing.stderr
     )
-    several = run_cli("sync", "--all", env={"COMFYCONTROL_TOKEN": "t"})
-    assert several.exit_code == 2 and "--token (or COMFYCONTROL_TOKEN) is given" in several.stderr
+    several = run_cli("sync", "--all", "--token", "t")
+    assert several.exit_code == 2 and "--token is given but applies to one account" in (
+        several.stderr
+    )
+    # From the environment (a one-account setup's variable) it ranks below the file: b's own
+    # token variable is still the one looked for.
+    beside = run_cli("sync", "--account", "b", env={"COMFYCONTROL_TOKEN": "t"})
+    assert beside.exit_code == 2 and "--token" not in beside.stderr
+    assert "environment variable B_TOKEN is not set" in beside.stderr
 
 
 def test_config_is_found_by_option_then_environment_then_current_folder(run_cli, tmp_path):

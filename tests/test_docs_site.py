@@ -30,8 +30,10 @@ def test_the_cli_reference_is_rendered_from_every_click_command():
     html = markdown.markdown((DOCS / "cli.md").read_text(), extensions=["mkdocs-click", "tables"])
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
     assert set(cli.commands) == {
+        "accounts",
         "browse",
         "changes",
+        "config",
         "demo",
         "export",
         "history",

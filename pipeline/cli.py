@@ -30,12 +30,14 @@ from pipeline import __version__
 from pipeline.errors import ComfySyncError, ConfigurationError
 from pipeline.printable import PrintableFormatter, printable, printable_json, printable_lines
 from pipeline.settings import (
+    CHANGE_KINDS,
     DEFAULT_BASE_URL,
     DEFAULT_DB_PATH,
     DEFAULT_EXPORT_DIR,
     DEMO_DB_PATH,
     EXPORT_FORMATS,
     MAX_PER_PAGE,
+    PING_STYLES,
     Settings,
     is_loopback_host,
     refuse_blank_path,
@@ -354,7 +356,78 @@ _SYNC_OPTIONS = (
         is_flag=True,
         help="Apply deletions this once even beyond --max-delete-ratio.",
     ),
+    # -- what a sync tells the outside world (pipeline.observe; docs/operations.md) --
+    click.option(
+        "--notify",
+        multiple=True,
+        envvar="COMFYSYNC_NOTIFY",
+        show_envvar=True,
+        metavar="URL",
+        help="Apprise URL to notify (Slack, ntfy, Discord, email, json://...); repeatable. "
+        "Prefer the environment variable (space- or comma-separated): URLs carry credentials.",
+    ),
+    click.option(
+        "--notify-on",
+        callback=lambda ctx, param, value: _words(value),
+        default="failure,recovery",
+        metavar="EVENTS",
+        help="When to notify, comma-separated: failure (after --notify-after-failures failed "
+        "runs in a row, once), recovery (the first good run after that), changes.",
+    ),
+    click.option(
+        "--notify-after-failures",
+        type=WholeNumber(1, MANY),
+        default=1,
+        metavar="N",
+        help="Send the failure notice when this many runs have failed in a row.",
+    ),
+    click.option(
+        "--notify-changes",
+        callback=lambda ctx, param, value: _words(value),
+        default=",".join(CHANGE_KINDS),
+        metavar="KINDS",
+        help="Which changes a change notice reports: created, updated, deleted, restored, "
+        "disabled (a runner whose status became disabled).",
+    ),
+    click.option(
+        "--notify-fields",
+        callback=lambda ctx, param, value: _words(value),
+        default="",
+        show_default="any",
+        metavar="FIELDS",
+        help="Report updates and restorations only when they change one of these fields "
+        "(e.g. status,endpoint).",
+    ),
+    click.option(
+        "--ping-url",
+        envvar="COMFYSYNC_PING_URL",
+        show_envvar=True,
+        default=None,
+        metavar="URL",
+        help="Dead man's switch: ping URL/start, then URL or URL/fail with the outcome "
+        "(Healthchecks); prefer the environment variable.",
+    ),
+    click.option(
+        "--ping-style",
+        type=click.Choice(PING_STYLES),
+        default=PING_STYLES[0],
+        help="How --ping-url is called: healthchecks, or an uptime-kuma push URL.",
+    ),
+    click.option(
+        "--metrics-file",
+        type=FilePath(path_type=Path, dir_okay=False),
+        default=None,
+        help="After each sync, write Prometheus metrics to this file, atomically "
+        "(node_exporter textfile format).",
+    ),
 )
+
+
+def _words(value: str) -> tuple[str, ...]:
+    """A comma- or space-separated option value as its words."""
+    return tuple(word for word in value.replace(",", " ").split() if word)
+
+
 _SETTINGS_FIELDS = frozenset(field.name for field in dataclasses.fields(Settings))
 
 
@@ -377,14 +450,14 @@ def sync(settings: Settings, as_json: bool, quiet: bool) -> None:
     failure or full disk (nothing applied), 5 another sync is running, 6 stopped by a signal
     (nothing applied).
     """
-    from pipeline.sync.run import run_sync
+    from pipeline.observe.watch import observed_sync
     from pipeline.sync.stopping import stop_on_signals
 
     if as_json and quiet:
         raise click.UsageError("--json and --quiet cannot be combined")
     show_progress = sys.stderr.isatty() and not (as_json or quiet)
     with stop_on_signals() as stop, _ProgressBar(enabled=show_progress) as progress:
-        summary = run_sync(settings, on_progress=progress.update, stop=stop)
+        summary = observed_sync(settings, on_progress=progress.update, stop=stop)
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(summary), sort_keys=True))
     elif not quiet:
@@ -432,6 +505,13 @@ def sync(settings: Settings, as_json: bool, quiet: bool) -> None:
     help="Stop with exit 4 after this many failed runs in a row.",
 )
 @click.option(
+    "--metrics-port",
+    type=WholeNumber(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics on this port at /metrics (0: any free port, logged).",
+)
+@click.option("--metrics-host", default="127.0.0.1", help="Address --metrics-port listens on.")
+@click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default="text",
@@ -447,6 +527,8 @@ def schedule(
     run_now: bool,
     max_runs: int | None,
     max_consecutive_failures: int | None,
+    metrics_port: int | None,
+    metrics_host: str,
     log_format: str,
 ) -> None:
     """Sync on a schedule, in the foreground, until SIGINT or SIGTERM.
@@ -486,6 +568,7 @@ def schedule(
         run_now=run_now,
         max_runs=max_runs,
         max_consecutive_failures=max_consecutive_failures,
+        metrics_address=None if metrics_port is None else (metrics_host, metrics_port),
     )
     configure_logging(log_format)
     run_schedule(settings, plan)
@@ -771,12 +854,50 @@ def _echo_json(value: Any) -> None:
     help="Folder to list the snapshot files in.",
 )
 @json_option
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Print one monitoring-plugin line and exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.",
+)
+@click.option(
+    "--max-age",
+    default="2h",
+    metavar="DURATION",
+    help="With --check: CRITICAL when no sync succeeded for this long (30m, 2h, 1d).",
+)
+@click.option(
+    "--max-failures",
+    type=WholeNumber(1, MANY),
+    default=3,
+    help="With --check: CRITICAL at this many failed runs in a row.",
+)
 @debug_option(DEBUG_READS)
-def status(db_path: Path, export_dir: Path | None, as_json: bool) -> None:
-    """Show the mirror's state: last sync, counts, snapshot files."""
+def status(
+    db_path: Path,
+    export_dir: Path | None,
+    as_json: bool,
+    check: bool,
+    max_age: str,
+    max_failures: int,
+) -> None:
+    """Show the mirror's state: last sync, counts, snapshot files.
+
+    With --check, judge it instead, as Nagios, Icinga or Sensu plugins do: one line on stdout,
+    exit 0 OK, 1 WARNING (the latest run failed or was partial), 2 CRITICAL (no success
+    within --max-age, or --max-failures failed runs in a row), 3 UNKNOWN (no database, or
+    one that cannot be read).
+    """
     from pipeline.read.overview import read_status
     from pipeline.read.report import describe_status
 
+    if check:
+        from pipeline.observe.check import check_mirror
+        from pipeline.times import duration_seconds
+
+        age = _parsed(duration_seconds, max_age, "--max-age")
+        result = check_mirror(db_path, max_age=age, max_failures=max_failures)
+        click.echo(result.line)
+        raise click.exceptions.Exit(result.code)
     _show(db_path, lambda db: read_status(db, db_path, export_dir), describe_status, as_json)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -104,6 +105,32 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     if seconds != seconds or seconds <= 0:  # NaN or not in the future
         return None
     return seconds
+
+
+class _Tally:
+    """A count that only grows, safe to bump from any thread."""
+
+    def __init__(self) -> None:
+        self._value = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self._value += 1
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+
+#: Page requests retried by this process. Counted here, where retries happen, so a sync can
+#: report its own (the difference across it) whether it succeeds or fails.
+_RETRIES = _Tally()
+
+
+def retries_made() -> int:
+    """How many page requests this process has retried so far."""
+    return _RETRIES.value
 
 
 class ComfyControlClient:
@@ -202,6 +229,8 @@ class ComfyControlClient:
         """
         if not isinstance(exc, _RetryableFailure):
             return False
+        if not last:
+            _RETRIES.add()
         log.info("retrying a page request after: %s", exc)
         if exc.retry_after is None:
             return True

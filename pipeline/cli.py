@@ -897,7 +897,7 @@ def status(
         age = _parsed(duration_seconds, max_age, "--max-age")
         result = check_mirror(db_path, max_age=age, max_failures=max_failures)
         click.echo(result.line)
-        raise click.exceptions.Exit(result.code)
+        sys.exit(result.code)  # the plugin codes, whatever main would make of an error
     _show(db_path, lambda db: read_status(db, db_path, export_dir), describe_status, as_json)
 
 

@@ -59,7 +59,7 @@ def check_mirror(
     )
     if failures >= max_failures:
         error = printable(newest[2] or "") if newest else ""
-        return _result(CRITICAL, f"{failures} runs failed in a row; the last: {error}", perfdata)
+        return _result(CRITICAL, f"{failures} run(s) failed in a row; the last: {error}", perfdata)
     if age is None:
         return _result(CRITICAL, "no sync has ever succeeded", perfdata)
     if age > max_age:
@@ -82,7 +82,7 @@ def _result(code: int, text: str, perfdata: str) -> CheckResult:
 
 
 def _span(seconds: float) -> str:
-    """A short, rounded length of time for people: 45s, 12m, 3h, 2d."""
+    """A short length of time for people, rounded down to seconds, minutes, hours or days."""
     for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
         if seconds >= size * 2 or (unit == "m" and seconds >= size):
             return f"{int(seconds // size)}{unit}"

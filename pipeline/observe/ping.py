@@ -19,8 +19,8 @@ from pipeline.printable import printable
 
 #: Seconds a ping may take, all told: a ping must never hold up a sync.
 PING_TIMEOUT = 5.0
-#: The longest outcome line a ping carries (Healthchecks keeps the first 100 kB of a body;
-#: a query string has less room).
+#: The longest outcome line a ping carries: far more than one line needs, and well within
+#: what Healthchecks keeps of a body (a query string has less room still).
 MAX_BODY = 1000
 
 

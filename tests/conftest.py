@@ -122,9 +122,7 @@ class Receiver:
 
     def posted_json(self, path: str) -> list[dict[str, Any]]:
         """The JSON bodies POSTed to ``path``, in order."""
-        return [
-            json.loads(r.body) for r in self.requests if r.method == "POST" and r.path == path
-        ]
+        return [json.loads(r.body) for r in self.requests if r.method == "POST" and r.path == path]
 
 
 @pytest.fixture

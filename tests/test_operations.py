@@ -140,7 +140,9 @@ def test_a_notifier_that_is_down_leaves_the_sync_a_success_with_a_warning(
     upstream = serve_account(runners=10, seed=44)
     down = free_port()
     result = run_cli(
-        *sync_args(upstream, "--notify-on", "changes", "--ping-url", f"http://127.0.0.1:{down}/p/x"),
+        *sync_args(
+            upstream, "--notify-on", "changes", "--ping-url", f"http://127.0.0.1:{down}/p/x"
+        ),
         env={**TOKEN, "COMFYSYNC_NOTIFY": f"json://user:hunter2@127.0.0.1:{down}/hook"},
     )
 
@@ -177,7 +179,9 @@ def test_a_notification_url_apprise_cannot_use_is_refused_before_anything(
 def test_uptime_kuma_pings_carry_the_status_in_the_query(serve_account, run_cli, receiver):
     upstream = serve_account(runners=5, seed=46)
     url = f"http://127.0.0.1:{receiver.port}/api/push/K7s2"
-    result = run_cli(*sync_args(upstream, "--ping-url", url, "--ping-style", "uptime-kuma"), env=TOKEN)
+    result = run_cli(
+        *sync_args(upstream, "--ping-url", url, "--ping-style", "uptime-kuma"), env=TOKEN
+    )
     assert result.exit_code == 0, result.stderr
     [ping] = receiver.requests
     assert ping.method == "GET"
@@ -196,8 +200,15 @@ def test_the_metrics_file_counts_what_the_syncs_did(serve_account, run_cli, tmp_
 
     text = (tmp_path / "out" / "comfysync.prom").read_text()
     metrics = metric_values(text)
-    statuses = dict(rows(tmp_path / "m.db", "SELECT status, count(*) FROM runners WHERE deleted_at IS NULL GROUP BY 1"))
-    [(started, finished)] = rows(tmp_path / "m.db", "SELECT started_at, finished_at FROM sync_runs WHERE id = 2")
+    statuses = dict(
+        rows(
+            tmp_path / "m.db",
+            "SELECT status, count(*) FROM runners WHERE deleted_at IS NULL GROUP BY 1",
+        )
+    )
+    [(started, finished)] = rows(
+        tmp_path / "m.db", "SELECT started_at, finished_at FROM sync_runs WHERE id = 2"
+    )
     assert {k: v for k, v in metrics.items() if k[0] == "comfysync_runners"} == {
         ("comfysync_runners", (("status", status),)): count for status, count in statuses.items()
     }
@@ -297,7 +308,9 @@ def test_status_check_exits_with_each_monitoring_plugin_code(serve_account, run_
     assert run_cli(*sync_args(upstream), env=TOKEN).exit_code == 0
     code, line = check()
     assert code == 0
-    assert re.match(r"COMFYSYNC OK - last success \d+s ago, 8 runners \| last_success_age=\d+s;", line)
+    assert re.match(
+        r"COMFYSYNC OK - last success \d+s ago, 8 runners \| last_success_age=\d+s;", line
+    )
     assert line.endswith(";;7200;0 consecutive_failures=0;;3;0 runners=8;;;0\n")
     assert run_cli(*sync_args(upstream), env=bad_token).exit_code == 3
     code, line = check()

@@ -349,9 +349,9 @@ def test_notifications_pings_and_metrics_carry_no_secret(serve_account, receiver
     assert [n["type"] for n in notices] == ["info", "info", "failure", "success"]
     assert "(status active -> disabled; changed headers)" in notices[1]["message"]
     sent = {
-        f"{number}: {r.method} {r.path}": r.path + r.body.decode() + repr(
-            {k: v for k, v in r.headers.items() if k.lower() != "authorization"}
-        )
+        f"{number}: {r.method} {r.path}": r.path
+        + r.body.decode()
+        + repr({k: v for k, v in r.headers.items() if k.lower() != "authorization"})
         for number, r in enumerate(receiver.requests)
     }
     assert len([line for line in sent if "/ping/" in line]) == 8  # start, then success or fail

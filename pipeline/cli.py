@@ -890,15 +890,27 @@ def status(
     from pipeline.read.overview import read_status
     from pipeline.read.report import describe_status
 
+    age = _parsed(_max_age_seconds, max_age, "--max-age")  # refused even without --check
     if check:
         from pipeline.observe.check import check_mirror
-        from pipeline.times import duration_seconds
 
-        age = _parsed(duration_seconds, max_age, "--max-age")
         result = check_mirror(db_path, max_age=age, max_failures=max_failures)
         click.echo(result.line)
         sys.exit(result.code)  # the plugin codes, whatever main would make of an error
     _show(db_path, lambda db: read_status(db, db_path, export_dir), describe_status, as_json)
+
+
+def _max_age_seconds(text: str) -> int:
+    from pipeline.times import DURATION_UNITS, duration_seconds
+
+    try:
+        seconds = duration_seconds(text)
+    except ValueError:
+        wanted = f"a whole number and {DURATION_UNITS}"
+        raise ValueError(f"{_shown(text)} is not a duration: {wanted}") from None
+    if not 0 < seconds <= MANY:
+        raise ValueError(f"{_shown(text)} must be more than 0s and at most {MANY}s")
+    return seconds
 
 
 @cli.command()

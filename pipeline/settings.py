@@ -202,8 +202,9 @@ class Settings:
         if self.notify_after_failures < 1:
             raise ConfigurationError("--notify-after-failures must be at least 1")
         if self.ping_url is not None:
-            parts = urlsplit(self.ping_url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            from pipeline.source.client import is_requestable_url
+
+            if not is_requestable_url(self.ping_url):
                 # Not quoted: a ping URL is a credential.
                 raise ConfigurationError(
                     "--ping-url (COMFYSYNC_PING_URL) must be an http(s) URL such as "

@@ -46,7 +46,7 @@ def send_ping(url: str, signal: str, line: str, *, style: str = "healthchecks") 
         else:
             target = url if signal == "success" else f"{url.rstrip('/')}/{signal}"
             response = httpx.post(target, content=body.encode(), timeout=PING_TIMEOUT)
-    except httpx.HTTPError as exc:
+    except Exception as exc:  # a ping must never fail the sync, whatever goes wrong
         return f"{signal} ping to {masked_url(url)} failed ({type(exc).__name__})"
     if response.is_success:
         return None

@@ -387,6 +387,18 @@ def check_request_url(base_url: str) -> None:
         ) from None
 
 
+def is_requestable_url(url: str) -> bool:
+    """Whether ``url`` is an http(s) URL httpx can send a request to (a ping URL, say)."""
+    if any(char.isspace() or not char.isprintable() for char in url):
+        return False
+    try:
+        parsed = httpx.Request("GET", url).url
+        _ = urllib.parse.urlsplit(url).port  # ValueError for a port outside 0-65535
+    except (httpx.InvalidURL, ValueError):
+        return False
+    return parsed.scheme in ("http", "https") and bool(parsed.host)
+
+
 def environment_proxy(url: str) -> str | None:
     """The proxy the environment asks for ``url`` (``HTTPS_PROXY`` etc., minus ``NO_PROXY``)."""
     parts = httpx.URL(url)

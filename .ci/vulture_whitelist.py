@@ -27,3 +27,5 @@ tb
 frame
 # RunnerRecord: a NamedTuple stored whole, field by field in TRACKED_FIELDS order.
 extra
+# prometheus_client calls a collector's collect() at each scrape (pipeline.observe.metrics).
+collect

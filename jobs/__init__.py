@@ -1,1 +1,1 @@
-"""Scheduled jobs: APScheduler wiring around pipeline.sync.run.run_sync."""
+"""Scheduled jobs: APScheduler wiring around pipeline.observe.watch.observed_sync."""

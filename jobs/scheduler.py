@@ -16,6 +16,8 @@ What it guarantees, and how:
 * **A clean stop.** On SIGINT or SIGTERM no new run starts; a run in progress is abandoned
   before it applies anything, or finishes the apply it is in; then it returns (exit 0).
 * **One line per run**: status, counts, duration and the next run time, as text or JSON.
+* **Metrics while it runs**: with ``metrics_address``, ``/metrics`` is served from a daemon
+  thread for as long as the schedule runs (``pipeline.observe.metrics``).
 
 Threads: the scheduler's loop runs in the main thread, the job in APScheduler's worker
 thread, and a small stopper thread shuts the scheduler down when the schedule is finished
@@ -39,6 +41,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 
 from jobs.sync_runners import SKIPPED, SyncAttempt, sync_runners
 from pipeline.errors import ConfigurationError, ScheduleGaveUpError
+from pipeline.observe.notify import Notifiers
 from pipeline.settings import Settings
 from pipeline.sync.stopping import leave_stop_signals_to_the_main_thread, stop_on_signals
 
@@ -59,15 +62,24 @@ class SchedulePlan:
     run_now: bool = True
     max_runs: int | None = None
     max_consecutive_failures: int | None = None
+    #: (host, port) to serve Prometheus metrics on, or None.
+    metrics_address: tuple[str, int] | None = None
 
 
 def run_schedule(settings: Settings, plan: SchedulePlan, *, job: SyncJob = sync_runners) -> None:
     """Sync on ``plan`` until a signal or ``--max-runs`` (then return), or until
     ``--max-consecutive-failures`` (then raise ScheduleGaveUpError). Main thread only."""
     settings = settings.validated()
-    with stop_on_signals() as stop:
-        schedule = _Schedule(settings, plan, job, stop)
-        schedule.run()
+    if settings.notify:
+        Notifiers(settings.notify)  # a URL Apprise cannot use is refused now, not at each run
+    server = _serve_metrics(settings, plan.metrics_address)
+    try:
+        with stop_on_signals() as stop:
+            schedule = _Schedule(settings, plan, job, stop)
+            schedule.run()
+    finally:
+        if server is not None:
+            server.shutdown()
     if schedule.gave_up:
         raise ScheduleGaveUpError(
             f"{schedule.consecutive_failures} runs failed in a row "
@@ -124,6 +136,25 @@ def run_account_schedules(
                 for part in gave_up
             )
         )
+
+
+def _serve_metrics(settings: Settings, address: tuple[str, int] | None) -> Any:
+    """Start the metrics server (None without an address); ConfigurationError if it cannot."""
+    if address is None:
+        return None
+    from pipeline.observe.metrics import serve_metrics
+
+    host, port = address
+    try:
+        server = serve_metrics(settings.db_path, host=host, port=port)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); "
+            "pass another --metrics-port or --metrics-host"
+        ) from exc
+    bound_host, bound_port = server.server_address[:2]
+    log.info("metrics: http://%s:%d/metrics", bound_host, bound_port)
+    return server
 
 
 class _Schedule:

@@ -1,8 +1,9 @@
 """The scheduled job: one sync, exactly as ``comfysync sync`` runs it, as an outcome to count.
 
-There is no second code path: the job calls ``pipeline.sync.run.run_sync`` with the same Settings
-the ``sync`` command builds, so a scheduled run takes the same lock, writes the same run log
-and the same exports. What the job adds is what a scheduler needs and a one-off command does
+There is no second code path: the job calls ``pipeline.observe.watch.observed_sync`` (which
+runs ``pipeline.sync.run.run_sync``) with the same Settings the ``sync`` command builds, so a
+scheduled run takes the same lock, writes the same run log and the same exports, and sends the
+same pings and notifications. What the job adds is what a scheduler needs and a one-off command does
 not: a run that fails must never end the schedule, so every error becomes a logged
 ``SyncAttempt`` instead of an exception.
 
@@ -29,8 +30,9 @@ from pipeline.errors import (
     SyncLockedError,
     UpstreamError,
 )
+from pipeline.observe.watch import observed_sync
 from pipeline.settings import Settings
-from pipeline.sync.run import SyncSummary, run_sync
+from pipeline.sync.run import SyncSummary
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ def sync_runners(settings: Settings, *, stop: threading.Event | None = None) -> 
         )
 
     try:
-        summary = run_sync(settings, stop=stop)
+        summary = observed_sync(settings, stop=stop)
     except SyncLockedError as exc:
         log.warning("run skipped: %s; trying again at the next tick", exc.message)
         return attempt(SKIPPED, exc)

@@ -40,12 +40,14 @@ from pipeline.config import (
 from pipeline.errors import ComfySyncError, ConfigurationError, RunnerNotFoundError
 from pipeline.printable import PrintableFormatter, printable, printable_json, printable_lines
 from pipeline.settings import (
+    CHANGE_KINDS,
     DEFAULT_BASE_URL,
     DEFAULT_DB_PATH,
     DEFAULT_EXPORT_DIR,
     DEMO_DB_PATH,
     EXPORT_FORMATS,
     MAX_PER_PAGE,
+    PING_STYLES,
     Settings,
     is_loopback_host,
     refuse_blank_path,
@@ -378,7 +380,78 @@ _SYNC_OPTIONS = (
         is_flag=True,
         help="Apply deletions this once even beyond --max-delete-ratio.",
     ),
+    # -- what a sync tells the outside world (pipeline.observe; docs/operations.md) --
+    click.option(
+        "--notify",
+        multiple=True,
+        envvar="COMFYSYNC_NOTIFY",
+        show_envvar=True,
+        metavar="URL",
+        help="Apprise URL to notify (Slack, ntfy, Discord, email, json://...); repeatable. "
+        "Prefer the environment variable (space- or comma-separated): URLs carry credentials.",
+    ),
+    click.option(
+        "--notify-on",
+        callback=lambda ctx, param, value: _words(value),
+        default="failure,recovery",
+        metavar="EVENTS",
+        help="When to notify, comma-separated: failure (after --notify-after-failures failed "
+        "runs in a row, once), recovery (the first good run after that), changes.",
+    ),
+    click.option(
+        "--notify-after-failures",
+        type=WholeNumber(1, MANY),
+        default=1,
+        metavar="N",
+        help="Send the failure notice when this many runs have failed in a row.",
+    ),
+    click.option(
+        "--notify-changes",
+        callback=lambda ctx, param, value: _words(value),
+        default=",".join(CHANGE_KINDS),
+        metavar="KINDS",
+        help="Which changes a change notice reports: created, updated, deleted, restored, "
+        "disabled (a runner whose status became disabled).",
+    ),
+    click.option(
+        "--notify-fields",
+        callback=lambda ctx, param, value: _words(value),
+        default="",
+        show_default="any",
+        metavar="FIELDS",
+        help="Report updates and restorations only when they change one of these fields "
+        "(e.g. status,endpoint).",
+    ),
+    click.option(
+        "--ping-url",
+        envvar="COMFYSYNC_PING_URL",
+        show_envvar=True,
+        default=None,
+        metavar="URL",
+        help="Dead man's switch: ping URL/start, then URL or URL/fail with the outcome "
+        "(Healthchecks); prefer the environment variable.",
+    ),
+    click.option(
+        "--ping-style",
+        type=click.Choice(PING_STYLES),
+        default=PING_STYLES[0],
+        help="How --ping-url is called: healthchecks, or an uptime-kuma push URL.",
+    ),
+    click.option(
+        "--metrics-file",
+        type=FilePath(path_type=Path, dir_okay=False),
+        default=None,
+        help="After each sync, write Prometheus metrics to this file, atomically "
+        "(node_exporter textfile format).",
+    ),
 )
+
+
+def _words(value: str) -> tuple[str, ...]:
+    """A comma- or space-separated option value as its words."""
+    return tuple(word for word in value.replace(",", " ").split() if word)
+
+
 _SETTINGS_FIELDS = frozenset(field.name for field in dataclasses.fields(Settings))
 #: Which accounts of the configuration file (pipeline.config) a command acts on.
 _ACCOUNT_OPTIONS = (
@@ -441,7 +514,7 @@ def sync(
     failure or full disk (nothing applied), 5 another sync is running, 6 stopped by a signal
     (nothing applied).
     """
-    from pipeline.sync.run import run_sync
+    from pipeline.observe.watch import observed_sync
     from pipeline.sync.stopping import stop_on_signals
 
     if as_json and quiet:
@@ -452,7 +525,7 @@ def sync(
         return
     show_progress = sys.stderr.isatty() and not (as_json or quiet)
     with stop_on_signals() as stop, _ProgressBar(enabled=show_progress) as progress:
-        summary = run_sync(settings, on_progress=progress.update, stop=stop)
+        summary = observed_sync(settings, on_progress=progress.update, stop=stop)
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(summary), sort_keys=True))
     elif not quiet:
@@ -500,6 +573,13 @@ def sync(
     help="Stop with exit 4 after this many failed runs in a row.",
 )
 @click.option(
+    "--metrics-port",
+    type=WholeNumber(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics on this port at /metrics (0: any free port, logged).",
+)
+@click.option("--metrics-host", default="127.0.0.1", help="Address --metrics-port listens on.")
+@click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default="text",
@@ -516,6 +596,8 @@ def schedule(
     run_now: bool,
     max_runs: int | None,
     max_consecutive_failures: int | None,
+    metrics_port: int | None,
+    metrics_host: str,
     log_format: str,
 ) -> None:
     """Sync on a schedule, in the foreground, until SIGINT or SIGTERM.
@@ -531,7 +613,12 @@ def schedule(
     from jobs.log_format import configure_logging
     from jobs.scheduler import run_account_schedules, run_schedule
 
+    metrics = None if metrics_port is None else (metrics_host, metrics_port)
     if settings is None:  # each account on its own schedule, unless the command line sets one
+        if metrics is not None and len(accounts) > 1:
+            raise click.UsageError(
+                "--metrics-port serves one database's metrics: pick one account with --account"
+            )
         plans = {}
         for account, chosen in accounts:
             if isinstance(chosen, ConfigurationError):
@@ -545,14 +632,18 @@ def schedule(
                 run_now,
                 max_runs,
                 max_consecutive_failures,
+                metrics,
                 account=account.name,
             )
             plans[account.name] = (chosen, plan)
         configure_logging(log_format)
-        run_account_schedules(plans)
+        if metrics is not None:  # the one account, with its metrics served
+            run_schedule(*plans.popitem()[1])
+        else:
+            run_account_schedules(plans)
         return
     plan = _schedule_plan(
-        every, cron, jitter, timezone_name, run_now, max_runs, max_consecutive_failures
+        every, cron, jitter, timezone_name, run_now, max_runs, max_consecutive_failures, metrics
     )
     configure_logging(log_format)
     run_schedule(settings, plan)
@@ -566,6 +657,7 @@ def _schedule_plan(
     run_now: bool,
     max_runs: int | None,
     max_consecutive_failures: int | None,
+    metrics_address: tuple[str, int] | None = None,
     *,
     account: str | None = None,
 ) -> Any:
@@ -601,6 +693,7 @@ def _schedule_plan(
         run_now=run_now,
         max_runs=max_runs,
         max_consecutive_failures=max_consecutive_failures,
+        metrics_address=metrics_address,
     )
 
 
@@ -673,7 +766,7 @@ def _file_value(param: click.Option, value: object) -> Any:
     if not ok:
         raise ValueError(f"expected {wanted}")
     try:
-        return param.type_cast_value(click.get_current_context(), value)
+        return param.process_value(click.get_current_context(), value)  # its callback too
     except click.BadParameter as exc:
         raise ValueError(exc.message) from None
 
@@ -800,7 +893,7 @@ def _sync_accounts(
     exit is the worst exit code among them."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    from pipeline.sync.run import run_sync
+    from pipeline.observe.watch import observed_sync
     from pipeline.sync.stopping import leave_stop_signals_to_the_main_thread, stop_on_signals
 
     def sync_one(name: str, settings: Settings | ConfigurationError) -> SyncSummary:
@@ -808,7 +901,7 @@ def _sync_accounts(
             raise settings
         threading.current_thread().name = f"{_ACCOUNT_THREAD}{name}"  # see _AccountLogLabel
         try:
-            return run_sync(settings, stop=stop)
+            return observed_sync(settings, stop=stop)
         finally:
             threading.current_thread().name = "comfysync-account"
 
@@ -858,6 +951,8 @@ class _PerAccount:
 
     account: str = ""
     collected: list[Any] = dataclasses.field(default_factory=list)
+    #: The worst monitoring-plugin code of ``status --check`` across the accounts.
+    exit_code: int = 0
 
     def collect(self, value: Any) -> None:
         items = value if isinstance(value, list) else [value]
@@ -912,7 +1007,7 @@ def for_each_account(command: Callable[..., None]) -> Callable[..., None]:
                 except ComfySyncError as exc:
                     worst = max(worst, exc.exit_code)
                     _account_failed(account.name, exc)
-            collected = _per_account.collected
+            collected, worst = _per_account.collected, max(worst, _per_account.exit_code)
         finally:
             _per_account = None
         if len(not_found) == len(chosen):
@@ -1204,16 +1299,69 @@ def _echo_json(value: Any) -> None:
     help="Folder to list the snapshot files in.",
 )
 @json_option
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Print one monitoring-plugin line and exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.",
+)
+@click.option(
+    "--max-age",
+    default="2h",
+    metavar="DURATION",
+    help="With --check: CRITICAL when no sync succeeded for this long (30m, 2h, 1d).",
+)
+@click.option(
+    "--max-failures",
+    type=WholeNumber(1, MANY),
+    default=3,
+    help="With --check: CRITICAL at this many failed runs in a row.",
+)
 @debug_option(DEBUG_READS)
-def status(db_path: Path, export_dir: Path | None, as_json: bool) -> None:
-    """Show the mirror's state: last sync, counts, snapshot files."""
+def status(
+    db_path: Path,
+    export_dir: Path | None,
+    as_json: bool,
+    check: bool,
+    max_age: str,
+    max_failures: int,
+) -> None:
+    """Show the mirror's state: last sync, counts, snapshot files.
+
+    With --check, judge it instead, as Nagios, Icinga or Sensu plugins do: one line on stdout,
+    exit 0 OK, 1 WARNING (the latest run failed or was partial), 2 CRITICAL (no success
+    within --max-age, or --max-failures failed runs in a row), 3 UNKNOWN (no database, or
+    one that cannot be read).
+    """
     from pipeline.read.overview import read_status
     from pipeline.read.report import describe_status
 
+    age = _parsed(_max_age_seconds, max_age, "--max-age")  # refused even without --check
     account = _per_account.account if _per_account else None
+    if check:
+        from pipeline.observe.check import check_mirror
+
+        result = check_mirror(db_path, max_age=age, max_failures=max_failures)
+        _say(result.line)
+        if _per_account is None:
+            sys.exit(result.code)  # the plugin codes, whatever main would make of an error
+        _per_account.exit_code = max(_per_account.exit_code, result.code)
+        return
     _show(
         db_path, lambda db: read_status(db, db_path, export_dir, account), describe_status, as_json
     )
+
+
+def _max_age_seconds(text: str) -> int:
+    from pipeline.times import DURATION_UNITS, duration_seconds
+
+    try:
+        seconds = duration_seconds(text)
+    except ValueError:
+        wanted = f"a whole number and {DURATION_UNITS}"
+        raise ValueError(f"{_shown(text)} is not a duration: {wanted}") from None
+    if not 0 < seconds <= MANY:
+        raise ValueError(f"{_shown(text)} must be more than 0s and at most {MANY}s")
+    return seconds
 
 
 @cli.command()
@@ -1389,7 +1537,7 @@ def config_check(config_path: Path | None) -> None:
     config = load_config(path, _config_keys())
     ctx = click.get_current_context()
     defaults = {
-        param.name: param.get_default(ctx) if not param.is_flag else False
+        param.name: param.process_value(ctx, param.get_default(ctx)) if not param.is_flag else False
         for param in _sync_params()
         if param.name
     }

@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigurationError
+from pipeline.source.records import TRACKED_FIELDS
 from pipeline.store.keyfile import check_env_key
 
 DEFAULT_BASE_URL = "https://api.comfycontrol.app"
@@ -20,6 +21,12 @@ DEFAULT_EXPORT_DIR = Path("data") / "exports"
 #: Snapshot and export formats; each is also the file suffix and the snapshot tree's top folder.
 EXPORT_FORMATS: tuple[str, ...] = ("parquet", "csv")
 MAX_PER_PAGE = 100
+#: When to notify (``--notify-on``) and which changes a change notice reports
+#: (``--notify-changes``; ``disabled``: a runner whose status became disabled).
+NOTIFY_EVENTS: tuple[str, ...] = ("failure", "recovery", "changes")
+CHANGE_KINDS: tuple[str, ...] = ("created", "updated", "deleted", "restored", "disabled")
+#: How ``--ping-url`` is called: Healthchecks' /start and /fail, or an Uptime Kuma push URL.
+PING_STYLES: tuple[str, ...] = ("healthchecks", "uptime-kuma")
 
 #: One DNS label (letters, digits, hyphens; underscores too, which some private names use).
 _HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
@@ -108,6 +115,17 @@ class Settings:
     #: The configuration file's account this sync is for (``pipeline.config``): its snapshots
     #: go to the ``account=NAME`` partition. None: the single-account layout.
     account: str | None = None
+    #: What a sync tells the outside world (``pipeline.observe``, which the CLI and the
+    #: scheduler sync through; ``run_sync`` itself ignores them). The URLs carry credentials,
+    #: hence out of ``repr``.
+    notify: tuple[str, ...] = field(default=(), repr=False)
+    notify_on: tuple[str, ...] = ("failure", "recovery")
+    notify_after_failures: int = 1
+    notify_changes: tuple[str, ...] = CHANGE_KINDS
+    notify_fields: tuple[str, ...] = ()
+    ping_url: str | None = field(default=None, repr=False)
+    ping_style: str = "healthchecks"
+    metrics_file: Path | None = None
 
     def validated(self) -> Settings:
         """Return self after checking every option, or raise ConfigurationError.
@@ -168,7 +186,35 @@ class Settings:
                 raise ConfigurationError(problem)
         if self.redaction_key is not None:
             check_env_key(self.redaction_key)
+        self._check_observing()
         return self
+
+    def _check_observing(self) -> None:
+        """Refuse a notification or ping option that could only fail later, unattended."""
+        for option, given, known in (
+            ("--notify-on", self.notify_on, NOTIFY_EVENTS),
+            ("--notify-changes", self.notify_changes, CHANGE_KINDS),
+            ("--notify-fields", self.notify_fields, TRACKED_FIELDS),
+            ("--ping-style", (self.ping_style,), PING_STYLES),
+        ):
+            unknown = [value for value in given if value not in known]
+            if unknown:
+                raise ConfigurationError(
+                    f"{option} takes {', '.join(known)}; not {', '.join(map(repr, unknown))}"
+                )
+        if self.notify_after_failures < 1:
+            raise ConfigurationError("--notify-after-failures must be at least 1")
+        if self.ping_url is not None:
+            from pipeline.source.client import is_requestable_url
+
+            if not is_requestable_url(self.ping_url):
+                # Not quoted: a ping URL is a credential.
+                raise ConfigurationError(
+                    "--ping-url (COMFYSYNC_PING_URL) must be an http(s) URL such as "
+                    "https://hc-ping.com/<uuid>"
+                )
+        if self.metrics_file is not None:
+            refuse_blank_path(str(self.metrics_file), "--metrics-file")
 
 
 def _base_url_host(url: str) -> str:

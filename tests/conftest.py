@@ -71,6 +71,67 @@ def serve_account() -> Iterator[Callable[..., Upstream]]:
         server.stop()
 
 
+@dataclass(frozen=True)
+class Received:
+    """One request a ``Receiver`` got."""
+
+    method: str
+    path: str
+    body: bytes
+    headers: dict[str, str]
+
+
+class Receiver:
+    """An HTTP server on 127.0.0.1 that records every request and answers ``status`` (200):
+    what a webhook, a notification service or a ping monitor would be."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.requests: list[Received] = []
+        self.status = 200
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _record(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                receiver.requests.append(
+                    Received(self.command, self.path, body, dict(self.headers.items()))
+                )
+                self.send_response(receiver.status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"OK")
+
+            do_GET = do_POST = _record
+
+            def log_message(self, *args: object) -> None:  # the test reads requests, not logs
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def posted_json(self, path: str) -> list[dict[str, Any]]:
+        """The JSON bodies POSTed to ``path``, in order."""
+        return [json.loads(r.body) for r in self.requests if r.method == "POST" and r.path == path]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A recording HTTP receiver on 127.0.0.1, stopped after the test."""
+    server = Receiver()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "mirror.db"

@@ -384,3 +384,20 @@ def test_browse_serves_every_account_with_queries_across_them(
     assert httpx.get(f"{base}/staging/runners.json?_shape=array&_size=1").status_code == 200
     proc.terminate()
     assert "browse http://127.0.0.1:" in proc.communicate(timeout=10)[1]
+
+
+def test_an_option_with_its_own_parsing_reads_the_same_from_the_file(run_cli, tmp_path):
+    """A key whose option splits its value (--notify-on) is read as the command line reads it,
+    in the file and as a built-in default alike."""
+    write_config(
+        tmp_path,
+        '[defaults]\nnotify_on = "failure, changes"\n\n[accounts.a]\nbase_url = "http://127.0.0.1:9"\n'
+        '\n[accounts.b]\nbase_url = "http://127.0.0.1:9"\nnotify_on = "recovery"\n',
+    )
+    result = run_cli("config", "check")
+    assert result.exit_code == 0, result.stderr
+    assert "  notify_on = failure, changes\n" in result.stdout
+    assert "  notify_on = recovery\n" in result.stdout
+    write_config(tmp_path, '[accounts.a]\nbase_url = "http://127.0.0.1:9"\nnotify_on = "never"\n')
+    refused = run_cli("config", "check")
+    assert refused.exit_code == 2 and "not 'never'" in refused.stderr

@@ -116,6 +116,18 @@ MAY_IMPORT = {
         "pipeline.outputs",
         "pipeline.read.history",  # the fleet as of the sync, for its snapshots
     },
+    "pipeline.observe": {
+        "pipeline.errors",
+        "pipeline.settings",
+        "pipeline.times",
+        "pipeline.printable",
+        "pipeline.source.client",  # the retries counted where they happen
+        "pipeline.store",  # the run log, and warnings added to a run's record
+        "pipeline.sync.run",  # the sync it wraps
+        "pipeline.sync.lock",
+        "pipeline.sync.collector",  # the progress callback's type
+        "pipeline.read.changelog",  # the changes a change notice reports
+    },
     "pipeline.sim": {
         "pipeline.errors",
         "pipeline.source.records",  # the fields of a runner object the simulator serves
@@ -229,6 +241,8 @@ def test_each_heavy_dependency_lives_in_its_own_module():
         "pandas": {"pipeline/read/frames.py"},
         "apscheduler": {"jobs/triggers.py", "jobs/scheduler.py"},
         "datasette": {"pipeline/read/browse.py"},
+        "apprise": {"pipeline/observe/notify.py"},
+        "prometheus_client": {"pipeline/observe/metrics.py"},
     }
     for path in PRODUCT:
         imports = {m.split(".")[0] for m in imported_modules(path)}
@@ -273,7 +287,7 @@ def test_help_starts_without_importing_heavy_libraries(command):
         "import sys; from pipeline.cli import main\n"
         f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
         "heavy = {'pandas', 'pyarrow', 'apscheduler', 'httpx', 'sqlite_utils', 'starlette',\n"
-        "         'filelock', 'jobs', 'datasette'}\n"
+        "         'filelock', 'jobs', 'datasette', 'apprise', 'prometheus_client'}\n"
         "print(sorted(heavy & set(sys.modules)))"
     )
     result = subprocess.run(

@@ -49,8 +49,27 @@ VALIDATION: dict[tuple[str, str], str] = {
             "csv_safe",
             "max_delete_ratio",
             "allow_mass_delete",
+            "notify_after_failures",
+            "ping_style",
+            "metrics_file",
         )
     },
+    **{
+        (command, name): validator
+        for command in ("sync", "schedule")
+        for name, validator in (
+            ("notify", "notify"),  # pipeline.observe.notify.Notifiers
+            ("notify_on", "words"),  # Settings.validated
+            ("notify_changes", "words"),
+            ("notify_fields", "words"),
+            ("ping_url", "ping_url"),  # Settings.validated
+        )
+    },
+    ("schedule", "metrics_port"): "type",
+    ("schedule", "metrics_host"): "metrics_host",  # bound by prometheus_client at start
+    ("status", "check"): "type",
+    ("status", "max_age"): "duration",  # pipeline.times.duration_seconds
+    ("status", "max_failures"): "type",
     ("sync", "base_url"): "url",  # Settings.validated
     ("sync", "token"): "token",  # Settings.validated
     ("sync", "as_json"): "type",
@@ -205,6 +224,28 @@ BY_VALIDATOR = {
     ],
     "runner": ["%", "_", "'; DROP TABLE runners; --", "*"],
     "account": ["a b", "a/b", "a.b", "x" * 65, "\u00e9t\u00e9", "[accounts]", "a\tb"],
+    "notify": [
+        "nosuch://x",
+        "json://",
+        "json://user:secret@",
+        "mailto://",
+        "json://[::1",
+        "json://127.0.0.1:99999/x",
+        "slack://",
+    ],
+    "words": ["never", "failure,nope", "FAILURE", "changes:deleted", "status;endpoint", "\u00e9"],
+    "ping_url": [
+        "http://127.0.0.1:99999",
+        "http://[::1",
+        "http://127.0.0.1:1/a b",
+        "http://127.0.0.1:1\n",
+        "ftp://127.0.0.1:1",
+        "https://",
+        "hc-ping.com/uuid",
+        "http://xn--zz.localhost:1",
+    ],
+    "metrics_host": ["256.0.0.1", "no such host", "::1::", "example.invalid"],
+    "duration": ["0s", "-1s", "1y", "1.5h", "2h30m", "99999999999999999999s"],
 }
 
 

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from conftest import rows, run_comfysync
+from conftest import free_port, rows, run_comfysync
 
 from pipeline.sim.simulator import SimulatedAccount
 
@@ -53,6 +53,7 @@ READ_COMMANDS: list[tuple[str, int]] = [
     ("status --db {db}", 0),
     ("status --json --db {db}", 0),
     ("status --debug --db {db}", 0),
+    ("status --check --db {db}", 2),  # every run partial (a rejected record): no success
     ("runs --db {db}", 0),
     ("runs --json --db {db}", 0),
     ("history {good} --db {db}", 0),
@@ -355,3 +356,56 @@ def test_the_config_file_path_and_config_check_leak_no_token(serve_account, tmp_
     assert {"infile.db", "byenv.db", "fleet-infile.parquet", "accounts-metadata.json"} <= names
     assert any(name.startswith("exports/parquet/runners/account=byenv/") for name in names)
     audit(files, outputs, {*MARKERS, *simulator_secrets(30, 34)})
+
+
+#: The password of a notification URL: it may reach its own service, and nothing else.
+NOTIFY_PASSWORD = "NOTIFYPASSMARK-7c3e9a51"
+
+
+def test_notifications_pings_and_metrics_carry_no_secret(serve_account, receiver, tmp_path):
+    """Every notice kind (changes of every kind, failure, recovery), every ping, the metrics
+    file, and the warnings of a notifier that is down: no planted secret, no generated one."""
+    upstream = serve_account(runners=20, seed=34, token=TOKEN)
+    good, _ = plant(upstream.account)
+    data = tmp_path / "data"
+    hook = f"json://user:{NOTIFY_PASSWORD}@127.0.0.1:{receiver.port}/hook"
+    down = f"json://user:{NOTIFY_PASSWORD}@127.0.0.1:{free_port()}/down"
+    options = [
+        "sync", "--base-url", upstream.url, "--db", "data/m.db", "--metrics-file", "data/m.prom",
+        "--notify-on", "changes,failure,recovery", "--ping-url", f"http://127.0.0.1:{receiver.port}/ping/9f",
+    ]  # fmt: skip
+    env = {"COMFYCONTROL_TOKEN": TOKEN, "COMFYSYNC_NOTIFY": f"{hook} {down}"}
+    outputs = {}
+
+    def sync(name: str, expected: int, **extra: str) -> None:
+        result = run_comfysync(tmp_path, *options, env={**env, **extra})
+        assert result.exit_code == expected, result.stderr
+        outputs[name] = result.stdout + result.stderr
+
+    sync("first", 0)
+    upstream.account.rotate_header(good, "X-Api-Key", f"{HEADER}-rotated")
+    upstream.account.update_runner(good, status="disabled")
+    upstream.account.delete_runner(upstream.account.runner_ids()[0])
+    sync("changes", 0)
+    sync("failure", 3, COMFYCONTROL_TOKEN=WRONG_TOKEN)
+    sync("recovery", 0)
+
+    notices = receiver.posted_json("/hook")
+    assert [n["type"] for n in notices] == ["info", "info", "failure", "success"]
+    assert "(status active -> disabled; changed headers)" in notices[1]["message"]
+    sent = {
+        f"{number}: {r.method} {r.path}": r.path
+        + r.body.decode()
+        + repr({k: v for k, v in r.headers.items() if k.lower() != "authorization"})
+        for number, r in enumerate(receiver.requests)
+    }
+    assert len([line for line in sent if "/ping/" in line]) == 8  # start, then success or fail
+    for request in receiver.requests:
+        if request.path == "/hook":  # the notification URL's own credentials, to its service
+            assert request.headers["Authorization"].startswith("Basic ")
+    secrets = {*MARKERS, NOTIFY_PASSWORD, *simulator_secrets(20, 34)}
+    audit(files_under(data), {**outputs, **sent}, secrets)
+    for name in ("first", "changes", "failure", "recovery"):
+        assert "user:****@127.0.0.1" in outputs[name], name  # the notifier down, masked
+    [(warnings,)] = rows(data / "m.db", "SELECT warnings FROM sync_runs WHERE id = 3")
+    assert "notification to json://user:****@127.0.0.1:" in warnings

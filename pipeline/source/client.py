@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -104,6 +105,32 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     if seconds != seconds or seconds <= 0:  # NaN or not in the future
         return None
     return seconds
+
+
+class _Tally:
+    """A count that only grows, safe to bump from any thread."""
+
+    def __init__(self) -> None:
+        self._value = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self._value += 1
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+
+#: Page requests retried by this process. Counted here, where retries happen, so a sync can
+#: report its own (the difference across it) whether it succeeds or fails.
+_RETRIES = _Tally()
+
+
+def retries_made() -> int:
+    """How many page requests this process has retried so far."""
+    return _RETRIES.value
 
 
 class ComfyControlClient:
@@ -202,6 +229,8 @@ class ComfyControlClient:
         """
         if not isinstance(exc, _RetryableFailure):
             return False
+        if not last:
+            _RETRIES.add()
         log.info("retrying a page request after: %s", exc)
         if exc.retry_after is None:
             return True
@@ -356,6 +385,18 @@ def check_request_url(base_url: str) -> None:
         raise ConfigurationError(
             "--base-url has a host name that is not a valid internationalized domain name"
         ) from None
+
+
+def is_requestable_url(url: str) -> bool:
+    """Whether ``url`` is an http(s) URL httpx can send a request to (a ping URL, say)."""
+    if any(char.isspace() or not char.isprintable() for char in url):
+        return False
+    try:
+        parsed = httpx.Request("GET", url).url
+        _ = urllib.parse.urlsplit(url).port  # ValueError for a port outside 0-65535
+    except (httpx.InvalidURL, ValueError):
+        return False
+    return parsed.scheme in ("http", "https") and bool(parsed.host)
 
 
 def environment_proxy(url: str) -> str | None:

@@ -316,6 +316,40 @@ def record_snapshots(db: Database, files: Iterable[SnapshotFile]) -> None:
         raise StorageError(f"could not record the snapshot files ({exc})") from exc
 
 
+#: ``comfysync_meta``: page requests retried by every sync of the database so far.
+RETRIES_META = "retries_total"
+
+
+def record_run_afterwards(
+    db: Database, sync_id: int | None, *, warnings: Sequence[str], retries: int
+) -> None:
+    """Add what was learnt after a sync ended to its record, in one transaction.
+
+    ``warnings`` (a notifier or a ping that failed) are appended to the run's ``warnings``;
+    ``retries`` are added to the database's running count (``RETRIES_META``), which a failed
+    sync's run-log row has no column for. Raises StorageError if SQLite cannot write.
+    """
+    try:
+        with db.atomic():
+            if warnings and sync_id is not None:
+                query = "SELECT warnings FROM sync_runs WHERE id = ?"
+                row = db.execute(query, [sync_id]).fetchone()
+                if row is not None:
+                    known = orjson.loads(row[0]) if row[0] else []
+                    db.execute(
+                        "UPDATE sync_runs SET warnings = ? WHERE id = ?",
+                        [orjson.dumps([*known, *warnings]).decode(), sync_id],
+                    )
+            if retries:
+                db.execute(
+                    "INSERT INTO comfysync_meta (key, value) VALUES (?, ?) ON CONFLICT(key) "
+                    "DO UPDATE SET value = CAST(value AS INTEGER) + excluded.value",
+                    [RETRIES_META, str(retries)],
+                )
+    except sqlite3.OperationalError as exc:
+        raise StorageError(f"could not record what followed the sync ({exc})") from exc
+
+
 def insert_created(
     conn: sqlite3.Connection, created: Sequence[RunnerRecord], sync_id: int, now: str
 ) -> None:

@@ -47,7 +47,7 @@ from pipeline.errors import (
     SyncInterruptedError,
 )
 from pipeline.settings import Settings
-from pipeline.source.client import ComfyControlClient
+from pipeline.source.client import ComfyControlClient, retries_made
 from pipeline.source.records import RunnerRecord
 from pipeline.source.walk import (
     MissingAfter,
@@ -102,6 +102,8 @@ class SyncSummary:
     db_path: str
     snapshots: tuple[SnapshotFile, ...] = ()
     snapshots_pruned: tuple[str, ...] = ()
+    #: Page requests retried (connection errors, timeouts, 429, 5xx) during the sync.
+    retries: int = 0
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,7 @@ def _walk_and_apply(
 ) -> tuple[SyncSummary, str]:
     """Walk, decide and apply in one transaction; a failure is recorded and re-raised."""
     now = seams.now
+    retries_before = retries_made()
     try:
         # One time for everything this sync changes (its versions' valid_from), taken before
         # the walk because new runners are written while it goes on.
@@ -246,7 +249,9 @@ def _walk_and_apply(
     for warning in decision.outcome.warnings:
         log.warning("%s", warning)
     seconds = time.monotonic() - started
-    return _summarise(sync_id, decision, seconds, settings.db_path), finished_at
+    summary = _summarise(sync_id, decision, seconds, settings.db_path)
+    summary = dataclasses.replace(summary, retries=retries_made() - retries_before)
+    return summary, finished_at
 
 
 def _stored_picture(

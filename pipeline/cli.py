@@ -55,6 +55,7 @@ from pipeline.settings import (
 from pipeline.store.keyfile import KEY_ENV
 
 if TYPE_CHECKING:
+    from pipeline.outputs.objects import ObjectPath
     from pipeline.read.changelog import RunnerHistory
     from pipeline.read.overview import SyncRun
     from pipeline.store.sqlite import Database
@@ -140,6 +141,22 @@ class FilePath(click.Path):
         return super().convert(value, param, ctx)
 
 
+class ExportLocation(FilePath):
+    """A local folder (a Path, checked as FilePath does), or an object-store URL such as
+    ``s3://bucket/prefix`` (an ObjectPath; its endpoint is bound by ``_settings``)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and "://" in value:
+            from pipeline.outputs.objects import ObjectPath, is_url
+
+            if is_url(value):
+                try:
+                    return ObjectPath.parse(value)
+                except ConfigurationError as exc:
+                    self.fail(exc.message, param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class LoopbackHost(click.ParamType[str, str]):
     """A host ``is_loopback_host`` calls this machine: the simulator serves fake secrets without
     TLS and must never listen beyond it (the simulator checks the same again)."""
@@ -197,6 +214,15 @@ csv_safe_option = click.option(
     is_flag=True,
     help="In CSV, prefix cells starting with = + - @ tab or CR with ' so that spreadsheets "
     "show them instead of running them (alters the data; see the Exports page of the docs).",
+)
+
+s3_endpoint_option = click.option(
+    "--s3-endpoint-url",
+    envvar="COMFYSYNC_S3_ENDPOINT_URL",
+    show_envvar=True,
+    default=None,
+    metavar="URL",
+    help="Endpoint of an S3-compatible store (MinIO, R2) for s3:// locations.",
 )
 
 
@@ -276,6 +302,10 @@ def _settings(values: dict[str, Any], account: Account | None = None) -> Setting
     fields["redaction_key"] = os.environ.get(KEY_ENV) or None
     if values["no_export"]:
         fields["export_dir"] = None
+    elif values["s3_endpoint_url"] and not isinstance(fields["export_dir"], Path):
+        fields["export_dir"] = dataclasses.replace(
+            fields["export_dir"], endpoint_url=values["s3_endpoint_url"]
+        )
     return Settings(**fields, account=account.name if account else None)
 
 
@@ -345,12 +375,14 @@ _SYNC_OPTIONS = (
     ),
     click.option(
         "--export-dir",
-        type=FilePath(path_type=Path),
+        type=ExportLocation(path_type=Path),
         envvar="COMFYSYNC_EXPORT_DIR",
         default=DEFAULT_EXPORT_DIR,
         show_envvar=True,
-        help="Folder for the snapshot files written after each sync.",
+        help="Folder for the snapshot files written after each sync, or an object-store "
+        "URL (s3://bucket/prefix; credentials from the AWS environment or profile).",
     ),
+    s3_endpoint_option,
     click.option(
         "--format",
         "export_formats",
@@ -368,6 +400,27 @@ _SYNC_OPTIONS = (
         help="Delete the oldest snapshot files beyond the N newest per format (default: keep all).",
     ),
     csv_safe_option,
+    click.option(
+        "--iceberg",
+        metavar="CATALOG_URI",
+        default=None,
+        help="After each sync, commit the fleet, its versions and the run log to Apache "
+        "Iceberg tables in this catalog (sqlite:///data/catalog.db, or a REST catalog's URL).",
+    ),
+    click.option(
+        "--iceberg-warehouse",
+        metavar="LOCATION",
+        default=None,
+        show_default="iceberg/ beside the database",
+        help="Where the Iceberg tables' files go: a folder or s3://bucket/prefix.",
+    ),
+    click.option(
+        "--iceberg-account",
+        metavar="NAME",
+        default=None,
+        show_default="the config file's account, else the database's identifier",
+        help="The account column of this database's rows in the Iceberg tables.",
+    ),
     click.option(
         "--max-delete-ratio",
         type=Number(0, 1),
@@ -1291,13 +1344,14 @@ def _echo_json(value: Any) -> None:
 @read_db_option
 @click.option(
     "--export-dir",
-    type=FilePath(path_type=Path),  # not a folder: one line from find_snapshots, exit 2
+    type=ExportLocation(path_type=Path),  # not a folder: one line from find_snapshots, exit 2
     envvar="COMFYSYNC_EXPORT_DIR",
     default=None,
     show_default=f"where the database's syncs wrote them, else {DEFAULT_EXPORT_DIR}",
     show_envvar=True,
-    help="Folder to list the snapshot files in.",
+    help="Folder (or s3://bucket/prefix) to list the snapshot files in.",
 )
+@s3_endpoint_option
 @json_option
 @click.option(
     "--check",
@@ -1319,7 +1373,8 @@ def _echo_json(value: Any) -> None:
 @debug_option(DEBUG_READS)
 def status(
     db_path: Path,
-    export_dir: Path | None,
+    export_dir: Path | ObjectPath | None,
+    s3_endpoint_url: str | None,
     as_json: bool,
     check: bool,
     max_age: str,
@@ -1347,7 +1402,10 @@ def status(
         _per_account.exit_code = max(_per_account.exit_code, result.code)
         return
     _show(
-        db_path, lambda db: read_status(db, db_path, export_dir, account), describe_status, as_json
+        db_path,
+        lambda db: read_status(db, db_path, export_dir, account, s3_endpoint_url),
+        describe_status,
+        as_json,
     )
 
 

@@ -7,11 +7,15 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigurationError
 from pipeline.source.records import TRACKED_FIELDS
 from pipeline.store.keyfile import check_env_key
+
+if TYPE_CHECKING:  # the CLI's --help loads no object-store code
+    from pipeline.outputs.objects import ObjectPath
 
 DEFAULT_BASE_URL = "https://api.comfycontrol.app"
 DEFAULT_DB_PATH = Path("data") / "comfysync.db"
@@ -107,7 +111,8 @@ class Settings:
     retry_wait_max: float = 30.0
     #: A server asking (Retry-After) for a longer wait fails the page at once instead.
     max_retry_after: float = 60.0
-    export_dir: Path | None = None
+    #: A local folder, or an object-store folder (``s3://bucket/prefix``).
+    export_dir: Path | ObjectPath | None = None
     export_formats: tuple[str, ...] = EXPORT_FORMATS
     keep_snapshots: int | None = None
     csv_safe: bool = False
@@ -126,6 +131,14 @@ class Settings:
     ping_url: str | None = field(default=None, repr=False)
     ping_style: str = "healthchecks"
     metrics_file: Path | None = None
+    #: An S3-compatible store's endpoint (MinIO, R2) for ``s3://`` export and warehouse URLs.
+    s3_endpoint_url: str | None = None
+    #: The Iceberg catalog to commit each sync to (``pipeline.outputs.iceberg``), its
+    #: warehouse (None: ``iceberg`` beside the database) and the ``account`` the rows carry
+    #: (None: the configuration file's account, else the database's own identifier).
+    iceberg: str | None = None
+    iceberg_warehouse: str | None = None
+    iceberg_account: str | None = None
 
     def validated(self) -> Settings:
         """Return self after checking every option, or raise ConfigurationError.
@@ -179,7 +192,7 @@ class Settings:
         if not 0.0 <= self.max_delete_ratio <= 1.0:
             raise ConfigurationError("--max-delete-ratio must be between 0 and 1")
         refuse_blank_path(str(self.db_path), "--db")
-        if self.export_dir is not None:
+        if isinstance(self.export_dir, Path):
             refuse_blank_path(str(self.export_dir), "--export-dir")
             problem = _export_dir_problem(self.export_dir, self.db_path)
             if problem is not None:

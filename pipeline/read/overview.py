@@ -16,7 +16,6 @@ can still be going, and only while a sync holds the database's lock (``pipeline.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,11 @@ import orjson
 
 from pipeline.errors import ConfigurationError
 from pipeline.outputs.snapshot import (
+    Location,
     account_of,
+    as_location,
     export_dir_of,
+    file_size,
     not_a_folder,
     place_in_tree,
     snapshot_files,
@@ -115,7 +117,11 @@ class MirrorStatus:
 
 
 def read_status(
-    db: Database, db_path: Path, export_dir: Path | None = None, account: str | None = None
+    db: Database,
+    db_path: Path,
+    export_dir: Location | None = None,
+    account: str | None = None,
+    s3_endpoint_url: str | None = None,
 ) -> MirrorStatus:
     """The state of the mirror in ``db`` (opened from ``db_path``) and its snapshot files
     (those in ``account``'s partition, for an account of a configuration file).
@@ -127,11 +133,13 @@ def read_status(
     """
     if export_dir is None:
         export_dir = recorded_export_dir(db)
+    if s3_endpoint_url and not isinstance(export_dir, Path):
+        export_dir = dataclasses.replace(export_dir, endpoint_url=s3_endpoint_url)
     if account is None:
         row = db.execute(
             "SELECT path FROM snapshots WHERE error IS NULL ORDER BY id DESC LIMIT 1"
         ).fetchone()
-        account = account_of(Path(row[0])) if row else None
+        account = account_of(as_location(row[0])) if row else None
     present, deleted = db.execute(
         "SELECT count(*) - count(deleted_at), count(deleted_at) FROM runners"
     ).fetchone()
@@ -152,7 +160,7 @@ def read_status(
     )
 
 
-def recorded_export_dir(db: Database) -> Path:
+def recorded_export_dir(db: Database) -> Location:
     """The folder the database's latest written snapshot went to, else the default one.
 
     Shown relative to the current folder when it lies below it, as the user would type it.
@@ -162,7 +170,9 @@ def recorded_export_dir(db: Database) -> Path:
     ).fetchone()
     if row is None:
         return DEFAULT_EXPORT_DIR
-    folder = export_dir_of(Path(row[0]))
+    folder = export_dir_of(as_location(row[0]))
+    if not isinstance(folder, Path):
+        return folder
     try:
         return folder.relative_to(Path.cwd())
     except ValueError:
@@ -224,7 +234,7 @@ def _run(row: dict[str, Any]) -> SyncRun:
 
 
 def find_snapshots(
-    export_dir: Path, db: Database | None = None, account: str | None = None
+    export_dir: Location, db: Database | None = None, account: str | None = None
 ) -> Snapshots:
     """The snapshot files of every format, ordered by snapshot date, then sync id, then path.
 
@@ -233,7 +243,7 @@ def find_snapshots(
     latest snapshot's failures are included. ConfigurationError if ``export_dir`` (or a
     folder above it) is there but is not a folder: there is nothing to list.
     """
-    blocker = not_a_folder(export_dir)
+    blocker = not_a_folder(export_dir) if isinstance(export_dir, Path) else None
     if blocker is not None:
         raise ConfigurationError(
             f"cannot list the snapshots under --export-dir {export_dir}: {blocker}; "
@@ -247,7 +257,7 @@ def find_snapshots(
     damaged: tuple[DamagedSnapshot, ...] = ()
     not_written: tuple[FailedSnapshot, ...] = ()
     if db is not None:
-        damaged = _damaged(db, [path for *_, path in found])
+        damaged = _damaged(db, [path for *_, path in found], export_dir)
         not_written = tuple(
             FailedSnapshot(*row)
             for row in db.execute(
@@ -265,7 +275,11 @@ def find_snapshots(
     )
 
 
-def _damaged(db: Database, paths: list[str]) -> tuple[DamagedSnapshot, ...]:
+def _endpoint(location: Location) -> str | None:
+    return None if isinstance(location, Path) else location.endpoint_url
+
+
+def _damaged(db: Database, paths: list[str], export_dir: Location) -> tuple[DamagedSnapshot, ...]:
     """The files in ``paths`` whose size differs from what their sync recorded writing.
 
     Files are matched to the records by their place in the layout (format, date folder,
@@ -273,19 +287,18 @@ def _damaged(db: Database, paths: list[str]) -> tuple[DamagedSnapshot, ...]:
     still checked.
     """
     written = {
-        place_in_tree(Path(path)): (sync_id, size)
+        place_in_tree(as_location(path)): (sync_id, size)
         for path, sync_id, size in db.execute(
             "SELECT path, sync_id, bytes FROM snapshots WHERE error IS NULL"
         )
     }
     damaged = []
     for path in paths:
-        record = written.get(place_in_tree(Path(path)))
+        record = written.get(place_in_tree(as_location(path)))
         if record is None:
             continue
-        try:
-            size = os.stat(path).st_size
-        except OSError:  # gone since it was listed
+        size = file_size(as_location(path, _endpoint(export_dir)))
+        if size is None:  # gone since it was listed
             continue
         if size != record[1]:
             damaged.append(DamagedSnapshot(path, record[0], size, record[1]))

@@ -96,6 +96,7 @@ MAY_IMPORT = {
         "pipeline.store.schema",
         "pipeline.store.sqlite",
         "pipeline.store.keyfile",
+        "pipeline.store.meta",  # the database's identifier, shown by status
         "pipeline.sync.lock",
         "pipeline.outputs.snapshot",
     },

@@ -35,6 +35,7 @@ from pipeline.outputs.snapshot import (
 )
 from pipeline.read.history import RUN_COLUMNS
 from pipeline.settings import DEFAULT_EXPORT_DIR, EXPORT_FORMATS
+from pipeline.store.meta import DATABASE_ID, read_meta
 from pipeline.store.schema import ABANDONED_RUN_ERROR, schema_version
 from pipeline.store.sqlite import Database
 from pipeline.sync.lock import sync_lock_is_free
@@ -114,6 +115,9 @@ class MirrorStatus:
     runners_deleted: int
     versions: int
     snapshots: Snapshots
+    #: The ``account`` of this database's rows in shared Iceberg tables when no configuration
+    #: file names it (``pipeline.store.meta.database_id``); None until a sync commits there.
+    database_id: str | None = None
 
 
 def read_status(
@@ -157,6 +161,7 @@ def read_status(
         runners_deleted=deleted,
         versions=versions,
         snapshots=find_snapshots(export_dir, db, account),
+        database_id=read_meta(db, DATABASE_ID),
     )
 
 

@@ -1095,6 +1095,9 @@ def describe_summary(summary: SyncSummary) -> str:
             lines.append(f"  snapshot {snapshot.format} NOT written: {printable(snapshot.error)}")
     if summary.snapshots_pruned:
         lines.append(f"  pruned {len(summary.snapshots_pruned)} old snapshot file(s)")
+    if summary.iceberg_rows:
+        committed = ", ".join(f"{table} {rows}" for table, rows in summary.iceberg_rows.items())
+        lines.append(f"  iceberg: committed rows: {committed}")
     return "\n".join(lines)
 
 

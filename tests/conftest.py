@@ -561,3 +561,13 @@ def s3_store() -> Iterator[S3Store]:
             else:
                 os.environ[name] = value
         server.stop()
+
+
+def churn(account: SimulatedAccount, step: int) -> None:
+    """Renames, an update, a header rotation, a deletion and a birth: every kind of change."""
+    ids = account.runner_ids()
+    account.rename_runner(ids[step], f"renamed in step {step}")
+    account.update_runner(ids[step + 10], tags=["moved"], status="disabled")
+    account.rotate_header(ids[step + 20])
+    account.delete_runner(ids[step + 30])
+    account.create_runner(name=f"born in step {step}")

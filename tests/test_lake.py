@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
-from conftest import rows, settings_for
+from conftest import churn, rows, settings_for
 from export_helpers import StepClock, finished_at, parquet_rows, store_fleet, store_history
 
 from pipeline.outputs import iceberg
@@ -21,14 +21,16 @@ from pipeline.sync.run import run_sync
 DAYS = [datetime(2026, 3, day, 9, 0, tzinfo=UTC) for day in (1, 2, 3)]
 
 
-def churn(account, step: int) -> None:
-    """Renames, an update, a header rotation, a deletion and a birth: every kind of change."""
-    ids = account.runner_ids()
-    account.rename_runner(ids[step], f"renamed in step {step}")
-    account.update_runner(ids[step + 10], tags=["moved"], status="disabled")
-    account.rotate_header(ids[step + 20])
-    account.delete_runner(ids[step + 30])
-    account.create_runner(name=f"born in step {step}")
+def sync_snapshot(table, account: str, sync_id: int):
+    """The id of the snapshot that holds ``account``'s rows as sync ``sync_id`` left them."""
+    found = [
+        snapshot
+        for snapshot in table.snapshots()
+        if snapshot.summary is not None
+        and snapshot.summary.get(iceberg.ACCOUNT_PROPERTY) == account
+        and snapshot.summary.get(iceberg.SYNC_PROPERTY) == str(sync_id)
+    ]
+    return max(found, key=lambda s: s.sequence_number).snapshot_id if found else None
 
 
 def sync_env(store, upstream) -> dict[str, str]:
@@ -160,7 +162,7 @@ def test_three_syncs_in_iceberg_equal_the_store_now_and_at_each_sync(
     )
     # Time travel to each sync's snapshot: `comfysync export --as-of` of that sync.
     for sync_id in (1, 2, 3):
-        snapshot_id = iceberg.sync_snapshot(runners, account, sync_id)
+        snapshot_id = sync_snapshot(runners, account, sync_id)
         assert snapshot_id is not None
         summary = runners.snapshot_by_id(snapshot_id).summary
         assert summary[iceberg.SYNC_PROPERTY] == str(sync_id)
@@ -223,7 +225,7 @@ def test_three_accounts_committing_at_once_all_land(s3_store, serve_account, sta
     first = iceberg.IcebergTarget(catalog_uri, warehouse, "setup", s3_store.endpoint)
     catalog = iceberg.load_catalog(first)
     for name in iceberg.TABLES:
-        iceberg._table(catalog, name, iceberg.arrow_schema(name))
+        iceberg.ensure_table(catalog, name)
     procs = [
         start_cli(
             "--debug",
@@ -259,7 +261,7 @@ def test_three_accounts_committing_at_once_all_land(s3_store, serve_account, sta
     versions = catalog.load_table("comfysync.runner_versions").scan().to_arrow()
     assert len(versions) == 93
     table = catalog.load_table("comfysync.runners")
-    assert all(iceberg.sync_snapshot(table, f"account{n}", 1) for n in range(3))
+    assert all(sync_snapshot(table, f"account{n}", 1) for n in range(3))
 
 
 def test_committers_that_collide_retry_until_every_one_lands(
@@ -282,7 +284,7 @@ def test_committers_that_collide_retry_until_every_one_lands(
     ]
     catalog = iceberg.load_catalog(targets[0])
     for name in iceberg.TABLES:
-        iceberg._table(catalog, name, iceberg.arrow_schema(name))
+        iceberg.ensure_table(catalog, name)
     start = threading.Barrier(3)
     commits: dict[int, iceberg.IcebergCommit] = {}
 

@@ -143,7 +143,7 @@ def _commit_table(
     from sqlalchemy.exc import OperationalError
 
     for attempt in range(1, COMMIT_ATTEMPTS + 1):
-        table = _table(catalog, name, arrow_schema(name))
+        table = ensure_table(catalog, name)
         try:
             return _WRITERS[name](table, db, target, sync_id, finished_at)
         except (CommitFailedException, OperationalError):
@@ -155,21 +155,25 @@ def _commit_table(
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
-def _table(catalog: Any, name: str, schema: pa.Schema) -> Any:
-    """The table ``name``, created (partitioned) if missing, with ``schema``'s columns."""
+def ensure_table(catalog: Any, name: str) -> Any:
+    """The table ``name``, created (partitioned) if missing, with every column of
+    ``arrow_schema(name)`` (those it lacks are added)."""
     from pyiceberg.exceptions import NoSuchTableError, TableAlreadyExistsError
     from pyiceberg.transforms import IdentityTransform, MonthTransform
 
     identifier = (NAMESPACE, name)
+    schema = arrow_schema(name)
     try:
         table = catalog.load_table(identifier)
     except NoSuchTableError:
         try:
-            table = catalog.create_table(identifier, schema=schema)
-            with table.update_spec() as spec:
+            # Created with its partitioning in one commit: no writer ever sees it without.
+            creation = catalog.create_table_transaction(identifier, schema=schema)
+            with creation.update_spec() as spec:
                 spec.add_field("account", IdentityTransform(), "account")
                 if name == "runner_versions":
                     spec.add_field("valid_from", MonthTransform(), "valid_from_month")
+            creation.commit_transaction()
             table = catalog.load_table(identifier)
         except TableAlreadyExistsError:  # another committer created it first
             table = catalog.load_table(identifier)
@@ -192,18 +196,6 @@ def committed_sync(table: Any, account: str) -> int | None:
         and SYNC_PROPERTY in snapshot.summary
     ]
     return max(found, default=None)
-
-
-def sync_snapshot(table: Any, account: str, sync_id: int) -> int | None:
-    """The id of the snapshot that holds ``account``'s rows as sync ``sync_id`` left them."""
-    found = [
-        snapshot
-        for snapshot in table.snapshots()
-        if snapshot.summary is not None
-        and snapshot.summary.get(ACCOUNT_PROPERTY) == account
-        and snapshot.summary.get(SYNC_PROPERTY) == str(sync_id)
-    ]
-    return max(found, key=lambda s: s.sequence_number).snapshot_id if found else None
 
 
 def _properties(target: IcebergTarget, sync_id: int) -> dict[str, str]:

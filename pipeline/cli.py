@@ -1050,6 +1050,8 @@ def for_each_account(command: Callable[..., None]) -> Callable[..., None]:
                 run = {**options, "db_path": account.db_path}
                 if "export_dir" in options and not _given("export_dir"):
                     run["export_dir"] = account.options.get("export_dir")
+                if "s3_endpoint_url" in options and not _given("s3_endpoint_url"):
+                    run["s3_endpoint_url"] = account.options.get("s3_endpoint_url")
                 if "output" in options and len(chosen) > 1:  # a file per account
                     output = options["output"]
                     run["output"] = output.with_name(f"{output.stem}-{account.name}{output.suffix}")

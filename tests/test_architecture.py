@@ -99,6 +99,7 @@ MAY_IMPORT = {
         "pipeline.store.meta",  # the database's identifier, shown by status
         "pipeline.sync.lock",
         "pipeline.outputs.snapshot",
+        "pipeline.outputs.objects",  # why a bucket could not be listed, for status
     },
     "pipeline.outputs": {
         "pipeline.errors",

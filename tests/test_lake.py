@@ -315,3 +315,61 @@ def test_committers_that_collide_retry_until_every_one_lands(
     counts = duckdb.sql("SELECT account, count(*) FROM landed GROUP BY ALL ORDER BY 1").fetchall()
     assert len(landed) == 63
     assert counts == [("account0", 20), ("account1", 21), ("account2", 22)]
+
+
+def test_a_config_file_sends_every_account_to_the_bucket_and_the_shared_tables(
+    s3_store, serve_account, run_cli, tmp_path
+):
+    """The config file's keys are the options' names: export_dir, s3_endpoint_url, iceberg."""
+    prod = serve_account(runners=12, seed=31, token="prod-token", user_id="owner-prod")
+    staging = serve_account(runners=9, seed=32, token="staging-token", user_id="owner-staging")
+    bucket = s3_store.bucket("configured")
+    (tmp_path / "comfysync.toml").write_text(
+        f"""
+[defaults]
+export_dir = "{bucket}/exports"
+s3_endpoint_url = "{s3_store.endpoint}"
+format = "parquet"
+iceberg = "sqlite:///{tmp_path / "catalog.db"}"
+iceberg_warehouse = "{bucket}/warehouse"
+
+[accounts.prod]
+base_url = "{prod.url}"
+token_env = "TOKEN_PROD"
+
+[accounts.staging]
+base_url = "{staging.url}"
+token_env = "TOKEN_STAGING"
+"""
+    )
+    env = {**s3_store.env, "TOKEN_PROD": "prod-token", "TOKEN_STAGING": "staging-token"}
+    result = run_cli("sync", "--all", env=env)
+    assert result.exit_code == 0, result.stderr
+    assert "iceberg: committed rows: runners 12, runner_versions 12, sync_runs 1" in result.stdout
+
+    # The snapshots in each account's partition of the bucket, read as one dataset.
+    duck = duckdb.connect()
+    duck.register(
+        "snapshots",
+        ds.dataset(
+            "configured/exports/parquet/runners",
+            filesystem=s3_store.filesystem(),
+            partitioning="hive",
+        ),
+    )
+    found = duck.sql("SELECT account, count(*) FROM snapshots GROUP BY ALL ORDER BY 1").fetchall()
+    assert found == [("prod", 12), ("staging", 9)]
+    # The account's name is its rows' account in the shared tables.
+    catalog = iceberg.load_catalog(
+        iceberg.IcebergTarget(
+            f"sqlite:///{tmp_path / 'catalog.db'}", f"{bucket}/warehouse", "-", s3_store.endpoint
+        )
+    )
+    duck.register("runners", catalog.load_table("comfysync.runners").scan().to_arrow())
+    counts = duck.sql("SELECT account, count(*) FROM runners GROUP BY ALL ORDER BY 1").fetchall()
+    assert counts == [("prod", 12), ("staging", 9)]
+    status = run_cli("status", "--account", "staging", "--json", env=env)
+    assert status.exit_code == 0, status.stderr
+    [staging_status] = json.loads(status.stdout)
+    assert staging_status["account"] == "staging"
+    assert staging_status["snapshots"]["files"] == 1

@@ -88,12 +88,25 @@ def catalog_properties(target: IcebergTarget) -> dict[str, str]:
 
 
 def load_catalog(target: IcebergTarget) -> Any:
-    """The catalog of ``target``, with the ``comfysync`` namespace in it."""
-    from pyiceberg.catalog import load_catalog as load
+    """The catalog of ``target``, with the ``comfysync`` namespace in it.
 
-    catalog = load(NAMESPACE, **catalog_properties(target))
-    catalog.create_namespace_if_not_exists(NAMESPACE)
-    return catalog
+    Several processes may open a new SQL catalog at once: the one that loses the race to
+    create its tables (or the namespace) tries again and finds them made.
+    """
+    from pyiceberg.catalog import load_catalog as load
+    from pyiceberg.exceptions import NamespaceAlreadyExistsError
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            catalog = load(NAMESPACE, **catalog_properties(target))
+            catalog.create_namespace_if_not_exists(NAMESPACE)
+            return catalog
+        except (OperationalError, IntegrityError, NamespaceAlreadyExistsError):
+            if attempt == COMMIT_ATTEMPTS:
+                raise
+            time.sleep(random.uniform(0.02, 0.1) * attempt)
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def default_warehouse(db_path: Path, warehouse: str | None) -> str:
@@ -131,7 +144,8 @@ def _describe(exc: BaseException) -> str:
     from pipeline.outputs.objects import describe_failure
 
     if type(exc).__module__.startswith(("pyiceberg", "sqlalchemy")):
-        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {first_line[:200]}"
     return describe_failure(exc)
 
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import orjson
 
-from pipeline.errors import ConfigurationError
+from pipeline.errors import ConfigurationError, ExportError
+from pipeline.outputs.objects import describe_failure
 from pipeline.outputs.snapshot import (
     Location,
     account_of,
@@ -254,11 +255,18 @@ def find_snapshots(
             f"cannot list the snapshots under --export-dir {export_dir}: {blocker}; "
             "pass the folder the snapshots are written to"
         )
-    found = sorted(
-        (path.parent.name, sync_id, str(path))
-        for fmt in EXPORT_FORMATS
-        for sync_id, path in snapshot_files(export_dir, fmt, account)
-    )
+    try:
+        found = sorted(
+            (path.parent.name, sync_id, str(path))
+            for fmt in EXPORT_FORMATS
+            for sync_id, path in snapshot_files(export_dir, fmt, account)
+        )
+    except Exception as exc:  # only an object store's listing can fail here
+        if isinstance(export_dir, Path):
+            raise
+        raise ExportError(
+            f"cannot list the snapshots under {export_dir}: {describe_failure(exc)}"
+        ) from exc
     damaged: tuple[DamagedSnapshot, ...] = ()
     not_written: tuple[FailedSnapshot, ...] = ()
     if db is not None:

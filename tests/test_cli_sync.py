@@ -230,7 +230,9 @@ def test_secrets_never_reach_the_database_file_its_wal_or_the_output(
     reader.close()
 
 
-def test_quiet_prints_nothing_on_success_and_only_warnings_on_a_partial_run(serve_account, run_cli):
+def test_quiet_prints_nothing_on_success_and_only_warnings_on_a_partial_run(
+    serve_account, run_cli
+):
     upstream = serve_account(runners=12, seed=3)
     args = ("sync", "--quiet", "--base-url", upstream.url, "--token", "test-token")
     for _ in range(2):  # the first sync, then a re-sync with nothing to change

@@ -136,7 +136,7 @@ class Settings:
     #: The Iceberg catalog to commit each sync to (``pipeline.outputs.iceberg``), its
     #: warehouse (None: ``iceberg`` beside the database) and the ``account`` the rows carry
     #: (None: the configuration file's account, else the database's own identifier).
-    iceberg: str | None = None
+    iceberg: str | None = field(default=None, repr=False)  # a catalog URI may hold a password
     iceberg_warehouse: str | None = None
     iceberg_account: str | None = None
 
@@ -200,7 +200,30 @@ class Settings:
         if self.redaction_key is not None:
             check_env_key(self.redaction_key)
         self._check_observing()
+        self._check_lake()
         return self
+
+    def _check_lake(self) -> None:
+        """Refuse object-store and Iceberg options that could only fail after the sync."""
+        import importlib.util
+
+        needs = []
+        if self.export_dir is not None and not isinstance(self.export_dir, Path):
+            needs.append(("s3fs", f"--export-dir {self.export_dir}"))
+        if self.iceberg is not None:
+            if "://" not in self.iceberg:
+                raise ConfigurationError(
+                    f"--iceberg {self.iceberg!r} is not a catalog URI; pass e.g. "
+                    "sqlite:///data/catalog.db or a REST catalog's https:// URL"
+                )
+            needs.append(("pyiceberg", "--iceberg"))
+        if self.iceberg_account is not None and not self.iceberg_account.strip():
+            raise ConfigurationError("--iceberg-account is empty: pass a name")
+        for module, option in needs:
+            if importlib.util.find_spec(module) is None:
+                raise ConfigurationError(
+                    f"{option} needs the lake extra: pip install 'comfysync[lake]'"
+                )
 
     def _check_observing(self) -> None:
         """Refuse a notification or ping option that could only fail later, unattended."""

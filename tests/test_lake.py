@@ -373,3 +373,27 @@ token_env = "TOKEN_STAGING"
     [staging_status] = json.loads(status.stdout)
     assert staging_status["account"] == "staging"
     assert staging_status["snapshots"]["files"] == 1
+
+
+def test_lake_options_that_could_only_fail_later_are_refused_before_the_sync(
+    serve_account, run_cli, tmp_path
+):
+    upstream = serve_account(runners=3, seed=1)
+    base = ("sync", "--base-url", upstream.url, "--token", "test-token", "--db", "m.db")
+    for extra, message in (
+        (
+            ("--iceberg", "data/catalog.db"),
+            "comfysync: error: --iceberg 'data/catalog.db' is not a catalog URI; pass e.g. "
+            "sqlite:///data/catalog.db or a REST catalog's https:// URL",
+        ),
+        (
+            ("--iceberg", "sqlite:///c.db", "--iceberg-account", " "),
+            "comfysync: error: --iceberg-account is empty: pass a name",
+        ),
+    ):
+        result = run_cli(*base, *extra)
+        assert (result.exit_code, result.stderr.strip()) == (2, message)
+    nobucket = run_cli(*base, "--export-dir", "s3://")
+    assert nobucket.exit_code == 2
+    assert "s3:// names no bucket and prefix (s3://bucket/prefix)" in nobucket.stderr
+    assert not (tmp_path / "m.db").exists()

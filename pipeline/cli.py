@@ -295,6 +295,15 @@ def sync_options(command: Callable[..., None]) -> Callable[..., None]:
     return with_settings
 
 
+def _account_name(value: str | None, option: str) -> str | None:
+    """``value`` if it is an account name (``pipeline.config.ACCOUNT_NAME``), else a usage error."""
+    if value is not None and not ACCOUNT_NAME.fullmatch(value):
+        raise click.BadParameter(
+            f"{_shown(value)}: a name is {ACCOUNT_NAME_FORMS}", param_hint=option
+        )
+    return value
+
+
 def _settings(values: dict[str, Any], account: Account | None = None) -> Settings:
     """The Settings of one sync from its option values (``no_export`` clears ``export_dir``)."""
     fields = {name: value for name, value in values.items() if name in _SETTINGS_FIELDS}
@@ -417,6 +426,7 @@ _SYNC_OPTIONS = (
     click.option(
         "--iceberg-account",
         metavar="NAME",
+        callback=lambda ctx, param, value: _account_name(value, "--iceberg-account"),
         default=None,
         show_default="the config file's account, else the database's identifier",
         help="The account column of this database's rows in the Iceberg tables.",

@@ -81,6 +81,26 @@ def _export_dir_problem(export_dir: Path, db_path: Path) -> str | None:
     return None
 
 
+def _check_endpoint(url: str) -> None:
+    """Refuse an ``--s3-endpoint-url`` that is not an http(s) URL of a host (and port)."""
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+        parts = urlsplit("")
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or not port_ok
+        or any(char.isspace() or not char.isprintable() for char in url)
+    ):
+        raise ConfigurationError(
+            f"--s3-endpoint-url {url!r} is not an http(s) URL of a store, such as "
+            "https://minio.internal:9000"
+        )
+
+
 @dataclass(frozen=True)
 class Settings:
     """Options of one sync. Construct with keywords; ``validated()`` checks them as a whole.
@@ -219,6 +239,15 @@ class Settings:
             needs.append(("pyiceberg", "--iceberg"))
         if self.iceberg_account is not None and not self.iceberg_account.strip():
             raise ConfigurationError("--iceberg-account is empty: pass a name")
+        if self.iceberg_warehouse is not None:
+            from pipeline.outputs.objects import ObjectPath, is_url
+
+            if is_url(self.iceberg_warehouse):
+                ObjectPath.parse(self.iceberg_warehouse)  # refuses a URL without a bucket
+            else:
+                refuse_blank_path(self.iceberg_warehouse, "--iceberg-warehouse")
+        if self.s3_endpoint_url is not None:
+            _check_endpoint(self.s3_endpoint_url)
         for module, option in needs:
             if importlib.util.find_spec(module) is None:
                 raise ConfigurationError(

@@ -397,3 +397,37 @@ def test_lake_options_that_could_only_fail_later_are_refused_before_the_sync(
     assert nobucket.exit_code == 2
     assert "s3:// names no bucket and prefix (s3://bucket/prefix)" in nobucket.stderr
     assert not (tmp_path / "m.db").exists()
+
+
+def test_a_recreated_database_replaces_its_accounts_rows_instead_of_skipping_them(
+    serve_account, tmp_path
+):
+    upstream = serve_account(runners=40, seed=8)
+    catalog_uri = f"sqlite:///{tmp_path / 'catalog.db'}"
+    warehouse = str(tmp_path / "warehouse")
+    old = iceberg_settings(
+        upstream, tmp_path / "old.db", catalog_uri, warehouse, iceberg_account="a"
+    )
+    for step in range(3):
+        run_sync(old)
+        churn(upstream.account, step)
+    # A new database for the same account (lost, or started afresh): its sync ids restart.
+    new = iceberg_settings(
+        upstream, tmp_path / "new.db", catalog_uri, warehouse, iceberg_account="a"
+    )
+    summary = run_sync(new)
+    assert summary.sync_id == 1 and summary.warnings == ()
+    catalog = iceberg.load_catalog(
+        iceberg.IcebergTarget(catalog_uri, iceberg.default_warehouse(tmp_path, warehouse), "a")
+    )
+    versions = catalog.load_table("comfysync.runner_versions").scan().to_arrow()
+    assert sorted(
+        parquet_rows(versions.drop_columns(["account"])),
+        key=lambda r: (r["runner_id"], r["version"]),
+    ) == store_history(tmp_path / "new.db")
+    runs = catalog.load_table("comfysync.sync_runs").scan().to_arrow()
+    assert runs.column("id").to_pylist() == [1]
+    runners = catalog.load_table("comfysync.runners").scan().to_arrow()
+    assert len(runners) == len(
+        store_fleet(tmp_path / "new.db", sync_id=1, snapshot_at=finished_at(tmp_path / "new.db", 1))
+    )

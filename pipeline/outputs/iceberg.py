@@ -270,8 +270,10 @@ def _write_versions(
     from pipeline.outputs.export import HISTORY_SCHEMA, ExportRows, arrow_table, with_account
 
     since = committed_sync(table, target.account)
-    if since is None:
-        touched_sql, params = "", []  # the first commit: every version
+    if since is None or since >= sync_id:
+        # The first commit, or a database younger than the tables' rows for this account
+        # (recreated, or restored from a backup): every version, all the account's replaced.
+        touched_sql, params = "", []
         row_filter: Any = EqualTo("account", target.account)
     else:
         ids = [
@@ -280,8 +282,10 @@ def _write_versions(
                 "SELECT DISTINCT runner_id FROM runner_versions WHERE sync_id > ?", [since]
             )
         ]
-        placeholders = ", ".join("?" * len(ids))
-        touched_sql, params = f" WHERE runner_id IN ({placeholders})", ids
+        touched_sql = (
+            " WHERE runner_id IN (SELECT runner_id FROM runner_versions WHERE sync_id > ?)"
+        )
+        params = [since]
         row_filter = And(EqualTo("account", target.account), In("runner_id", ids)) if ids else None
     columns = ", ".join(history.VERSION_COLUMNS)
     sql = f"SELECT {columns} FROM runner_versions{touched_sql} ORDER BY runner_id, version"
@@ -305,17 +309,28 @@ def _write_runs(
     table: Any, db: Database, target: IcebergTarget, sync_id: int, finished_at: str
 ) -> int:
     """Append the finished runs the table does not hold yet (those after the last commit)."""
+    from pyiceberg.expressions import EqualTo
+
     from pipeline.outputs.export import runs_table, with_account
 
     since = committed_sync(table, target.account) or 0
+    restart = since >= sync_id  # a database younger than the table's rows: all replaced
     columns = ", ".join(history.RUN_COLUMNS)
     rows = db.execute(
         f"SELECT {columns} FROM sync_runs WHERE id > ? AND id <= ? AND status != 'running' "
         "ORDER BY id",
-        [since, sync_id],
+        [0 if restart else since, sync_id],
     ).fetchall()
     data = with_account(runs_table(rows), target.account)
-    table.append(data, snapshot_properties=_properties(target, sync_id))
+    if restart:
+        with _no_empty_delete_warning():
+            table.overwrite(
+                data,
+                overwrite_filter=EqualTo("account", target.account),
+                snapshot_properties=_properties(target, sync_id),
+            )
+    else:
+        table.append(data, snapshot_properties=_properties(target, sync_id))
     return len(data)
 
 

@@ -387,8 +387,9 @@ def test_lake_options_that_could_only_fail_later_are_refused_before_the_sync(
             "sqlite:///data/catalog.db or a REST catalog's https:// URL",
         ),
         (
-            ("--iceberg", "sqlite:///c.db", "--iceberg-account", " "),
-            "comfysync: error: --iceberg-account is empty: pass a name",
+            ("--iceberg", "sqlite:///c.db", "--iceberg-account", "team a"),
+            "comfysync: error: Invalid value for --iceberg-account: 'team a': a name is "
+            "1-64 letters, digits, '-' or '_' (see 'comfysync sync --help')",
         ),
     ):
         result = run_cli(*base, *extra)

@@ -55,6 +55,7 @@ from pipeline.settings import (
 from pipeline.store.keyfile import KEY_ENV
 
 if TYPE_CHECKING:
+    from pipeline.outputs.objects import ObjectPath
     from pipeline.read.changelog import RunnerHistory
     from pipeline.read.overview import SyncRun
     from pipeline.store.sqlite import Database
@@ -140,6 +141,22 @@ class FilePath(click.Path):
         return super().convert(value, param, ctx)
 
 
+class ExportLocation(FilePath):
+    """A local folder (a Path, checked as FilePath does), or an object-store URL such as
+    ``s3://bucket/prefix`` (an ObjectPath; its endpoint is bound by ``_settings``)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and "://" in value:
+            from pipeline.outputs.objects import ObjectPath, is_url
+
+            if is_url(value):
+                try:
+                    return ObjectPath.parse(value)
+                except ConfigurationError as exc:
+                    self.fail(exc.message, param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class LoopbackHost(click.ParamType[str, str]):
     """A host ``is_loopback_host`` calls this machine: the simulator serves fake secrets without
     TLS and must never listen beyond it (the simulator checks the same again)."""
@@ -197,6 +214,15 @@ csv_safe_option = click.option(
     is_flag=True,
     help="In CSV, prefix cells starting with = + - @ tab or CR with ' so that spreadsheets "
     "show them instead of running them (alters the data; see the Exports page of the docs).",
+)
+
+s3_endpoint_option = click.option(
+    "--s3-endpoint-url",
+    envvar="COMFYSYNC_S3_ENDPOINT_URL",
+    show_envvar=True,
+    default=None,
+    metavar="URL",
+    help="Endpoint of an S3-compatible store (MinIO, R2) for s3:// locations.",
 )
 
 
@@ -269,6 +295,15 @@ def sync_options(command: Callable[..., None]) -> Callable[..., None]:
     return with_settings
 
 
+def _account_name(value: str | None, option: str) -> str | None:
+    """``value`` if it is an account name (``pipeline.config.ACCOUNT_NAME``), else a usage error."""
+    if value is not None and not ACCOUNT_NAME.fullmatch(value):
+        raise click.BadParameter(
+            f"{_shown(value)}: a name is {ACCOUNT_NAME_FORMS}", param_hint=option
+        )
+    return value
+
+
 def _settings(values: dict[str, Any], account: Account | None = None) -> Settings:
     """The Settings of one sync from its option values (``no_export`` clears ``export_dir``)."""
     fields = {name: value for name, value in values.items() if name in _SETTINGS_FIELDS}
@@ -276,6 +311,10 @@ def _settings(values: dict[str, Any], account: Account | None = None) -> Setting
     fields["redaction_key"] = os.environ.get(KEY_ENV) or None
     if values["no_export"]:
         fields["export_dir"] = None
+    elif values["s3_endpoint_url"] and not isinstance(fields["export_dir"], Path):
+        fields["export_dir"] = dataclasses.replace(
+            fields["export_dir"], endpoint_url=values["s3_endpoint_url"]
+        )
     return Settings(**fields, account=account.name if account else None)
 
 
@@ -345,12 +384,14 @@ _SYNC_OPTIONS = (
     ),
     click.option(
         "--export-dir",
-        type=FilePath(path_type=Path),
+        type=ExportLocation(path_type=Path),
         envvar="COMFYSYNC_EXPORT_DIR",
         default=DEFAULT_EXPORT_DIR,
         show_envvar=True,
-        help="Folder for the snapshot files written after each sync.",
+        help="Folder for the snapshot files written after each sync, or an object-store "
+        "URL (s3://bucket/prefix; credentials from the AWS environment or profile).",
     ),
+    s3_endpoint_option,
     click.option(
         "--format",
         "export_formats",
@@ -368,6 +409,28 @@ _SYNC_OPTIONS = (
         help="Delete the oldest snapshot files beyond the N newest per format (default: keep all).",
     ),
     csv_safe_option,
+    click.option(
+        "--iceberg",
+        metavar="CATALOG_URI",
+        default=None,
+        help="After each sync, commit the fleet, its versions and the run log to Apache "
+        "Iceberg tables in this catalog (sqlite:///data/catalog.db, or a REST catalog's URL).",
+    ),
+    click.option(
+        "--iceberg-warehouse",
+        metavar="LOCATION",
+        default=None,
+        show_default="iceberg/ beside the database",
+        help="Where the Iceberg tables' files go: a folder or s3://bucket/prefix.",
+    ),
+    click.option(
+        "--iceberg-account",
+        metavar="NAME",
+        callback=lambda ctx, param, value: _account_name(value, "--iceberg-account"),
+        default=None,
+        show_default="the config file's account, else the database's identifier",
+        help="The account column of this database's rows in the Iceberg tables.",
+    ),
     click.option(
         "--max-delete-ratio",
         type=Number(0, 1),
@@ -997,6 +1060,8 @@ def for_each_account(command: Callable[..., None]) -> Callable[..., None]:
                 run = {**options, "db_path": account.db_path}
                 if "export_dir" in options and not _given("export_dir"):
                     run["export_dir"] = account.options.get("export_dir")
+                if "s3_endpoint_url" in options and not _given("s3_endpoint_url"):
+                    run["s3_endpoint_url"] = account.options.get("s3_endpoint_url")
                 if "output" in options and len(chosen) > 1:  # a file per account
                     output = options["output"]
                     run["output"] = output.with_name(f"{output.stem}-{account.name}{output.suffix}")
@@ -1042,6 +1107,9 @@ def describe_summary(summary: SyncSummary) -> str:
             lines.append(f"  snapshot {snapshot.format} NOT written: {printable(snapshot.error)}")
     if summary.snapshots_pruned:
         lines.append(f"  pruned {len(summary.snapshots_pruned)} old snapshot file(s)")
+    if summary.iceberg_rows:
+        committed = ", ".join(f"{table} {rows}" for table, rows in summary.iceberg_rows.items())
+        lines.append(f"  iceberg: committed rows: {committed}")
     return "\n".join(lines)
 
 
@@ -1291,13 +1359,14 @@ def _echo_json(value: Any) -> None:
 @read_db_option
 @click.option(
     "--export-dir",
-    type=FilePath(path_type=Path),  # not a folder: one line from find_snapshots, exit 2
+    type=ExportLocation(path_type=Path),  # not a folder: one line from find_snapshots, exit 2
     envvar="COMFYSYNC_EXPORT_DIR",
     default=None,
     show_default=f"where the database's syncs wrote them, else {DEFAULT_EXPORT_DIR}",
     show_envvar=True,
-    help="Folder to list the snapshot files in.",
+    help="Folder (or s3://bucket/prefix) to list the snapshot files in.",
 )
+@s3_endpoint_option
 @json_option
 @click.option(
     "--check",
@@ -1319,7 +1388,8 @@ def _echo_json(value: Any) -> None:
 @debug_option(DEBUG_READS)
 def status(
     db_path: Path,
-    export_dir: Path | None,
+    export_dir: Path | ObjectPath | None,
+    s3_endpoint_url: str | None,
     as_json: bool,
     check: bool,
     max_age: str,
@@ -1347,7 +1417,10 @@ def status(
         _per_account.exit_code = max(_per_account.exit_code, result.code)
         return
     _show(
-        db_path, lambda db: read_status(db, db_path, export_dir, account), describe_status, as_json
+        db_path,
+        lambda db: read_status(db, db_path, export_dir, account, s3_endpoint_url),
+        describe_status,
+        as_json,
     )
 
 

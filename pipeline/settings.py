@@ -7,11 +7,15 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigurationError
 from pipeline.source.records import TRACKED_FIELDS
 from pipeline.store.keyfile import check_env_key
+
+if TYPE_CHECKING:  # the CLI's --help loads no object-store code
+    from pipeline.outputs.objects import ObjectPath
 
 DEFAULT_BASE_URL = "https://api.comfycontrol.app"
 DEFAULT_DB_PATH = Path("data") / "comfysync.db"
@@ -77,6 +81,26 @@ def _export_dir_problem(export_dir: Path, db_path: Path) -> str | None:
     return None
 
 
+def _check_endpoint(url: str) -> None:
+    """Refuse an ``--s3-endpoint-url`` that is not an http(s) URL of a host (and port)."""
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+        parts = urlsplit("")
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or not port_ok
+        or any(char.isspace() or not char.isprintable() for char in url)
+    ):
+        raise ConfigurationError(
+            f"--s3-endpoint-url {url!r} is not an http(s) URL of a store, such as "
+            "https://minio.internal:9000"
+        )
+
+
 @dataclass(frozen=True)
 class Settings:
     """Options of one sync. Construct with keywords; ``validated()`` checks them as a whole.
@@ -107,7 +131,8 @@ class Settings:
     retry_wait_max: float = 30.0
     #: A server asking (Retry-After) for a longer wait fails the page at once instead.
     max_retry_after: float = 60.0
-    export_dir: Path | None = None
+    #: A local folder, or an object-store folder (``s3://bucket/prefix``).
+    export_dir: Path | ObjectPath | None = None
     export_formats: tuple[str, ...] = EXPORT_FORMATS
     keep_snapshots: int | None = None
     csv_safe: bool = False
@@ -126,6 +151,14 @@ class Settings:
     ping_url: str | None = field(default=None, repr=False)
     ping_style: str = "healthchecks"
     metrics_file: Path | None = None
+    #: An S3-compatible store's endpoint (MinIO, R2) for ``s3://`` export and warehouse URLs.
+    s3_endpoint_url: str | None = None
+    #: The Iceberg catalog to commit each sync to (``pipeline.outputs.iceberg``), its
+    #: warehouse (None: ``iceberg`` beside the database) and the ``account`` the rows carry
+    #: (None: the configuration file's account, else the database's own identifier).
+    iceberg: str | None = field(default=None, repr=False)  # a catalog URI may hold a password
+    iceberg_warehouse: str | None = None
+    iceberg_account: str | None = None
 
     def validated(self) -> Settings:
         """Return self after checking every option, or raise ConfigurationError.
@@ -179,7 +212,7 @@ class Settings:
         if not 0.0 <= self.max_delete_ratio <= 1.0:
             raise ConfigurationError("--max-delete-ratio must be between 0 and 1")
         refuse_blank_path(str(self.db_path), "--db")
-        if self.export_dir is not None:
+        if isinstance(self.export_dir, Path):
             refuse_blank_path(str(self.export_dir), "--export-dir")
             problem = _export_dir_problem(self.export_dir, self.db_path)
             if problem is not None:
@@ -187,7 +220,39 @@ class Settings:
         if self.redaction_key is not None:
             check_env_key(self.redaction_key)
         self._check_observing()
+        self._check_lake()
         return self
+
+    def _check_lake(self) -> None:
+        """Refuse object-store and Iceberg options that could only fail after the sync."""
+        import importlib.util
+
+        needs = []
+        if self.export_dir is not None and not isinstance(self.export_dir, Path):
+            needs.append(("s3fs", f"--export-dir {self.export_dir}"))
+        if self.iceberg is not None:
+            if "://" not in self.iceberg:
+                raise ConfigurationError(
+                    f"--iceberg {self.iceberg!r} is not a catalog URI; pass e.g. "
+                    "sqlite:///data/catalog.db or a REST catalog's https:// URL"
+                )
+            needs.append(("pyiceberg", "--iceberg"))
+        if self.iceberg_account is not None and not self.iceberg_account.strip():
+            raise ConfigurationError("--iceberg-account is empty: pass a name")
+        if self.iceberg_warehouse is not None:
+            from pipeline.outputs.objects import ObjectPath, is_url
+
+            if is_url(self.iceberg_warehouse):
+                ObjectPath.parse(self.iceberg_warehouse)  # refuses a URL without a bucket
+            else:
+                refuse_blank_path(self.iceberg_warehouse, "--iceberg-warehouse")
+        if self.s3_endpoint_url is not None:
+            _check_endpoint(self.s3_endpoint_url)
+        for module, option in needs:
+            if importlib.util.find_spec(module) is None:
+                raise ConfigurationError(
+                    f"{option} needs the lake extra: pip install 'comfysync[lake]'"
+                )
 
     def _check_observing(self) -> None:
         """Refuse a notification or ping option that could only fail later, unattended."""

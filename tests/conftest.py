@@ -499,3 +499,75 @@ def mirror(tmp_path_factory: pytest.TempPathFactory) -> Mirror:
     from mirror_fixture import build_mirror
 
     return build_mirror(tmp_path_factory.mktemp("mirror") / "mirror.db")
+
+
+@dataclass(frozen=True)
+class S3Store:
+    """moto's S3 server on 127.0.0.1: a real S3 protocol endpoint, with made-up credentials."""
+
+    endpoint: str
+    env: dict[str, str]
+
+    def bucket(self, name: str) -> str:
+        """Create the bucket ``name`` and return its ``s3://`` URL."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, **_BOTO_CREDENTIALS)
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def filesystem(self) -> Any:
+        """pyarrow's own S3 filesystem on the server, for reading back what was written."""
+        from pyarrow import fs
+
+        return fs.S3FileSystem(
+            endpoint_override=self.endpoint,
+            access_key=_BOTO_CREDENTIALS["aws_access_key_id"],
+            secret_key=_BOTO_CREDENTIALS["aws_secret_access_key"],
+            region=_BOTO_CREDENTIALS["region_name"],
+        )
+
+
+_BOTO_CREDENTIALS = {
+    "aws_access_key_id": "testing",
+    "aws_secret_access_key": "testing",
+    "region_name": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_store() -> Iterator[S3Store]:
+    """One moto S3 server for the session (tests each make their own bucket); the AWS
+    variables point this process at it, as they would point comfysync at a real account."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": _BOTO_CREDENTIALS["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": _BOTO_CREDENTIALS["aws_secret_access_key"],
+        "AWS_DEFAULT_REGION": _BOTO_CREDENTIALS["region_name"],
+        "AWS_REGION": _BOTO_CREDENTIALS["region_name"],
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield S3Store(f"http://127.0.0.1:{port}", env)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.stop()
+
+
+def churn(account: SimulatedAccount, step: int) -> None:
+    """Renames, an update, a header rotation, a deletion and a birth: every kind of change."""
+    ids = account.runner_ids()
+    account.rename_runner(ids[step], f"renamed in step {step}")
+    account.update_runner(ids[step + 10], tags=["moved"], status="disabled")
+    account.rotate_header(ids[step + 20])
+    account.delete_runner(ids[step + 30])
+    account.create_runner(name=f"born in step {step}")

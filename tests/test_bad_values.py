@@ -63,8 +63,13 @@ VALIDATION: dict[tuple[str, str], str] = {
             ("notify_changes", "words"),
             ("notify_fields", "words"),
             ("ping_url", "ping_url"),  # Settings.validated
+            ("s3_endpoint_url", "endpoint"),  # Settings.validated
+            ("iceberg", "catalog"),  # Settings.validated
+            ("iceberg_warehouse", "location"),  # Settings.validated
+            ("iceberg_account", "account"),  # pipeline.config.ACCOUNT_NAME
         )
     },
+    ("status", "s3_endpoint_url"): "endpoint",  # used only for an s3:// folder
     ("schedule", "metrics_port"): "type",
     ("schedule", "metrics_host"): "metrics_host",  # bound by prometheus_client at start
     ("status", "check"): "type",
@@ -244,6 +249,15 @@ BY_VALIDATOR = {
         "hc-ping.com/uuid",
         "http://xn--zz.localhost:1",
     ],
+    "endpoint": [
+        "minio:9000",
+        "ftp://127.0.0.1:1",
+        "http://",
+        "http://127.0.0.1:99999",
+        "http://a b",
+    ],
+    "catalog": ["data/catalog.db", "sqlite:", "://", "sqlite://\x00"],
+    "location": ["s3://", "s3:///x", "nosuch://bucket/x", "s3://b//x"],
     "metrics_host": ["256.0.0.1", "no such host", "::1::", "example.invalid"],
     "duration": ["0s", "-1s", "1y", "1.5h", "2h30m", "99999999999999999999s"],
 }

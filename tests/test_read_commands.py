@@ -115,6 +115,7 @@ def test_status_json(mirror: Mirror, run_cli):
             "damaged": [],
             "not_written": [],
         },
+        "database_id": None,
     }
 
 

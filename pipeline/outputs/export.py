@@ -33,14 +33,16 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigurationError, ExportError
 from pipeline.outputs.snapshot import (
+    Location,
     SnapshotReport,
+    as_location,
     explain_write_failure,
     prune_snapshots,
     write_atomically,
     write_snapshot_files,
 )
 from pipeline.read import history
-from pipeline.read.history import Row, parse_instant
+from pipeline.read.history import RUN_COLUMNS, Row, parse_instant
 from pipeline.settings import EXPORT_FORMATS
 from pipeline.store import schema
 
@@ -89,6 +91,17 @@ HISTORY_SCHEMA = pa.schema(
         ("sync_id", pa.int64()),
     ]
 )
+#: The run log (``sync_runs``), in ``history.RUN_COLUMNS`` order, for the Iceberg table:
+#: counts as int64, ``complete`` as a boolean (stored as 0/1), ``warnings`` as JSON text.
+_RUN_TYPES = {
+    "started_at": TIMESTAMP,
+    "finished_at": TIMESTAMP,
+    "complete": pa.bool_(),
+    **{name: pa.string() for name in ("status", "base_url", "warnings", "error")},
+}
+RUNS_SCHEMA = pa.schema([(name, _RUN_TYPES.get(name, pa.int64())) for name in RUN_COLUMNS])
+#: Whose rows these are, in tables several databases share (the Iceberg tables).
+ACCOUNT_FIELD = pa.field("account", pa.string(), nullable=False)
 #: Cells a spreadsheet would evaluate (formula or DDE injection) when they start with these.
 _FORMULA_START = r"^[=+\-@\t\r]"
 _CSV_TIME = "%Y-%m-%dT%H:%M:%SZ"  # %S carries the microseconds of a timestamp[us]
@@ -201,7 +214,7 @@ def _column(arrow_type: pa.DataType, values: Iterable[Any], *, for_csv: bool) ->
     """One column from the store's text: typed for Parquet, as CSV text for CSV."""
     values = list(values)
     if pa.types.is_timestamp(arrow_type):
-        times = _timestamps(values)
+        times = timestamps(values)
         return pc.strftime(times, format=_CSV_TIME) if for_csv else times
     if pa.types.is_list(arrow_type) or pa.types.is_map(arrow_type):
         if for_csv:  # the store's JSON text is canonical (orjson, sorted keys): keep it
@@ -210,7 +223,7 @@ def _column(arrow_type: pa.DataType, values: Iterable[Any], *, for_csv: bool) ->
     return pa.array(values, arrow_type)
 
 
-def _timestamps(values: list[str | None]) -> pa.Array:
+def timestamps(values: list[str | None]) -> pa.Array:
     """Timestamps in UTC from ISO 8601 text; vectorised, with an exact fallback per value.
 
     Arrow parses the common shapes (``Z`` or an offset) in C. The API may also send a time
@@ -246,7 +259,7 @@ class ExportResult:
 
 
 def export_snapshots(
-    export_dir: Path,
+    export_dir: Location,
     *,
     sync_id: int,
     snapshot_at: str,
@@ -272,7 +285,7 @@ def export_snapshots(
         write=lambda path, fmt: write(path, fmt, rows, csv_safe),
         account=account,
     )
-    written = [Path(f.path) for f in files if f.error is None]
+    written = [as_location(f.path) for f in files if f.error is None]
     pruned = (
         prune_snapshots(export_dir, keep, spare=written, account=account)
         if keep is not None
@@ -340,3 +353,24 @@ def _what_to_export(
         snapshot_at=applied.finished_at,
     )
     return rows, f"runners {which} as of sync {applied.sync_id} at {applied.finished_at}"
+
+
+def arrow_table(rows: ExportRows) -> pa.Table:
+    """``rows`` as one Arrow table in their Parquet schema (for the Iceberg tables)."""
+    return pa.Table.from_batches(list(_arrow_batches(rows, for_csv=False)), schema=rows.schema)
+
+
+def with_account(table: pa.Table, account: str) -> pa.Table:
+    """``table`` with the ``account`` column added, ``account`` in every row."""
+    return table.append_column(ACCOUNT_FIELD, pa.array([account] * len(table), pa.string()))
+
+
+def runs_table(rows: list[Row]) -> pa.Table:
+    """Run-log rows (``history.RUN_COLUMNS`` order, as stored) in RUNS_SCHEMA."""
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(RUNS_SCHEMA)
+    arrays = []
+    for field, values in zip(RUNS_SCHEMA, columns, strict=True):
+        if field.name == "complete":  # stored as 0/1
+            values = tuple(None if value is None else bool(value) for value in values)
+        arrays.append(_column(field.type, values, for_csv=False))
+    return pa.Table.from_arrays(arrays, schema=RUNS_SCHEMA)

@@ -20,6 +20,10 @@ refuses new files, a file that cannot be replaced): ``explain_write_failure`` tu
 operating system's error into one line that names the culprit, for the snapshot's error
 and for ``comfysync export``'s.
 
+The export folder may also be an object store (``s3://bucket/prefix``, an ``ObjectPath``
+from ``pipeline/outputs/objects.py``): the same tree of keys, each written once, complete,
+by one upload of a file made locally; no temporary objects, so nothing to sweep.
+
 This module knows files and folders only; what goes into a file is ``pipeline/outputs/export.py``'s.
 """
 
@@ -36,14 +40,19 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import TypeVar
 
+from pipeline.outputs import objects
+from pipeline.outputs.objects import ObjectPath
 from pipeline.settings import EXPORT_FORMATS
 from pipeline.times import utc_timestamp
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: Where snapshot files go: a local folder, or a folder (key prefix) in an object store.
+Location = Path | ObjectPath
 
 _PARTITION = re.compile(r"snapshot_date=\d{4}-\d{2}-\d{2}")
 _SNAPSHOT = re.compile(r"runners-(\d+)\.(parquet|csv)")
@@ -73,37 +82,42 @@ class SnapshotReport:
     pruned: tuple[str, ...] = ()
 
 
-def runners_folder(export_dir: Path, fmt: str, account: str | None = None) -> Path:
+def as_location(text: str, endpoint_url: str | None = None) -> Location:
+    """The Location ``text`` names: an ObjectPath for a URL (``s3://...``), else a Path."""
+    return ObjectPath.parse(text, endpoint_url) if objects.is_url(text) else Path(text)
+
+
+def runners_folder(export_dir: Location, fmt: str, account: str | None = None) -> Location:
     """The folder holding the ``snapshot_date=`` partitions of ``fmt`` (of one ``account``)."""
     root = export_dir / fmt / "runners"
     return root if account is None else root / f"account={account}"
 
 
 def snapshot_path(
-    export_dir: Path, fmt: str, *, sync_id: int, snapshot_at: str, account: str | None = None
-) -> Path:
+    export_dir: Location, fmt: str, *, sync_id: int, snapshot_at: str, account: str | None = None
+) -> Location:
     """Where sync ``sync_id``'s ``fmt`` file goes; ``snapshot_at`` is store time text (UTC)."""
     partition = f"snapshot_date={snapshot_at[:10]}"
     return runners_folder(export_dir, fmt, account) / partition / f"runners-{sync_id}.{fmt}"
 
 
-def account_of(path: Path) -> str | None:
+def account_of(path: Location) -> str | None:
     """The account whose partition a ``snapshot_path`` lies in; None in the single layout."""
     folder = path.parent.parent.name
     return folder.removeprefix("account=") if folder.startswith("account=") else None
 
 
-def _depth(path: Path) -> int:
+def _depth(path: Location) -> int:
     """How many folders a ``snapshot_path`` lies below its export folder."""
     return 4 if account_of(path) is None else 5
 
 
-def export_dir_of(path: Path) -> Path:
+def export_dir_of(path: Location) -> Location:
     """The export folder a ``snapshot_path`` lies in: its layout read backwards."""
     return path.parents[_depth(path) - 1]
 
 
-def place_in_tree(path: Path) -> tuple[str, ...]:
+def place_in_tree(path: Location) -> tuple[str, ...]:
     """Where a ``snapshot_path`` lies below its export folder, wherever that folder now is."""
     return path.parts[-_depth(path) :]
 
@@ -146,7 +160,7 @@ def _fsync(path: Path) -> None:
 
 
 def write_snapshot_files(
-    export_dir: Path,
+    export_dir: Location,
     formats: Iterable[str],
     *,
     sync_id: int,
@@ -157,7 +171,8 @@ def write_snapshot_files(
     """Write one file per format with ``write(temporary path, format) -> rows``, atomically.
 
     A format that fails is reported in its SnapshotFile (``error``) and does not stop the
-    others: a snapshot is a by-product of a sync and must never fail it.
+    others: a snapshot is a by-product of a sync and must never fail it. In an object store,
+    each file is made in a local temporary folder and then uploaded whole.
     """
     files = tuple(
         _write_one(
@@ -170,13 +185,16 @@ def write_snapshot_files(
         )
         for fmt in dict.fromkeys(formats)
     )
-    _remove_stale_temporaries(export_dir, account)
+    if isinstance(export_dir, Path):
+        _remove_stale_temporaries(export_dir, account)
     return files
 
 
 def _write_one(
-    path: Path, fmt: str, *, sync_id: int, write: Callable[[Path, str], int]
+    path: Location, fmt: str, *, sync_id: int, write: Callable[[Path, str], int]
 ) -> SnapshotFile:
+    if isinstance(path, ObjectPath):
+        return _upload_one(path, fmt, sync_id=sync_id, write=write)
     try:
         rows = write_atomically(path, lambda temporary: write(temporary, fmt))
         size = path.stat().st_size
@@ -185,6 +203,27 @@ def _write_one(
         return SnapshotFile(
             sync_id, fmt, str(path), None, None, utc_timestamp(), _describe(exc, path)
         )
+    return SnapshotFile(sync_id, fmt, str(path), rows, size, utc_timestamp())
+
+
+def _upload_one(
+    path: ObjectPath, fmt: str, *, sync_id: int, write: Callable[[Path, str], int]
+) -> SnapshotFile:
+    with TemporaryDirectory(prefix="comfysync-") as folder:
+        local = Path(folder) / path.name
+        try:
+            rows = write(local, fmt)
+        except Exception as exc:
+            log.debug("snapshot %s failed", path, exc_info=True)
+            return SnapshotFile(
+                sync_id, fmt, str(path), None, None, utc_timestamp(), _describe(exc, local)
+            )
+        try:
+            size = objects.put_file(local, path)
+        except Exception as exc:
+            log.debug("upload of %s failed", path, exc_info=True)
+            error = f"could not upload {path}: {objects.describe_failure(exc)}"
+            return SnapshotFile(sync_id, fmt, str(path), None, None, utc_timestamp(), error)
     return SnapshotFile(sync_id, fmt, str(path), rows, size, utc_timestamp())
 
 
@@ -243,15 +282,26 @@ def not_a_folder(folder: Path) -> str | None:
 
 
 def snapshot_files(
-    export_dir: Path, fmt: str, account: str | None = None
-) -> list[tuple[int, Path]]:
+    export_dir: Location, fmt: str, account: str | None = None
+) -> list[tuple[int, Location]]:
     """The ``fmt`` snapshot files in the tree as (sync_id, path), newest first.
 
     Newest by snapshot date, then by sync id: sync ids alone would mislead when the files of
     another database, or of this one before it was restored from a backup, share the tree.
     """
     root = runners_folder(export_dir, fmt, account)
-    found = []
+    found: list[tuple[int, Location]] = []
+    if isinstance(root, ObjectPath):
+        for key in objects.list_files(root):
+            match = _SNAPSHOT.fullmatch(key.name)
+            if (
+                match
+                and match.group(2) == fmt
+                and key.parent.parent == root
+                and _PARTITION.fullmatch(key.parent.name)
+            ):
+                found.append((int(match.group(1)), key))
+        return sorted(found, key=lambda item: (item[1].parent.name, item[0]), reverse=True)
     for partition in _listing(root):
         if not _PARTITION.fullmatch(partition.name) or not partition.is_dir():
             continue
@@ -262,8 +312,22 @@ def snapshot_files(
     return sorted(found, key=lambda item: (item[1].parent.name, item[0]), reverse=True)
 
 
+def file_size(path: Location) -> int | None:
+    """The size of the file at ``path`` in bytes; None if it is not there (or unreadable)."""
+    if isinstance(path, ObjectPath):
+        try:
+            return objects.size(path)
+        except Exception:  # gone, or the store unreachable: nothing to compare
+            log.debug("could not read the size of %s", path, exc_info=True)
+            return None
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
 def prune_snapshots(
-    export_dir: Path, keep: int, *, spare: Iterable[Path] = (), account: str | None = None
+    export_dir: Location, keep: int, *, spare: Iterable[Location] = (), account: str | None = None
 ) -> tuple[str, ...]:
     """Delete each format's snapshot files beyond the ``keep`` newest, never one in ``spare``.
 
@@ -275,26 +339,42 @@ def prune_snapshots(
     if keep < 1:
         raise ValueError("keep must be at least 1")
     spared = set(spare)
+    doomed = [
+        path
+        for fmt in EXPORT_FORMATS
+        for _, path in snapshot_files(export_dir, fmt, account)[keep:]
+        if path not in spared
+    ]
+    objects_doomed = [path for path in doomed if isinstance(path, ObjectPath)]
+    if objects_doomed:  # no folders to empty in an object store
+        try:
+            objects.delete_files(objects_doomed)
+        except Exception as exc:
+            log.warning("could not prune old snapshots: %s", objects.describe_failure(exc))
+            return ()
+        return tuple(str(path) for path in objects_doomed)
     pruned = []
-    for fmt in EXPORT_FORMATS:
-        for _, path in snapshot_files(export_dir, fmt, account)[keep:]:
-            if path in spared:
-                continue
-            try:
-                path.unlink()
-            except OSError as exc:
-                log.warning("could not prune old snapshot %s: %s", path, exc.strerror or exc)
-                continue
-            pruned.append(str(path))
-            with contextlib.suppress(OSError):  # not empty yet: other files remain
-                path.parent.rmdir()
+    for path in doomed:
+        if not isinstance(path, Path):
+            continue
+        try:
+            path.unlink()
+        except OSError as exc:
+            log.warning("could not prune old snapshot %s: %s", path, exc.strerror or exc)
+            continue
+        pruned.append(str(path))
+        with contextlib.suppress(OSError):  # not empty yet: other files remain
+            path.parent.rmdir()
     return tuple(pruned)
 
 
 def _remove_stale_temporaries(export_dir: Path, account: str | None) -> None:
     deadline = time.time() - STALE_TEMPORARY_SECONDS
     for fmt in EXPORT_FORMATS:
-        for partition in _listing(runners_folder(export_dir, fmt, account)):
+        root = runners_folder(export_dir, fmt, account)
+        if not isinstance(root, Path):
+            continue
+        for partition in _listing(root):
             for path in _listing(partition):
                 if _TEMPORARY.fullmatch(path.name):
                     with contextlib.suppress(OSError):

@@ -16,23 +16,27 @@ can still be going, and only while a sync holds the database's lock (``pipeline.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from pipeline.errors import ConfigurationError
+from pipeline.errors import ConfigurationError, ExportError
+from pipeline.outputs.objects import describe_failure
 from pipeline.outputs.snapshot import (
+    Location,
     account_of,
+    as_location,
     export_dir_of,
+    file_size,
     not_a_folder,
     place_in_tree,
     snapshot_files,
 )
 from pipeline.read.history import RUN_COLUMNS
 from pipeline.settings import DEFAULT_EXPORT_DIR, EXPORT_FORMATS
+from pipeline.store.meta import DATABASE_ID, read_meta
 from pipeline.store.schema import ABANDONED_RUN_ERROR, schema_version
 from pipeline.store.sqlite import Database
 from pipeline.sync.lock import sync_lock_is_free
@@ -112,10 +116,17 @@ class MirrorStatus:
     runners_deleted: int
     versions: int
     snapshots: Snapshots
+    #: The ``account`` of this database's rows in shared Iceberg tables when no configuration
+    #: file names it (``pipeline.store.meta.database_id``); None until a sync commits there.
+    database_id: str | None = None
 
 
 def read_status(
-    db: Database, db_path: Path, export_dir: Path | None = None, account: str | None = None
+    db: Database,
+    db_path: Path,
+    export_dir: Location | None = None,
+    account: str | None = None,
+    s3_endpoint_url: str | None = None,
 ) -> MirrorStatus:
     """The state of the mirror in ``db`` (opened from ``db_path``) and its snapshot files
     (those in ``account``'s partition, for an account of a configuration file).
@@ -127,11 +138,13 @@ def read_status(
     """
     if export_dir is None:
         export_dir = recorded_export_dir(db)
+    if s3_endpoint_url and not isinstance(export_dir, Path):
+        export_dir = dataclasses.replace(export_dir, endpoint_url=s3_endpoint_url)
     if account is None:
         row = db.execute(
             "SELECT path FROM snapshots WHERE error IS NULL ORDER BY id DESC LIMIT 1"
         ).fetchone()
-        account = account_of(Path(row[0])) if row else None
+        account = account_of(as_location(row[0])) if row else None
     present, deleted = db.execute(
         "SELECT count(*) - count(deleted_at), count(deleted_at) FROM runners"
     ).fetchone()
@@ -149,10 +162,11 @@ def read_status(
         runners_deleted=deleted,
         versions=versions,
         snapshots=find_snapshots(export_dir, db, account),
+        database_id=read_meta(db, DATABASE_ID),
     )
 
 
-def recorded_export_dir(db: Database) -> Path:
+def recorded_export_dir(db: Database) -> Location:
     """The folder the database's latest written snapshot went to, else the default one.
 
     Shown relative to the current folder when it lies below it, as the user would type it.
@@ -162,7 +176,9 @@ def recorded_export_dir(db: Database) -> Path:
     ).fetchone()
     if row is None:
         return DEFAULT_EXPORT_DIR
-    folder = export_dir_of(Path(row[0]))
+    folder = export_dir_of(as_location(row[0]))
+    if not isinstance(folder, Path):
+        return folder
     try:
         return folder.relative_to(Path.cwd())
     except ValueError:
@@ -224,7 +240,7 @@ def _run(row: dict[str, Any]) -> SyncRun:
 
 
 def find_snapshots(
-    export_dir: Path, db: Database | None = None, account: str | None = None
+    export_dir: Location, db: Database | None = None, account: str | None = None
 ) -> Snapshots:
     """The snapshot files of every format, ordered by snapshot date, then sync id, then path.
 
@@ -233,21 +249,28 @@ def find_snapshots(
     latest snapshot's failures are included. ConfigurationError if ``export_dir`` (or a
     folder above it) is there but is not a folder: there is nothing to list.
     """
-    blocker = not_a_folder(export_dir)
+    blocker = not_a_folder(export_dir) if isinstance(export_dir, Path) else None
     if blocker is not None:
         raise ConfigurationError(
             f"cannot list the snapshots under --export-dir {export_dir}: {blocker}; "
             "pass the folder the snapshots are written to"
         )
-    found = sorted(
-        (path.parent.name, sync_id, str(path))
-        for fmt in EXPORT_FORMATS
-        for sync_id, path in snapshot_files(export_dir, fmt, account)
-    )
+    try:
+        found = sorted(
+            (path.parent.name, sync_id, str(path))
+            for fmt in EXPORT_FORMATS
+            for sync_id, path in snapshot_files(export_dir, fmt, account)
+        )
+    except Exception as exc:  # only an object store's listing can fail here
+        if isinstance(export_dir, Path):
+            raise
+        raise ExportError(
+            f"cannot list the snapshots under {export_dir}: {describe_failure(exc)}"
+        ) from exc
     damaged: tuple[DamagedSnapshot, ...] = ()
     not_written: tuple[FailedSnapshot, ...] = ()
     if db is not None:
-        damaged = _damaged(db, [path for *_, path in found])
+        damaged = _damaged(db, [path for *_, path in found], export_dir)
         not_written = tuple(
             FailedSnapshot(*row)
             for row in db.execute(
@@ -265,7 +288,11 @@ def find_snapshots(
     )
 
 
-def _damaged(db: Database, paths: list[str]) -> tuple[DamagedSnapshot, ...]:
+def _endpoint(location: Location) -> str | None:
+    return None if isinstance(location, Path) else location.endpoint_url
+
+
+def _damaged(db: Database, paths: list[str], export_dir: Location) -> tuple[DamagedSnapshot, ...]:
     """The files in ``paths`` whose size differs from what their sync recorded writing.
 
     Files are matched to the records by their place in the layout (format, date folder,
@@ -273,19 +300,18 @@ def _damaged(db: Database, paths: list[str]) -> tuple[DamagedSnapshot, ...]:
     still checked.
     """
     written = {
-        place_in_tree(Path(path)): (sync_id, size)
+        place_in_tree(as_location(path)): (sync_id, size)
         for path, sync_id, size in db.execute(
             "SELECT path, sync_id, bytes FROM snapshots WHERE error IS NULL"
         )
     }
     damaged = []
     for path in paths:
-        record = written.get(place_in_tree(Path(path)))
+        record = written.get(place_in_tree(as_location(path)))
         if record is None:
             continue
-        try:
-            size = os.stat(path).st_size
-        except OSError:  # gone since it was listed
+        size = file_size(as_location(path, _endpoint(export_dir)))
+        if size is None:  # gone since it was listed
             continue
         if size != record[1]:
             damaged.append(DamagedSnapshot(path, record[0], size, record[1]))

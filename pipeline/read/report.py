@@ -79,6 +79,8 @@ def describe_status(status: MirrorStatus) -> str:
         "database", [f"{printable(status.db_path)} ({human_size(status.size_bytes)})"]
     )
     lines += _labelled("schema", [f"version {status.schema_version}"])
+    if status.database_id is not None:
+        lines += _labelled("database id", [f"{status.database_id} (its rows' account in Iceberg)"])
     last = status.last_sync
     if last is None:
         lines += _labelled("last sync", ["none yet; run `comfysync sync`"])

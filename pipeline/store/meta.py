@@ -23,3 +23,21 @@ def write_meta(db: Database, key: str, value: str) -> None:
 def read_meta(db: Database, key: str) -> str | None:
     row = db.execute(f"SELECT value FROM {META_TABLE} WHERE key = ?", [key]).fetchone()
     return str(row[0]) if row else None
+
+
+#: The key of the database's own identifier (``database_id``).
+DATABASE_ID = "database_id"
+
+
+def database_id(db: Database) -> str:
+    """The database's stable identifier, made (random, so no two databases share one) the
+    first time it is asked for: the ``account`` of its rows in shared Iceberg tables."""
+    import secrets
+
+    known = read_meta(db, DATABASE_ID)
+    if known is not None:
+        return known
+    made = f"db-{secrets.token_hex(6)}"
+    with db.atomic():
+        write_meta(db, DATABASE_ID, made)
+    return made

@@ -240,7 +240,8 @@ def record_snapshots(db: Database, files: Iterable[SnapshotFile]) -> None:
     """Index snapshot files (written or failed) in ``snapshots``, in one transaction.
 
     Paths are stored absolute, so the index means the same thing whatever directory a later
-    reader runs in. Raises StorageError if SQLite cannot write.
+    reader runs in; object-store URLs (``s3://...``) are absolute already. Raises
+    StorageError if SQLite cannot write.
     """
     try:
         with db.atomic():
@@ -251,7 +252,7 @@ def record_snapshots(db: Database, files: Iterable[SnapshotFile]) -> None:
                     (
                         f.sync_id,
                         f.format,
-                        os.path.abspath(f.path),
+                        f.path if "://" in f.path else os.path.abspath(f.path),
                         f.rows,
                         f.bytes,
                         f.written_at,

@@ -54,7 +54,7 @@ from pipeline.source.walk import (
     WalkResult,
     walk_all_pages,
 )
-from pipeline.store import keyfile, schema
+from pipeline.store import keyfile, meta, schema
 from pipeline.store import write as store
 from pipeline.store.changeset import Decision
 from pipeline.store.sqlite import Database
@@ -65,6 +65,7 @@ from pipeline.times import utc_timestamp
 
 if TYPE_CHECKING:
     from pipeline.outputs.export import FileWriter
+    from pipeline.outputs.objects import ObjectPath
     from pipeline.outputs.snapshot import SnapshotFile
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ class SyncSummary:
     snapshots_pruned: tuple[str, ...] = ()
     #: Page requests retried (connection errors, timeouts, 429, 5xx) during the sync.
     retries: int = 0
+    #: Rows committed to each Iceberg table (``--iceberg``); empty when none were.
+    iceberg_rows: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,8 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
         summary = _write_snapshots(
             db, settings.export_dir, settings, summary, finished_at, seams.write_export_file
         )
+    if settings.iceberg is not None:
+        summary = _commit_to_iceberg(db, settings, summary, finished_at)
     return summary
 
 
@@ -261,9 +266,34 @@ def _cyclic_collection_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _commit_to_iceberg(
+    db: Database, settings: Settings, summary: SyncSummary, finished_at: str
+) -> SyncSummary:
+    """Commit the sync to the Iceberg tables; a failure is a recorded warning, as for a
+    snapshot, and the next sync's commit catches the tables up."""
+    from pipeline.outputs import iceberg
+
+    assert settings.iceberg is not None
+    target = iceberg.IcebergTarget(
+        catalog_uri=settings.iceberg,
+        warehouse=iceberg.default_warehouse(settings.db_path, settings.iceberg_warehouse),
+        account=settings.iceberg_account or settings.account or meta.database_id(db),
+        s3_endpoint_url=settings.s3_endpoint_url,
+    )
+    commit = iceberg.commit_sync(db, target, sync_id=summary.sync_id, finished_at=finished_at)
+    if commit.error is None:
+        return dataclasses.replace(summary, iceberg_rows=commit.rows)
+    log.warning("%s (the sync itself succeeded)", commit.error)
+    try:
+        store.record_run_afterwards(db, summary.sync_id, warnings=[commit.error], retries=0)
+    except StorageError as exc:
+        log.warning("%s", exc.message)
+    return dataclasses.replace(summary, warnings=(*summary.warnings, commit.error))
+
+
 def _write_snapshots(
     db: Database,
-    export_dir: Path,
+    export_dir: Path | ObjectPath,
     settings: Settings,
     summary: SyncSummary,
     applied_at: str,

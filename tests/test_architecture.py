@@ -312,6 +312,29 @@ def test_a_sync_never_loads_pandas_or_numpy():
     assert result.stdout.strip() == "[]"
 
 
+def test_the_sync_hands_no_connection_around_inside_the_walk():
+    """The store owns the early writer's thread and the connection's handover: no callback
+    the sync hands the walk finishes or abandons store work, and no sync module touches a
+    connection or a transaction itself."""
+    for path in sorted((REPO / "pipeline" / "sync").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for outer in ast.walk(tree):
+            if not isinstance(outer, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for inner in ast.walk(outer):
+                if inner is outer or not isinstance(inner, ast.FunctionDef | ast.Lambda):
+                    continue
+                called = {
+                    node.func.attr
+                    for node in ast.walk(inner)
+                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                }
+                assert not called & {"finish", "abandon"}, (path.name, getattr(inner, "name", ""))
+        source = path.read_text()
+        for word in (".conn", "in_transaction", "rollback(", "commit("):
+            assert word not in source, (path.name, word)
+
+
 #: One owner per idea: text that spells the idea out, and the only modules allowed to.
 OWNERS = {
     # "A time without an offset is UTC": pipeline.times.assume_utc.

@@ -3,11 +3,14 @@ that the latest sighting wins, also within one page."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any
+
+import pytest
 
 from pipeline.source.client import Page
 from pipeline.source.records import Rejection, RunnerRecord, fingerprinter
-from pipeline.sync.collector import Collector
+from pipeline.sync.collector import Collector, CollectorAfterRead
 
 KEY = b"k" * 32
 
@@ -65,3 +68,50 @@ def test_an_id_twice_on_one_page_keeps_the_later_sighting() -> None:
     unchanged_then_changed = collect([runner("r1"), runner("r1", name="new")], stored)
     record = unchanged_then_changed.records["r1"][1]
     assert isinstance(record, RunnerRecord) and record.name == "new"
+
+
+def test_pages_that_come_before_the_stored_fingerprints_wait_and_are_handled_in_order() -> None:
+    moved, renamed = runner("r2"), runner("r2", name="renamed")
+    stored = {"r1": fingerprint(runner("r1")), "r2": fingerprint(moved)}
+    reading: Future[dict[str, str | None]] = Future()
+    seen: list[tuple[int, int, int]] = []
+    made: list[Collector] = []
+
+    def make(read: Any) -> Collector:
+        made.append(Collector(KEY, False, read, lambda *progress: seen.append(progress)))
+        return made[-1]
+
+    pages = CollectorAfterRead(reading, make)
+    pages(Page(number=1, per_page=2, runners=[runner("r1"), moved], total=4), 1)
+    pages(Page(number=2, per_page=2, runners=[renamed, runner("r3")], total=4), 1)
+    assert made == [] and seen == []  # nothing handled without the fingerprints
+
+    reading.set_result(stored)
+    pages(Page(number=3, per_page=2, runners=[], total=4), 1)
+    [collector] = made
+    assert [pages for pages, _, _ in seen] == [1, 2, 3]  # in the order they came
+    assert collector.records["r1"] == (1, None)  # unchanged: its stored fingerprint matched
+    record = collector.records["r2"][1]  # the later sighting (page 2) won
+    assert isinstance(record, RunnerRecord) and record.name == "renamed"
+    assert isinstance(collector.records["r3"][1], RunnerRecord)
+    assert set(collector.present) == {"r1", "r2"}
+
+
+def test_asking_for_the_collector_hands_it_the_pages_that_waited() -> None:
+    reading: Future[dict[str, str | None]] = Future()
+    pages = CollectorAfterRead(reading, lambda read: Collector(KEY, False, read, None))
+    pages(Page(number=1, per_page=100, runners=[runner("r1"), runner(["odd"])], total=2), 1)
+    reading.set_result({"r1": fingerprint(runner("r1"))})
+    collector = pages.collector()
+    assert collector.records == {"r1": (1, None)}
+    assert len(collector.rejections) == 1
+    assert pages.collector() is collector  # made once
+
+
+def test_a_failed_read_of_the_fingerprints_fails_the_collector() -> None:
+    reading: Future[dict[str, str | None]] = Future()
+    pages = CollectorAfterRead(reading, lambda read: Collector(KEY, False, read, None))
+    pages(Page(number=1, per_page=100, runners=[runner("r1")], total=1), 1)
+    reading.set_exception(OSError("disk gone"))
+    with pytest.raises(OSError, match="disk gone"):
+        pages(Page(number=2, per_page=100, runners=[runner("r2")], total=2), 1)

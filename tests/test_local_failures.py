@@ -63,10 +63,10 @@ def fill(folder: Path, *, leave: int) -> Path:
 
 def sync_with_page_cap(folder: Path, url: str, db: Path) -> CliResult:
     """`comfysync sync` with the database capped at its size plus 8 pages once it writes runners
-    (inside the sync's transaction)."""
+    (the new ones are written as the walk reads them, inside the sync's transaction)."""
     proc = subprocess.run(
         [sys.executable, str(REPO / "tests" / "crash_harness.py"), "--phase", "apply",
-         "--target", "pipeline.store.write:insert_created", "--max-page-count-headroom", "8", "--",
+         "--target", "pipeline.store.early:insert_created", "--max-page-count-headroom", "8", "--",
          "sync", "--base-url", url, "--token", "test-token", "--db", str(db)],
         cwd=folder, env=cli_environment(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -317,6 +317,13 @@ def m009_redaction_key_out(db: Database) -> None:
 SCHEMA_VERSION = len(migrations._migrations)
 
 
+#: Page cache of a writing connection, in KiB. A first sync inserts runners under random
+#: UUID keys into three B-trees; with SQLite's default cache their index pages keep being
+#: spilled and read back. This one holds the indexes of a large fleet; it is an upper bound,
+#: used only as pages are touched, so a first sync's peak memory stays within its budget.
+WRITE_CACHE_KIB = 32768
+
+
 def has_wal_files(path: Path) -> bool:
     """True if the -wal or -shm file of the database at ``path`` is there."""
     return any(os.path.lexists(f"{path}{suffix}") for suffix in ("-wal", "-shm"))
@@ -328,8 +335,12 @@ def _connect(path: Path, *, read_only: bool, immutable: bool = False) -> Databas
             flags = "mode=ro&immutable=1" if immutable else "mode=ro"
             conn = sqlite3.connect(f"{path.resolve().as_uri()}?{flags}", uri=True)
         else:
-            conn = sqlite3.connect(str(path))
+            # One sync's transaction is written from two threads in turn (EarlyCreations),
+            # never at once: the handover is a join.
+            conn = sqlite3.connect(str(path), check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if not read_only:
+            conn.execute(f"PRAGMA cache_size = -{WRITE_CACHE_KIB}")
     except sqlite3.Error as exc:
         raise sqlite_failure(path, exc, reading=read_only) from exc
     return Database(conn)

@@ -3,7 +3,9 @@
 Invariants this module guarantees:
 
 * ``apply_changes`` writes a sync's runners, versions, rejected records and its run-log row
-  in one transaction: all of it lands or none of it does.
+  in one transaction: all of it lands or none of it does. New runners may already have been
+  written into that same transaction during the walk (``pipeline.store.early``); it commits
+  them with the rest, or a rollback takes them back with the rest.
 * Unchanged runners are never rewritten; a quiet re-sync writes only its run-log row.
 * Versions of a runner are numbered 1, 2, 3, ... with ``valid_from``/``valid_to`` intervals
   that touch end to end; exactly one version, the current one, has ``valid_to`` NULL.
@@ -20,7 +22,10 @@ from __future__ import annotations
 import itertools
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
@@ -28,7 +33,12 @@ import orjson
 from pipeline.errors import StorageError
 from pipeline.source.records import TRACKED_FIELDS, RunnerRecord
 from pipeline.store.changeset import ChangeSet, Decision, Revision, StoredState
-from pipeline.store.schema import ABANDONED_RUN_ERROR, SEARCH_COLUMNS, UNUSUAL_STATUS
+from pipeline.store.schema import (
+    ABANDONED_RUN_ERROR,
+    SEARCH_COLUMNS,
+    UNUSUAL_STATUS,
+    open_store_read_only,
+)
 from pipeline.store.sqlite import Database
 
 if TYPE_CHECKING:
@@ -57,6 +67,34 @@ def load_present_fingerprints(db: Database) -> dict[str, str | None]:
     )
     fingerprints: dict[str, str | None] = orjson.loads(text)
     return fingerprints
+
+
+def read_present_fingerprints_aside(db: Database, path: Path) -> Future[dict[str, str | None]]:
+    """``load_present_fingerprints``, read on a connection of its own in a second thread.
+
+    Most of the read is SQLite building one JSON text with the GIL released, so read aside
+    it overlaps the walk's first requests (pages that arrive meanwhile wait for it in the
+    collector), and through a small page cache rather than the writing connection's.
+    ``path`` is the file ``db`` has open. Only in WAL mode, where a reader never waits for
+    a writer; in rollback-journal mode (a first sync) they are read at once on ``db``.
+    """
+    if db.journal_mode != "wal":
+        read: Future[dict[str, str | None]] = Future()
+        read.set_result(load_present_fingerprints(db))
+        return read
+
+    def read_aside() -> dict[str, str | None]:
+        reader = open_store_read_only(path)
+        try:
+            return load_present_fingerprints(reader)
+        finally:
+            reader.close()
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comfysync-fingerprints")
+    try:
+        return pool.submit(read_aside)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def load_page_digests(db: Database) -> set[str]:
@@ -106,12 +144,6 @@ def load_stored_fields(db: Database, ids: Sequence[str]) -> dict[str, dict[str, 
         for row in cursor:
             fields[row[0]] = dict(zip(TRACKED_FIELDS, row[1:], strict=True))
     return fields
-
-
-def load_created_at(db: Database, ids: Sequence[str]) -> dict[str, str]:
-    """The stored ``created_at`` of the given runners (what places each in the listing)."""
-    fields = load_stored_fields(db, ids)
-    return {runner_id: fields[runner_id]["created_at"] for runner_id in ids}
 
 
 def load_known_owners(db: Database) -> set[str]:
@@ -170,24 +202,29 @@ def apply_changes(
     sync_id: int,
     applied_at: str,
     finished_at: str | None = None,
+    written_early: Mapping[str, RunnerRecord] | None = None,
 ) -> None:
     """Write a sync's decision and close its run-log row, in one transaction.
 
-    ``applied_at`` is every change's time, ``finished_at`` (default ``applied_at``) closes
-    the run-log row.
+    ``written_early`` are the runners already written during the walk
+    (``pipeline.store.early``, finished), in the transaction this call commits: those the
+    decision does not create as written are replaced. ``applied_at`` is every change's
+    time, ``finished_at`` (default ``applied_at``) closes the run-log row.
     Raises StorageError (and leaves the database as it was) if SQLite cannot write.
     """
     conn = db.conn
     changes, outcome = decision.changes, decision.outcome
     try:
         reindexed = _ids_to_reindex(changes)
-        with db.atomic():
+        with _transaction(db):
             conn.executemany(
                 "INSERT OR IGNORE INTO account_owners (user_id, first_seen_at, first_sync_id) "
                 "VALUES (?, ?, ?)",
                 [(owner, applied_at, sync_id) for owner in sorted(decision.owners)],
             )
-            insert_created(conn, changes.created, sync_id, applied_at)
+            taken_back, to_insert = _settle_early_writes(written_early or {}, changes.created)
+            _remove_created(taken_back, conn)
+            insert_created(conn, to_insert, sync_id, applied_at)
             # An external-content FTS5 entry is removed by repeating the values it indexed,
             # so the old entries go before the rows change and the new ones go in after.
             _update_search_index(conn, reindexed, "remove")
@@ -234,6 +271,21 @@ def apply_changes(
             )
     except sqlite3.OperationalError as exc:
         raise StorageError(f"could not write the database ({exc}); nothing was applied") from exc
+
+
+@contextmanager
+def _transaction(db: Database) -> Iterator[None]:
+    """The sync's transaction: the one its early writes began, or a new one."""
+    if not db.conn.in_transaction:
+        with db.atomic():
+            yield
+        return
+    try:
+        yield
+        db.conn.commit()
+    except BaseException:
+        db.conn.rollback()
+        raise
 
 
 def record_snapshots(db: Database, files: Iterable[SnapshotFile]) -> None:
@@ -302,7 +354,8 @@ def record_run_afterwards(
 def insert_created(
     conn: sqlite3.Connection, created: Sequence[RunnerRecord], sync_id: int, now: str
 ) -> None:
-    """New runners: their rows, first versions and search entries."""
+    """New runners: their rows, first versions and search entries (the apply's, and the
+    early writes' during the walk)."""
     if not created:
         return
     last_rowid = conn.execute("SELECT coalesce(max(rowid), 0) FROM runners").fetchone()[0]
@@ -330,6 +383,40 @@ def insert_created(
         [_ALL_FIELDS_JSON, now, sync_id, last_rowid],
     )
     _index_rows_after(conn, last_rowid)
+
+
+def _settle_early_writes(
+    written: Mapping[str, RunnerRecord], created: Sequence[RunnerRecord]
+) -> tuple[list[str], list[RunnerRecord]]:
+    """(ids written early to take back, new runners still to insert).
+
+    A runner written early stays only if the sync creates it exactly as written; one pass
+    over the created runners (usually the very records written) says whether all do.
+    """
+    to_insert: list[RunnerRecord] = []
+    kept = 0
+    for record in created:
+        early = written.get(record.id)
+        if early is record or early == record:
+            kept += 1
+        else:
+            to_insert.append(record)
+    if kept == len(written):
+        return [], to_insert
+    created_as_written = {r.id for r in created if written.get(r.id) == r}
+    return [i for i in written if i not in created_as_written], to_insert
+
+
+def _remove_created(ids: Sequence[str], conn: sqlite3.Connection) -> None:
+    """Take back runners written early that the sync does not create as written."""
+    if not ids:
+        return
+    _update_search_index(conn, ids, "remove")
+    wanted = orjson.dumps(list(ids)).decode()
+    conn.execute(
+        "DELETE FROM runner_versions WHERE runner_id IN (SELECT value FROM json_each(?))", [wanted]
+    )
+    conn.execute("DELETE FROM runners WHERE id IN (SELECT value FROM json_each(?))", [wanted])
 
 
 def _refingerprint(conn: sqlite3.Connection, fingerprints: Sequence[tuple[str, str]]) -> None:

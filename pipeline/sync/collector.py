@@ -2,8 +2,8 @@
 
 The collector parses only what may have changed (a page read byte for byte as the last
 sync recorded it, or a runner whose raw fingerprint matches the stored one, is taken as
-stored), and keeps, per walk, which runners it saw and which it rejected: what ``run`` needs
-to decide.
+stored), hands new runners to the store's early writes while the walk goes on, and keeps,
+per walk, which runners it saw and which it rejected: what ``run`` needs to decide.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Collection, Iterable, KeysView, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from pipeline.source.client import Page
 from pipeline.source.records import (
@@ -28,6 +29,9 @@ from pipeline.source.walk import (
     pages_needed,
     string_ids,
 )
+
+if TYPE_CHECKING:
+    from pipeline.store.early import EarlyCreations
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,8 @@ class Collector:
     A page whose digest the last sync recorded (``known_pages``) holds only runners stored
     exactly as sent: they are noted as seen and nothing else. On other pages, a runner whose
     raw fingerprint matches the stored one is only noted as seen; everything else is
-    parsed.
+    parsed, and a runner the store never held is handed to ``early`` to be written while
+    the walk goes on (the final decision can still take it back).
     """
 
     def __init__(
@@ -68,6 +73,8 @@ class Collector:
         store_header_values: bool,
         fingerprints: Mapping[str, str | None],
         on_progress: ProgressCallback | None,
+        early: EarlyCreations | None = None,
+        deleted_ids: frozenset[str] = frozenset(),
         known_pages: Collection[str] = frozenset(),
     ):
         self.key = key
@@ -76,6 +83,10 @@ class Collector:
         self.fingerprints = fingerprints
         self.fingerprint = fingerprinter(key, store_header_values)
         self.on_progress = on_progress
+        #: Where runners the store never held go as soon as they are parsed; the stored
+        #: runners it holds as deleted are not among those.
+        self.early = early
+        self.deleted_ids = deleted_ids
         #: id -> (walk number, record; None when the fingerprint showed it unchanged)
         self.records: dict[str, tuple[int, RunnerRecord | None]] = {}
         self.rejections: list[tuple[int, Rejection]] = []
@@ -148,6 +159,7 @@ class Collector:
     ) -> None:
         """Parse the runners at ``positions`` in order (an unchanged one is only noted)."""
         stored, records, unchanged = self.fingerprints, self.records, (walk, None)
+        new: list[RunnerRecord] = []
         for position in positions:
             runner_id, fingerprint = ids[position], fingerprints[position]
             if runner_id is not None and fingerprint and stored.get(runner_id) == fingerprint:
@@ -165,6 +177,10 @@ class Collector:
                 self.rejections.append((walk, parsed))
                 continue
             records[parsed.id] = (walk, parsed)
+            if parsed.id not in stored and parsed.id not in self.deleted_ids:
+                new.append(parsed)
+        if self.early is not None:
+            self.early.add(new)
 
     def seen_in(self, walk: int) -> set[str]:
         """Ids last seen in walk number ``walk`` (all of that walk's, while it is the latest)."""
@@ -205,3 +221,35 @@ class Collector:
             rejections=[rej for n, rej in self.rejections if n == last],
             pages=self.pages_to_vouch_for(walk),
         )
+
+
+class CollectorAfterRead:
+    """The walk's page handler while the stored fingerprints are read aside.
+
+    Pages that come before the read ends wait, in order; the collector is made, and handed
+    them, by the first page after it or the first call of ``collector``.
+    """
+
+    def __init__(
+        self,
+        fingerprints: Future[dict[str, str | None]],
+        make: Callable[[Mapping[str, str | None]], Collector],
+    ):
+        self._read, self._make = fingerprints, make
+        self._waiting: list[tuple[Page, int]] = []
+        self._collector: Collector | None = None
+
+    def __call__(self, page: Page, walk: int) -> None:
+        if self._collector is None and not self._read.done():
+            self._waiting.append((page, walk))
+        else:
+            self.collector()(page, walk)
+
+    def collector(self) -> Collector:
+        """The collector, once the fingerprints are read and the waiting pages handed to it."""
+        if self._collector is None:
+            self._collector = collector = self._make(self._read.result())
+            for page, walk in self._waiting:
+                collector(page, walk)
+            self._waiting.clear()
+        return self._collector

@@ -1,7 +1,7 @@
 """One sync, wired together: walk the API, decide the changes, apply them in one transaction.
 
 This module only composes the parts (``source.client`` and ``source.walk`` fetch,
-``collector`` and ``plan`` decide, ``store.write`` writes); it contains no
+``collector`` and ``plan`` decide, ``store.early`` and ``store.write`` write); it contains no
 HTTP and no SQL, and leaves the store's connection and threads to the store.
 Every entry point (the CLI, the scheduler, the Python API) syncs through ``run_sync``, so
 they all share one behaviour:
@@ -32,7 +32,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -48,6 +48,7 @@ from pipeline.errors import (
 )
 from pipeline.settings import Settings
 from pipeline.source.client import ComfyControlClient, retries_made
+from pipeline.source.records import RunnerRecord
 from pipeline.source.walk import (
     MissingAfter,
     OnPage,
@@ -57,8 +58,14 @@ from pipeline.source.walk import (
 from pipeline.store import keyfile, meta, schema
 from pipeline.store import write as store
 from pipeline.store.changeset import Decision
+from pipeline.store.early import EarlyCreations
 from pipeline.store.sqlite import Database
-from pipeline.sync.collector import Collector, ProgressCallback, Sightings
+from pipeline.sync.collector import (
+    Collector,
+    CollectorAfterRead,
+    ProgressCallback,
+    Sightings,
+)
 from pipeline.sync.lock import hold_sync_lock
 from pipeline.sync.plan import StoredPicture, decide, ids_needing_fields, to_recheck
 from pipeline.times import utc_timestamp
@@ -187,28 +194,44 @@ def _walk_and_apply(
     now = seams.now
     retries_before = retries_made()
     try:
-        # One time for everything this sync changes (its versions' valid_from).
+        # One time for everything this sync changes (its versions' valid_from), taken before
+        # the walk because new runners are written while it goes on.
         applied_at = now()
-        collector = Collector(
-            key,
-            settings.store_header_values,
-            store.load_present_fingerprints(db),
-            seams.on_progress,
-            known_pages=store.load_page_digests(db),
+        early = EarlyCreations(db, sync_id=sync_id, applied_at=applied_at)
+        deleted_ids, known_pages = (
+            frozenset(store.load_deleted_ids(db)),
+            store.load_page_digests(db),
+        )
+        pages = CollectorAfterRead(
+            store.read_present_fingerprints_aside(db, settings.db_path),
+            lambda fingerprints: Collector(
+                key,
+                settings.store_header_values,
+                fingerprints,
+                seams.on_progress,
+                early=early,
+                deleted_ids=deleted_ids,
+                known_pages=known_pages,
+            ),
         )
 
         def missing_after(walk_number: int) -> dict[str, str]:
             # What this complete walk would delete, with the created_at that places each
             # one for its re-read.
+            collector = pages.collector()
             if collector.rejected_in(walk_number):
                 return {}  # a walk with rejected records deletes nothing: no need to look
             missing = to_recheck(collector.present, collector.seen_in(walk_number), settings)
-            return store.load_created_at(db, missing)
+            return early.load_created_at(missing)
 
         with _cyclic_collection_paused():
-            walk = asyncio.run(_walk_unless_stopped(settings, seams, collector, missing_after))
+            walk = asyncio.run(_walk_unless_stopped(settings, seams, pages, missing_after))
+            collector = pages.collector()
             sightings = collector.final(walk)
-            decision = decide(walk, sightings, _stored_picture(db, collector, sightings), settings)
+            written = early.finish()
+            decision = decide(
+                walk, sightings, _stored_picture(db, collector, sightings, written), settings
+            )
             if seams.stop is not None and seams.stop.is_set():
                 raise SyncInterruptedError()  # the last moment a stop can leave the store untouched
             finished_at = now()
@@ -218,8 +241,10 @@ def _walk_and_apply(
                 sync_id=sync_id,
                 applied_at=applied_at,
                 finished_at=finished_at,
+                written_early=written,
             )
     except BaseException as exc:
+        early.abandon()
         error = exc.message if isinstance(exc, ComfySyncError) else _describe(exc)
         try:
             store.record_failed_run(db, sync_id, error=error, finished_at=now())
@@ -234,12 +259,12 @@ def _walk_and_apply(
     return summary, finished_at
 
 
-def _stored_picture(db: Database, collector: Collector, seen: Sightings) -> StoredPicture:
+def _stored_picture(
+    db: Database, collector: Collector, seen: Sightings, written: Mapping[str, RunnerRecord]
+) -> StoredPicture:
     """What the decision compares the walk with, read from the store."""
-    # Only runners the store holds have a state: a new one (most of a first sync) is not
-    # looked for.
-    held = collector.present | store.load_deleted_ids(db)
-    states = store.load_stored_states(db, [i for i in seen.parsed if i in held])
+    # Runners written early were never in the store: nothing to compare them with.
+    states = store.load_stored_states(db, list(seen.parsed.keys() - written.keys()))
     return StoredPicture(
         present=collector.present,
         states=states,

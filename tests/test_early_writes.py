@@ -1,6 +1,7 @@
-"""New runners across walks and failures: a runner gone by the complete walk is never
-stored, one changed between walks is stored as the last walk saw it, and a sync that fails
-after reading pages of new runners leaves none behind (the sync's one transaction)."""
+"""New runners are written while the walk goes on (EarlyCreations), inside the sync's one
+transaction: what the final picture does not keep as written is taken back, and a sync that
+fails after writing some leaves nothing behind. The store module owns the writer thread and
+the connection's handover; the sync only adds, finishes once, or abandons."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ import httpx
 import pytest
 from conftest import rows
 
-from pipeline.errors import AuthenticationError
+from pipeline.errors import AuthenticationError, StorageError
 from pipeline.settings import Settings
 from pipeline.sim.simulator import SimulatedAccount, create_app
+from pipeline.source.records import RunnerRecord
+from pipeline.store.early import EarlyCreations
+from pipeline.store.schema import open_store
+from pipeline.store.write import _settle_early_writes, begin_run
 from pipeline.sync.run import run_sync
 
 
@@ -47,7 +52,7 @@ def search(db_path: Path, words: str) -> list[tuple[str]]:
     )
 
 
-def test_a_new_runner_gone_by_the_complete_walk_is_never_stored(tmp_path):
+def test_a_new_runner_written_early_and_gone_by_the_complete_walk_is_taken_back(tmp_path):
     account, settings, transport = synced(tmp_path)
     doomed = account.create_runner(name="doomed canary")["id"]
 
@@ -126,7 +131,65 @@ def test_the_garbage_collector_paused_for_the_walk_is_running_again_after(tmp_pa
         gc.enable()
 
 
-def test_a_sync_that_fails_re_reading_a_missing_runner_stores_no_new_runner(tmp_path):
+def early_record(runner_id: str, name: str = "n") -> RunnerRecord:
+    return RunnerRecord(runner_id, "u", name, "active", "e", "[]", "{}", "t", "t", "{}", "h")
+
+
+def test_settling_early_writes_keeps_exactly_the_runners_created_as_written():
+    a, b = early_record("a"), early_record("b")
+    assert _settle_early_writes({"a": a, "b": b}, [a, b]) == ([], [])
+    assert _settle_early_writes({"a": a}, [early_record("a"), b]) == ([], [b])  # equal, not same
+
+    changed = early_record("b", name="renamed")
+    assert _settle_early_writes({"a": a, "b": b}, [a, changed]) == (["b"], [changed])
+    assert _settle_early_writes({"a": a, "b": b}, [b]) == (["a"], [])  # not created at all
+    assert _settle_early_writes({}, [a]) == ([], [a])
+
+
+def early_writer(db_path: Path) -> tuple[object, EarlyCreations]:
+    db = open_store(db_path)
+    sync_id = begin_run(db, base_url="http://127.0.0.1", started_at="2024-01-01T00:00:00Z")
+    return db, EarlyCreations(db, sync_id=sync_id, applied_at="2024-01-01T00:00:01Z")
+
+
+def test_early_writes_stay_uncommitted_until_applied_and_abandon_takes_them_back(tmp_path):
+    account, settings, _ = synced(tmp_path)
+    db, early = early_writer(settings.db_path)
+    stored = account.runner_ids()[:2]
+    early.add([early_record("a"), early_record("b")])
+    early.add([early_record("b", name="again"), early_record("c")])  # b is written once
+    # The walk's last question (what a missing runner's place is) reads the same connection:
+    # the store waits for the writer first.
+    assert early.load_created_at(stored) == dict(
+        rows(
+            settings.db_path, "SELECT id, created_at FROM runners WHERE id IN (?, ?)", tuple(stored)
+        )
+    )
+    assert sorted(early.finish()) == ["a", "b", "c"]
+    assert sorted(early.finish()) == ["a", "b", "c"]  # finishing again changes nothing
+    assert [r[0] for r in db.execute("SELECT name FROM runners WHERE id = 'b'")] == ["n"]
+    assert rows(settings.db_path, "SELECT count(*) FROM runners") == [(12,)]  # not committed
+    early.abandon()
+    assert [r[0] for r in db.execute("SELECT count(*) FROM runners")] == [12]
+    assert [r[0] for r in db.execute("SELECT count(*) FROM runner_versions")] == [12]
+    db.close()
+
+
+def test_a_write_the_writer_could_not_make_is_reported_and_nothing_stays(tmp_path):
+    account, settings, _ = synced(tmp_path)
+    db, early = early_writer(settings.db_path)
+    taken = account.runner_ids()[0]
+    early.add([early_record("fresh"), early_record(taken)])  # its id is taken: SQLite refuses
+    with pytest.raises(StorageError, match="could not write the database"):
+        early.load_created_at([taken])
+    with pytest.raises(StorageError, match="could not write the database"):
+        early.finish()
+    early.abandon()
+    assert [r[0] for r in db.execute("SELECT count(*) FROM runners")] == [12]
+    db.close()
+
+
+def test_a_sync_that_fails_re_reading_a_missing_runner_leaves_no_early_write(tmp_path):
     account, settings, transport = synced(tmp_path)
     gone = account.runner_ids()[7]
     account.delete_runner(gone)

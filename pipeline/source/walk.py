@@ -122,8 +122,6 @@ class WalkResult:
     #: Runners the complete walk missed that a re-read proved gone: the only ones that may
     #: be deleted (see the module docstring).
     gone: frozenset[str] = frozenset()
-    #: Runners the complete walk missed that were not proven gone (found, or unproven).
-    kept: frozenset[str] = frozenset()
 
 
 def pages_needed(total: int, per_page: int) -> int:
@@ -285,7 +283,6 @@ async def walk_all_pages(
         result,
         pages_fetched=pages_fetched + recheck.pages,
         gone=recheck.gone,
-        kept=frozenset(missing) - recheck.gone,
     )
 
 

@@ -56,7 +56,7 @@ _NORMALISE = (
     (re.compile(r"redacted:[0-9a-f]{12}"), "redacted:<hmac>"),
     (re.compile(r"\b(127\.0\.0\.1|localhost):\d+"), r"\1:<port>"),
     (re.compile(r"\b\d+(\.\d+)? (B|kB|MB|GB|TB)\b"), "<size>"),
-    # Durations: "(0.2 s)", "in 1.3 s" and the runs table's secs column (right-aligned, so
+    # Durations: "(N.N s)", "in N.N s" and the runs table's secs column (right-aligned, so
     # the spaces before it vary with its width too).
     # Not a part of an address (127.0.0.1) or a version.
     (re.compile(r" *(?<![\d.])\b\d+\.\d+\b(?!\.\d)"), " <n>"),

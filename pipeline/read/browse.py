@@ -147,11 +147,7 @@ def serve(db_path: Path, *, port: int, on_start: Callable[[], None] = lambda: No
     folder for the same reason. ``on_start`` is called once the server takes requests.
     """
     schema.open_store_read_only(db_path).close()
-    try:
-        import uvicorn  # noqa: F401  (what _run serves with: refused here, before starting)
-        from datasette.app import Datasette
-    except ImportError as exc:
-        raise ConfigurationError(INSTALL_HINT) from exc
+    Datasette, _ = _datasette_classes()
     with listen_on(port) as sock:
         datasette = Datasette(
             [str(db_path)], metadata=metadata_for(db_path), settings=DATASETTE_SETTINGS
@@ -171,11 +167,7 @@ def serve_accounts(
         )
     for path in databases.values():
         schema.open_store_read_only(path).close()
-    try:
-        from datasette.app import Datasette
-        from datasette.database import Database
-    except ImportError as exc:
-        raise ConfigurationError(INSTALL_HINT) from exc
+    Datasette, Database = _datasette_classes()
     with listen_on(port) as sock:
         datasette = Datasette(
             [], metadata=accounts_metadata(databases), settings=DATASETTE_SETTINGS, crossdb=True
@@ -183,6 +175,18 @@ def serve_accounts(
         for name, path in databases.items():
             datasette.add_database(Database(datasette, path=str(path)), name=name, route=name)
         _run(datasette, sock, port, on_start)
+
+
+def _datasette_classes() -> tuple[Any, Any]:
+    """Datasette's app and database classes; ConfigurationError, before anything starts, when
+    Datasette or uvicorn (what ``_run`` serves with) is not installed."""
+    try:
+        import uvicorn  # noqa: F401
+        from datasette.app import Datasette
+        from datasette.database import Database
+    except ImportError as exc:
+        raise ConfigurationError(INSTALL_HINT) from exc
+    return Datasette, Database
 
 
 def _run(datasette: Any, sock: socket.socket, port: int, on_start: Callable[[], None]) -> None:

@@ -15,8 +15,9 @@ import pytest
 from conftest import REPO, free_port, wait_until
 
 CASES = {
-    "floor", "cold", "warm", "churn", "cold_200", "export", "floor_latency_c1",
-    "floor_latency_c4", "cold_latency_c1", "cold_latency_c4", "help", "sync_help",
+    "floor", "wire", "cold", "warm", "churn", "default_cold", "default_warm", "default_churn",
+    "cold_200", "export", "floor_latency_c1", "floor_latency_c4", "cold_latency_c1",
+    "cold_latency_c4", "help", "sync_help",
 }
 
 
@@ -29,15 +30,20 @@ def test_the_sync_benchmark_runs_at_a_small_size_and_writes_its_figures(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     [written] = list(tmp_path.glob("sync-2000-*.json"))
     report = json.loads(written.read_text())
+    assert (report["plan"], report["server"]) == ("full", "pages")
     assert set(report["cases"]) == CASES
     for name, figures in report["cases"].items():
         assert len(figures["runs"]) == 1 and figures["median_seconds"] > 0, name
         assert figures["peak_rss_mb"] > 0, name
+        assert figures["ratio_to_floor"] > 0 and figures["ratio_to_wire"] > 0, name
     assert {t["target"] for t in report["targets"]} >= {
         "cold <= 2.5x floor", "warm <= 1.3x floor", "churn <= 1.4x floor",
         "sync peak RSS <= 300 MB", "export peak RSS <= 400 MB",
+        "default cold <= 2.5x floor", "default warm <= 1.0x floor",
+        "default churn <= 1.4x floor", "every sync peak RSS <= 250 MB",
     }
-    assert "case" in proc.stdout and "x floor" in proc.stdout  # the printed table
+    assert "case" in proc.stdout and "x floor" in proc.stdout and "x wire" in proc.stdout
+    assert "PASS" in proc.stdout or "MISS" in proc.stdout
 
 
 TOKEN = "bench-token"

@@ -298,10 +298,10 @@ def large_plan(
                         syncs=True)
 
         cases += [
-            Case(f"floor{suffix}", lambda url=url: floor(url, 4), floors=floors),
-            Case(f"wire{suffix}", lambda url=url: wire(url), floors=floors),
+            Case(f"floor{suffix}", functools.partial(floor, url, 4), floors=floors),
+            Case(f"wire{suffix}", functools.partial(wire, url), floors=floors),
             no_export(f"cold{suffix}", fresh),
-            no_export(f"warm{suffix}", lambda db, base=base: copy_of(base, db)),
+            no_export(f"warm{suffix}", functools.partial(copy_of, base)),
             default(f"default_cold{suffix}", None),
             default(f"default_warm{suffix}", base),
         ]

@@ -98,6 +98,10 @@ def test_the_page_server_sends_the_simulators_bytes(account):
             theirs = client.get(f"{simulator}/v1/runner{query}")
             assert (ours.status_code, ours.content) == (theirs.status_code, theirs.content), query
             assert ours.headers["content-type"] == "application/json", query
+        for method, path in (("GET", "/v1/runners"), ("POST", "/v1/runner")):  # 404, 405
+            ours = client.request(method, f"{pages}{path}")
+            theirs = client.request(method, f"{simulator}{path}")
+            assert (ours.status_code, ours.content) == (theirs.status_code, theirs.content), path
 
 
 def test_the_page_server_refuses_a_wrong_or_missing_token_and_the_wire_floor_reads_it():

@@ -73,20 +73,39 @@ class PageSummary:
     number: int
     total: int
     ids: tuple[str | None, ...]
-    created: tuple[Any, ...] = ()
+    #: The ``created_at`` values, one per line when each is a line of text (a walk holds one
+    #: string per page rather than one per runner), else as they came.
+    created: str | tuple[Any, ...] = ()
 
     @classmethod
     def of(cls, page: Page) -> PageSummary:
         runners = page.runners
         try:  # the usual page: objects, read in one C-speed pass
-            created = tuple([runner.get("created_at") for runner in runners])
+            created = [runner.get("created_at") for runner in runners]
         except AttributeError:  # an element that is not an object
-            created = tuple(
-                [runner.get("created_at") if type(runner) is dict else None for runner in runners]
-            )
+            created = [
+                runner.get("created_at") if type(runner) is dict else None for runner in runners
+            ]
         return cls(
-            number=page.number, total=page.total, ids=tuple(string_ids(runners)), created=created
+            number=page.number,
+            total=page.total,
+            ids=tuple(string_ids(runners)),
+            created=_compact(created),
         )
+
+    def created_at(self) -> Sequence[Any]:
+        """Each runner's ``created_at`` as sent, in page order."""
+        if isinstance(self.created, str):
+            return self.created.split("\n")
+        return self.created
+
+
+def _compact(values: list[Any]) -> str | tuple[Any, ...]:
+    if values and all(type(value) is str for value in values):
+        joined = "\n".join(values)
+        if joined.count("\n") == len(values) - 1:
+            return joined
+    return tuple(values)
 
 
 def string_ids(runners: list[Any]) -> list[str | None]:
@@ -277,7 +296,7 @@ async def walk_all_pages(
     missing = missing_after(walk_number) if verdict.complete and missing_after else {}
     if not missing:
         return result
-    created = [moment for summary in summaries for moment in summary.created]
+    created = [moment for summary in summaries for moment in summary.created_at()]
     recheck = await recheck_absences(client, missing, created, concurrency=concurrency)
     return dataclasses.replace(
         result,

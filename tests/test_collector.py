@@ -103,27 +103,29 @@ def test_a_runner_written_early_is_only_noted_and_seeing_it_again_as_sent_adds_n
 
 def test_the_stored_fingerprints_are_read_only_when_a_page_needs_them() -> None:
     reads: list[int] = []
-    body = b'{"runners": [...], "total": 2}'
     runners = [runner("r1"), runner("r2")]
     stored = {r["id"]: fingerprint(r) for r in runners}
+    bodies = [b'{"runners": [1], "total": 2}', b'{"runners": [2], "total": 2}']
+    vouched = {page_digester(KEY)(body) for body in bodies}
 
     def read() -> dict[str, str | None]:
         reads.append(1)
-        return {**stored, "r3": None} if len(reads) == 1 else stored
+        return stored
 
-    known = Collector(
-        KEY, False, read, None, known_pages={page_digester(KEY)(body)}, present_count=2
-    )
-    known(Page(number=1, per_page=100, runners=runners, total=2, body=body), 1)
-    assert known.present(1) == {"r1", "r2"} and reads == []  # the stored fleet, proven
+    def walk(collector: Collector, pages: list[bytes]) -> Collector:
+        for number, (body, one) in enumerate(zip(pages, runners, strict=False), 1):
+            collector(Page(number=number, per_page=1, runners=[one], total=2, body=body), 1)
+        return collector
 
-    fewer = Collector(
-        KEY, False, read, None, known_pages={page_digester(KEY)(body)}, present_count=3
-    )
-    fewer(Page(number=1, per_page=100, runners=runners, total=2, body=body), 1)
-    assert reads == []
-    assert set(fewer.present(1)) == {"r1", "r2", "r3"} and reads == [1]  # r3 is missing
+    known = walk(Collector(KEY, False, read, None, known_pages=vouched), bodies)
+    assert known.saw_the_stored_fleet(1) and reads == []
+    assert known.records == {"r1": (1, None), "r2": (1, None)}
 
-    unknown = Collector(KEY, False, read, None, present_count=2)
-    unknown(Page(number=1, per_page=100, runners=runners, total=2, body=body + b" "), 1)
-    assert reads == [1, 1] and unknown.records == {"r1": (1, None), "r2": (1, None)}
+    # The last sync vouched for a page this walk did not read: not the stored fleet.
+    fewer = walk(Collector(KEY, False, read, None, known_pages=vouched), bodies[:1])
+    assert not fewer.saw_the_stored_fleet(1) and reads == []
+    assert set(fewer.fingerprints) == {"r1", "r2"} and reads == [1]
+
+    unknown = walk(Collector(KEY, False, read, None, known_pages=vouched), [bodies[0], b"new"])
+    assert not unknown.saw_the_stored_fleet(1) and reads == [1, 1]
+    assert unknown.records == {"r1": (1, None), "r2": (1, None)}  # compared, then noted

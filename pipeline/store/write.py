@@ -66,12 +66,6 @@ def load_present_fingerprints(db: Database) -> dict[str, str | None]:
     return fingerprints
 
 
-def count_present(db: Database) -> int:
-    """How many runners the store holds as present."""
-    [(count,)] = db.execute("SELECT count(*) FROM runners WHERE deleted_at IS NULL")
-    return int(count)
-
-
 def load_page_digests(db: Database) -> set[str]:
     """Digests of the pages the last applied sync read and vouched for (``page_digests``)."""
     return {row[0] for row in db.execute("SELECT digest FROM page_digests")}

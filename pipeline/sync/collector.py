@@ -56,7 +56,7 @@ class Sightings:
     parsed: dict[str, RunnerRecord]
     #: Present runners sent exactly as stored (matching raw fingerprint or page digest):
     #: not parsed at all.
-    unchanged: set[str]
+    unchanged: AbstractSet[str]
     rejections: list[Rejection]
     #: Digests of the pages the store will hold exactly as sent, for the next sync.
     pages: list[str]
@@ -91,7 +91,6 @@ class Collector:
         early: EarlyCreations | None = None,
         deleted_ids: frozenset[str] = frozenset(),
         known_pages: Collection[str] = frozenset(),
-        present_count: int | None = None,
     ):
         self.key = key
         self.store_header_values = store_header_values
@@ -112,8 +111,6 @@ class Collector:
         self.pages_in_walk = 0
         self.walk = 0
         self.known_pages = known_pages
-        #: How many runners the store holds as present, when the caller counted them.
-        self.present_count = present_count
         self.page_digest = page_digester(key, store_header_values)
         #: walk number -> (digests of its pages, runners sighted on them, pages not known)
         self.pages_read: dict[int, tuple[list[str], int, int]] = {}
@@ -125,25 +122,15 @@ class Collector:
             self._fingerprints = self._fingerprints()
         return self._fingerprints
 
-    def present(self, walk: int) -> AbstractSet[str]:
-        """The ids of every runner the store holds as present.
+    def saw_the_stored_fleet(self, walk: int) -> bool:
+        """Whether ``walk`` read exactly the pages the last sync vouched for, and only them.
 
-        When every page of ``walk`` was known and the walk saw as many runners as the store
-        holds, those are its runners: each page was stored exactly as sent, so every runner
-        on it is present, and none is missing.
+        Those pages hold exactly the runners the store holds as present (``decide`` vouches
+        for pages only then), each as stored: such a walk missed no one and changed nothing,
+        and the stored fingerprints need not be read to know it.
         """
-        if self._saw_the_stored_fleet(walk):
-            return self.seen_in(walk)
-        return self.fingerprints.keys()
-
-    def _saw_the_stored_fleet(self, walk: int) -> bool:
-        _, sighted, unknown = self.pages_read.get(walk, ([], 0, 1))
-        return (
-            unknown == 0
-            and sighted == self.present_count
-            and not self.rejected_in(walk)
-            and len(self.seen_in(walk)) == sighted
-        )
+        digests, _, unknown = self.pages_read.get(walk, ([], 0, 1))
+        return unknown == 0 and len(set(digests)) == len(digests) == len(self.known_pages)
 
     def __call__(self, page: Page, walk: int) -> None:
         if walk != self.walk:
@@ -252,6 +239,11 @@ class Collector:
             return set(self.records)
         return {runner_id for runner_id, (n, _) in self.records.items() if n == walk}
 
+    def _count_seen_in(self, walk: int) -> int:
+        if walk == 1 == self.walk:
+            return len(self.records)
+        return sum(1 for n, _ in self.records.values() if n == walk)
+
     def rejected_in(self, walk: int) -> bool:
         return any(n == walk for n, _ in self.rejections)
 
@@ -265,19 +257,21 @@ class Collector:
         digests, sighted, _ = self.pages_read.get(walk.walks, ([], 0, 0))
         if not walk.complete or self.rejected_in(walk.walks):
             return []
-        return digests if sighted == len(self.seen_in(walk.walks)) else []
+        return digests if sighted == self._count_seen_in(walk.walks) else []
 
     def final(self, walk: WalkResult) -> Sightings:
         """What to apply: the last walk's sightings if it is complete, else all sightings."""
         last = walk.walks
         parsed: dict[str, RunnerRecord] = {}
-        unchanged: set[str] = set()
+        unchanged: AbstractSet[str] = set()
         written: set[str] = set()
-        for runner_id, (n, record) in self.records.items():
+        if walk.complete and last == 1 and self.saw_the_stored_fleet(last):
+            unchanged = self.records.keys()  # every runner on a known page: no copy needed
+        for runner_id, (n, record) in () if unchanged else self.records.items():
             if walk.complete and n != last:
                 continue
             if record is None:
-                unchanged.add(runner_id)
+                cast(set[str], unchanged).add(runner_id)
             elif record is WRITTEN:
                 written.add(runner_id)
             else:

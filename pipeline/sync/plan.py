@@ -201,7 +201,10 @@ def decide(
         rejected=len(rejections),
         warnings=tuple(warnings),
     )
-    return Decision(changes, outcome, tuple(rejections), owners, tuple(seen.pages))
+    # Pages are vouched for only when they hold exactly the runners left present (none
+    # withheld from deletion), which is what lets the next sync trust a walk of them alone.
+    pages = () if changes.deletions_withheld else tuple(seen.pages)
+    return Decision(changes, outcome, tuple(rejections), owners, pages)
 
 
 def _mass_deletion(settings: Settings, would_delete: int, present: int, seen: int) -> str | None:

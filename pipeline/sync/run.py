@@ -201,7 +201,6 @@ def _walk_and_apply(
             early=early,
             deleted_ids=frozenset(store.load_deleted_ids(db)),
             known_pages=store.load_page_digests(db),
-            present_count=store.count_present(db),
         )
 
         def missing_after(walk_number: int) -> dict[str, str]:
@@ -209,7 +208,9 @@ def _walk_and_apply(
             # one for its re-read.
             if collector.rejected_in(walk_number):
                 return {}  # a walk with rejected records deletes nothing: no need to look
-            present = collector.present(walk_number)
+            if collector.saw_the_stored_fleet(walk_number):
+                return {}
+            present = collector.fingerprints.keys()
             missing = to_recheck(present, collector.seen_in(walk_number), settings)
             return early.load_created_at(missing)
 
@@ -254,7 +255,11 @@ def _stored_picture(
     # Runners written early were never in the store: nothing to compare them with.
     states = store.load_stored_states(db, list(seen.parsed.keys() - written))
     return StoredPicture(
-        present=collector.present(walk.walks),
+        present=(
+            seen.unchanged
+            if walk.complete and collector.saw_the_stored_fleet(walk.walks)
+            else collector.fingerprints.keys()
+        ),
         states=states,
         fields=store.load_stored_fields(db, ids_needing_fields(states, seen.parsed)),
         known_owners=store.load_known_owners(db),

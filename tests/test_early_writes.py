@@ -5,7 +5,6 @@ the connection's handover; the sync only adds, finishes once, or abandons."""
 
 from __future__ import annotations
 
-import gc
 import itertools
 from pathlib import Path
 
@@ -116,19 +115,6 @@ def test_a_first_sync_that_fails_after_writing_pages_leaves_no_runner(tmp_path):
     account.token = "t"
     account.before_page.clear()
     assert run_sync(settings, transport=transport).created == 40
-
-
-def test_the_garbage_collector_paused_for_the_walk_is_running_again_after(tmp_path):
-    assert gc.isenabled()
-    synced(tmp_path)
-    assert gc.isenabled()
-    gc.disable()
-    try:
-        (tmp_path / "again").mkdir()
-        synced(tmp_path / "again")  # a caller that runs without it keeps it off
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
 
 
 def early_record(runner_id: str, name: str = "n") -> RunnerRecord:

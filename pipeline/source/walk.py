@@ -189,7 +189,14 @@ def judge_walk(
             )
     elif len(pages) > expected:
         reasons.append(f"read {len(pages)} pages where total {total} needs {expected}")
-    repeat = _first_page_with_nothing_new(pages)
+    # One set of every id seen answers the repeat, the duplicates and the distinct count.
+    seen: set[str | None] = set()
+    repeat = None
+    for page in pages:
+        if _brings_nothing_new(page.ids, seen) and repeat is None:
+            repeat = page.number
+    seen.discard(None)
+    seen.discard("")
     if repeat is not None:
         reasons.append(
             f"page {repeat} brought no runner not already seen (the listing repeats itself)"
@@ -207,25 +214,14 @@ def judge_walk(
     short = [page.number for page in pages[:-1] if len(page.ids) != per_page]
     if short:
         reasons.append(f"pages before the last were not full: {_ranges(short)}")
-    sighted = list(itertools.chain.from_iterable(page.ids for page in pages))
-    if None in sighted or "" in sighted:
-        sighted = [runner_id for runner_id in sighted if runner_id]
-    distinct = set(sighted)  # C-speed; counting only when some id came twice
-    if len(distinct) != len(sighted):
-        repeated = sum(1 for seen in Counter(sighted).values() if seen > 1)
+    sighted = sum(len(page.ids) - page.ids.count(None) - page.ids.count("") for page in pages)
+    if len(seen) != sighted:  # counted one by one only when some id came twice
+        ids = itertools.chain.from_iterable(page.ids for page in pages)
+        repeated = sum(1 for count in Counter(i for i in ids if i).values() if count > 1)
         reasons.append(f"{repeated} runner(s) were seen twice")
-    if len(distinct) != total:
-        reasons.append(f"saw {len(distinct)} distinct runners but total is {total}")
+    if len(seen) != total:
+        reasons.append(f"saw {len(seen)} distinct runners but total is {total}")
     return WalkVerdict(not reasons, tuple(reasons))
-
-
-def _first_page_with_nothing_new(pages: Sequence[PageSummary]) -> int | None:
-    """The number of the first page whose runner ids all came on earlier pages, if any."""
-    seen: set[str | None] = set()
-    for page in pages:
-        if _brings_nothing_new(page.ids, seen):
-            return page.number
-    return None
 
 
 def _brings_nothing_new(ids: Sequence[str | None], seen: set[str | None]) -> bool:

@@ -26,13 +26,11 @@ they all share one behaviour:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime
@@ -214,24 +212,23 @@ def _walk_and_apply(
             missing = to_recheck(present, collector.seen_in(walk_number), settings)
             return early.load_created_at(missing)
 
-        with _cyclic_collection_paused():
-            walk = asyncio.run(_walk_unless_stopped(settings, seams, collector, missing_after))
-            sightings = collector.final(walk)
-            written = early.finish()
-            decision = decide(
-                walk, sightings, _stored_picture(db, collector, walk, sightings, written), settings
-            )
-            if seams.stop is not None and seams.stop.is_set():
-                raise SyncInterruptedError()  # the last moment a stop can leave the store untouched
-            finished_at = now()
-            store.apply_changes(
-                db,
-                decision,
-                sync_id=sync_id,
-                applied_at=applied_at,
-                finished_at=finished_at,
-                written_early=written,
-            )
+        walk = asyncio.run(_walk_unless_stopped(settings, seams, collector, missing_after))
+        sightings = collector.final(walk)
+        written = early.finish()
+        decision = decide(
+            walk, sightings, _stored_picture(db, collector, walk, sightings, written), settings
+        )
+        if seams.stop is not None and seams.stop.is_set():
+            raise SyncInterruptedError()  # the last moment a stop can leave the store untouched
+        finished_at = now()
+        store.apply_changes(
+            db,
+            decision,
+            sync_id=sync_id,
+            applied_at=applied_at,
+            finished_at=finished_at,
+            written_early=written,
+        )
     except BaseException as exc:
         early.abandon()
         error = exc.message if isinstance(exc, ComfySyncError) else _describe(exc)
@@ -265,23 +262,6 @@ def _stored_picture(
         known_owners=store.load_known_owners(db),
         unusual_status=store.load_unknown_status_ids(db),
     )
-
-
-@contextlib.contextmanager
-def _cyclic_collection_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector for the walk and the apply.
-
-    A walk makes many short-lived objects while holding one long-lived object per runner, so
-    the collector would keep re-scanning those for nothing; reference counting still frees
-    every page as soon as it is handled.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _commit_to_iceberg(

@@ -3,14 +3,12 @@ that the latest sighting wins, also within one page."""
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from typing import Any
 
-import pytest
-
 from pipeline.source.client import Page
-from pipeline.source.records import Rejection, RunnerRecord, fingerprinter
-from pipeline.sync.collector import Collector, CollectorAfterRead
+from pipeline.source.records import Rejection, RunnerRecord, fingerprinter, page_digester
+from pipeline.source.walk import WalkResult
+from pipeline.sync.collector import WRITTEN, Collector
 
 KEY = b"k" * 32
 
@@ -70,48 +68,64 @@ def test_an_id_twice_on_one_page_keeps_the_later_sighting() -> None:
     assert isinstance(record, RunnerRecord) and record.name == "new"
 
 
-def test_pages_that_come_before_the_stored_fingerprints_wait_and_are_handled_in_order() -> None:
-    moved, renamed = runner("r2"), runner("r2", name="renamed")
-    stored = {"r1": fingerprint(runner("r1")), "r2": fingerprint(moved)}
-    reading: Future[dict[str, str | None]] = Future()
-    seen: list[tuple[int, int, int]] = []
-    made: list[Collector] = []
+class Written:
+    """Stands in for the store's early writes: remembers what it was handed."""
 
-    def make(read: Any) -> Collector:
-        made.append(Collector(KEY, False, read, lambda *progress: seen.append(progress)))
-        return made[-1]
+    def __init__(self) -> None:
+        self.added: list[RunnerRecord] = []
+        self.written: dict[str, str] = {}
 
-    pages = CollectorAfterRead(reading, make)
-    pages(Page(number=1, per_page=2, runners=[runner("r1"), moved], total=4), 1)
-    pages(Page(number=2, per_page=2, runners=[renamed, runner("r3")], total=4), 1)
-    assert made == [] and seen == []  # nothing handled without the fingerprints
+    def add(self, records: list[RunnerRecord]) -> None:
+        self.added.extend(records)
+        self.written.update((record.id, record.fingerprint) for record in records)
 
-    reading.set_result(stored)
-    pages(Page(number=3, per_page=2, runners=[], total=4), 1)
-    [collector] = made
-    assert [pages for pages, _, _ in seen] == [1, 2, 3]  # in the order they came
-    assert collector.records["r1"] == (1, None)  # unchanged: its stored fingerprint matched
-    record = collector.records["r2"][1]  # the later sighting (page 2) won
+
+def test_a_runner_written_early_is_only_noted_and_seeing_it_again_as_sent_adds_nothing() -> None:
+    early = Written()
+    collector = Collector(KEY, False, {}, None, early=early)  # type: ignore[arg-type]
+    collector(Page(number=1, per_page=2, runners=[runner("r1"), runner("r2")], total=3), 1)
+    assert collector.records == {"r1": (1, WRITTEN), "r2": (1, WRITTEN)}  # no record kept
+    assert [record.id for record in early.added] == ["r1", "r2"]
+
+    changed = runner("r2", name="renamed")
+    collector(Page(number=1, per_page=2, runners=[runner("r1"), changed], total=2), 2)
+    assert collector.records["r1"] == (2, WRITTEN)
+    record = collector.records["r2"][1]  # unlike its early write: kept whole, to settle
     assert isinstance(record, RunnerRecord) and record.name == "renamed"
-    assert isinstance(collector.records["r3"][1], RunnerRecord)
-    assert set(collector.present) == {"r1", "r2"}
+    assert len(early.added) == 2  # nothing written twice
+
+    walk = WalkResult(complete=True, walks=2, pages_fetched=2, total_reported=2, reasons=())
+    seen = collector.final(walk)
+    assert (seen.written, set(seen.parsed), seen.count, seen.owners) == (
+        {"r1"}, {"r2"}, 2, frozenset({"u1"})
+    )  # fmt: skip
 
 
-def test_asking_for_the_collector_hands_it_the_pages_that_waited() -> None:
-    reading: Future[dict[str, str | None]] = Future()
-    pages = CollectorAfterRead(reading, lambda read: Collector(KEY, False, read, None))
-    pages(Page(number=1, per_page=100, runners=[runner("r1"), runner(["odd"])], total=2), 1)
-    reading.set_result({"r1": fingerprint(runner("r1"))})
-    collector = pages.collector()
-    assert collector.records == {"r1": (1, None)}
-    assert len(collector.rejections) == 1
-    assert pages.collector() is collector  # made once
+def test_the_stored_fingerprints_are_read_only_when_a_page_needs_them() -> None:
+    reads: list[int] = []
+    runners = [runner("r1"), runner("r2")]
+    stored = {r["id"]: fingerprint(r) for r in runners}
+    bodies = [b'{"runners": [1], "total": 2}', b'{"runners": [2], "total": 2}']
+    vouched = {page_digester(KEY)(body) for body in bodies}
 
+    def read() -> dict[str, str | None]:
+        reads.append(1)
+        return stored
 
-def test_a_failed_read_of_the_fingerprints_fails_the_collector() -> None:
-    reading: Future[dict[str, str | None]] = Future()
-    pages = CollectorAfterRead(reading, lambda read: Collector(KEY, False, read, None))
-    pages(Page(number=1, per_page=100, runners=[runner("r1")], total=1), 1)
-    reading.set_exception(OSError("disk gone"))
-    with pytest.raises(OSError, match="disk gone"):
-        pages(Page(number=2, per_page=100, runners=[runner("r2")], total=2), 1)
+    def walk(collector: Collector, pages: list[bytes]) -> Collector:
+        for number, (body, one) in enumerate(zip(pages, runners, strict=False), 1):
+            collector(Page(number=number, per_page=1, runners=[one], total=2, body=body), 1)
+        return collector
+
+    known = walk(Collector(KEY, False, read, None, known_pages=vouched), bodies)
+    assert known.saw_the_stored_fleet(1) and reads == []
+    assert known.records == {"r1": (1, None), "r2": (1, None)}
+
+    # The last sync vouched for a page this walk did not read: not the stored fleet.
+    fewer = walk(Collector(KEY, False, read, None, known_pages=vouched), bodies[:1])
+    assert not fewer.saw_the_stored_fleet(1) and reads == []
+    assert set(fewer.fingerprints) == {"r1", "r2"} and reads == [1]
+
+    unknown = walk(Collector(KEY, False, read, None, known_pages=vouched), [bodies[0], b"new"])
+    assert not unknown.saw_the_stored_fleet(1) and reads == [1, 1]
+    assert unknown.records == {"r1": (1, None), "r2": (1, None)}  # compared, then noted

@@ -5,7 +5,6 @@ the connection's handover; the sync only adds, finishes once, or abandons."""
 
 from __future__ import annotations
 
-import gc
 import itertools
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from pipeline.sim.simulator import SimulatedAccount, create_app
 from pipeline.source.records import RunnerRecord
 from pipeline.store.early import EarlyCreations
 from pipeline.store.schema import open_store
-from pipeline.store.write import _settle_early_writes, begin_run
+from pipeline.store.write import begin_run
 from pipeline.sync.run import run_sync
 
 
@@ -118,32 +117,28 @@ def test_a_first_sync_that_fails_after_writing_pages_leaves_no_runner(tmp_path):
     assert run_sync(settings, transport=transport).created == 40
 
 
-def test_the_garbage_collector_paused_for_the_walk_is_running_again_after(tmp_path):
-    assert gc.isenabled()
-    synced(tmp_path)
-    assert gc.isenabled()
-    gc.disable()
-    try:
-        (tmp_path / "again").mkdir()
-        synced(tmp_path / "again")  # a caller that runs without it keeps it off
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
-
-
 def early_record(runner_id: str, name: str = "n") -> RunnerRecord:
     return RunnerRecord(runner_id, "u", name, "active", "e", "[]", "{}", "t", "t", "{}", "h")
 
 
-def test_settling_early_writes_keeps_exactly_the_runners_created_as_written():
-    a, b = early_record("a"), early_record("b")
-    assert _settle_early_writes({"a": a, "b": b}, [a, b]) == ([], [])
-    assert _settle_early_writes({"a": a}, [early_record("a"), b]) == ([], [b])  # equal, not same
+def test_a_first_sync_walked_twice_keeps_every_early_write_and_its_owners(tmp_path):
+    # The second walk sees every runner as the first one wrote it: each is only noted, none
+    # is taken back and written again, and the owners are recorded all the same.
+    account = SimulatedAccount(runners=12, seed=7, token="t")
+    transport = httpx.ASGITransport(app=create_app(account))
+    settings = Settings(
+        base_url="http://127.0.0.1", token="t", db_path=tmp_path / "m.db", per_page=5
+    )
+    during_first_walk(account, lambda: account.create_runner(name="newcomer"))
+    summary = run_sync(settings, transport=transport)
 
-    changed = early_record("b", name="renamed")
-    assert _settle_early_writes({"a": a, "b": b}, [a, changed]) == (["b"], [changed])
-    assert _settle_early_writes({"a": a, "b": b}, [b]) == (["a"], [])  # not created at all
-    assert _settle_early_writes({}, [a]) == ([], [a])
+    assert (summary.walks, summary.complete, summary.created) == (2, True, 13)
+    assert rows(settings.db_path, "SELECT count(*), max(version) FROM runner_versions") == [(13, 1)]
+    owners = {runner["user_id"] for runner in account.list_runners()}
+    assert {owner for (owner,) in rows(settings.db_path, "SELECT user_id FROM account_owners")} == (
+        owners
+    )
+    assert rows(settings.db_path, "SELECT count(*) FROM runners_fts") == [(13,)]
 
 
 def early_writer(db_path: Path) -> tuple[object, EarlyCreations]:

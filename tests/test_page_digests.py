@@ -179,3 +179,22 @@ def test_a_page_digest_is_hmac_sha256_of_the_mode_and_the_body(key: bytes) -> No
         message = b"comfysync page, headers " + mode + b"\n" + body
         expected = hmac.new(key, message, hashlib.sha256).hexdigest()
         assert page_digester(key, clear)(body) == expected
+
+
+def test_a_sync_that_withholds_deletions_vouches_for_no_page(serve_account, db_path, fingerprinted):
+    # Vouched pages must hold exactly the runners left present: were these ten kept present
+    # behind pages vouched for, the next walk of the same pages would never miss them.
+    upstream = serve_account(runners=RUNNERS, seed=25)
+    settings = settings_for(upstream, db_path, max_delete_ratio=0.01)
+    run_sync(settings)
+    for runner_id in upstream.account.runner_ids()[-10:]:
+        upstream.account.delete_runner(runner_id)
+
+    withheld = run_sync(settings)
+    assert (withheld.status, withheld.deleted) == ("partial", 0)
+    assert digests(db_path) == []
+
+    again = run_sync(settings)  # the same pages as before: the ten are still missing
+    assert (again.status, again.deleted, fingerprinted[-1]) == ("partial", 0, RUNNERS - 10)
+    assert any("mass" in warning or "NOT" in warning for warning in again.warnings)
+    assert digests(db_path) == []

@@ -17,9 +17,6 @@ SUITE = sorted(TESTS.glob("*.py"))
 
 #: The private names tests still reach, each because no public seam shows what it pins.
 PRIVATE_REACHED = {
-    # The pure rule that settles the runners written early; the write path it belongs to
-    # offers no seam that isolates it.
-    ("test_early_writes.py", "_settle_early_writes"),
     # The store's fast validity check must agree with the full one; only the pair shows it.
     ("test_records.py", "_describe_problem"),
     ("test_records.py", "_looks_valid"),

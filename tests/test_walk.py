@@ -365,3 +365,19 @@ def test_an_incomplete_walk_is_never_asked_what_it_would_delete():
 
     result, asked = walk_scripted(MovesEveryWalk(list("abc")), stored="abc", max_walks=2)
     assert (result.complete, result.walks, asked, result.gone) == (False, 2, [], frozenset())
+
+
+@pytest.mark.parametrize(
+    "created",
+    [
+        ["2024-01-02T00:00:00Z", "2024-01-01T00:00:00Z"],
+        ["2024-01-02T00:00:00Z", "line\nbreak", None],
+        ["", ""],
+        [7, {"at": "now"}],
+        [],
+    ],
+)
+def test_a_page_summary_gives_back_each_created_at_as_sent(created):
+    runners = [{"id": f"r{n}", "created_at": value} for n, value in enumerate(created)]
+    page = Page(number=1, per_page=100, runners=runners, total=len(runners))
+    assert list(PageSummary.of(page).created_at()) == created

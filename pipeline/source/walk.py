@@ -73,20 +73,39 @@ class PageSummary:
     number: int
     total: int
     ids: tuple[str | None, ...]
-    created: tuple[Any, ...] = ()
+    #: The ``created_at`` values, one per line when each is a line of text (a walk holds one
+    #: string per page rather than one per runner), else as they came.
+    created: str | tuple[Any, ...] = ()
 
     @classmethod
     def of(cls, page: Page) -> PageSummary:
         runners = page.runners
         try:  # the usual page: objects, read in one C-speed pass
-            created = tuple([runner.get("created_at") for runner in runners])
+            created = [runner.get("created_at") for runner in runners]
         except AttributeError:  # an element that is not an object
-            created = tuple(
-                [runner.get("created_at") if type(runner) is dict else None for runner in runners]
-            )
+            created = [
+                runner.get("created_at") if type(runner) is dict else None for runner in runners
+            ]
         return cls(
-            number=page.number, total=page.total, ids=tuple(string_ids(runners)), created=created
+            number=page.number,
+            total=page.total,
+            ids=tuple(string_ids(runners)),
+            created=_compact(created),
         )
+
+    def created_at(self) -> Sequence[Any]:
+        """Each runner's ``created_at`` as sent, in page order."""
+        if isinstance(self.created, str):
+            return self.created.split("\n")
+        return self.created
+
+
+def _compact(values: list[Any]) -> str | tuple[Any, ...]:
+    if values and all(type(value) is str for value in values):
+        joined = "\n".join(values)
+        if joined.count("\n") == len(values) - 1:
+            return joined
+    return tuple(values)
 
 
 def string_ids(runners: list[Any]) -> list[str | None]:
@@ -170,7 +189,14 @@ def judge_walk(
             )
     elif len(pages) > expected:
         reasons.append(f"read {len(pages)} pages where total {total} needs {expected}")
-    repeat = _first_page_with_nothing_new(pages)
+    # One set of every id seen answers the repeat, the duplicates and the distinct count.
+    seen: set[str | None] = set()
+    repeat = None
+    for page in pages:
+        if _brings_nothing_new(page.ids, seen) and repeat is None:
+            repeat = page.number
+    seen.discard(None)
+    seen.discard("")
     if repeat is not None:
         reasons.append(
             f"page {repeat} brought no runner not already seen (the listing repeats itself)"
@@ -188,25 +214,14 @@ def judge_walk(
     short = [page.number for page in pages[:-1] if len(page.ids) != per_page]
     if short:
         reasons.append(f"pages before the last were not full: {_ranges(short)}")
-    sighted = list(itertools.chain.from_iterable(page.ids for page in pages))
-    if None in sighted or "" in sighted:
-        sighted = [runner_id for runner_id in sighted if runner_id]
-    distinct = set(sighted)  # C-speed; counting only when some id came twice
-    if len(distinct) != len(sighted):
-        repeated = sum(1 for seen in Counter(sighted).values() if seen > 1)
+    sighted = sum(len(page.ids) - page.ids.count(None) - page.ids.count("") for page in pages)
+    if len(seen) != sighted:  # counted one by one only when some id came twice
+        ids = itertools.chain.from_iterable(page.ids for page in pages)
+        repeated = sum(1 for count in Counter(i for i in ids if i).values() if count > 1)
         reasons.append(f"{repeated} runner(s) were seen twice")
-    if len(distinct) != total:
-        reasons.append(f"saw {len(distinct)} distinct runners but total is {total}")
+    if len(seen) != total:
+        reasons.append(f"saw {len(seen)} distinct runners but total is {total}")
     return WalkVerdict(not reasons, tuple(reasons))
-
-
-def _first_page_with_nothing_new(pages: Sequence[PageSummary]) -> int | None:
-    """The number of the first page whose runner ids all came on earlier pages, if any."""
-    seen: set[str | None] = set()
-    for page in pages:
-        if _brings_nothing_new(page.ids, seen):
-            return page.number
-    return None
 
 
 def _brings_nothing_new(ids: Sequence[str | None], seen: set[str | None]) -> bool:
@@ -277,7 +292,7 @@ async def walk_all_pages(
     missing = missing_after(walk_number) if verdict.complete and missing_after else {}
     if not missing:
         return result
-    created = [moment for summary in summaries for moment in summary.created]
+    created = [moment for summary in summaries for moment in summary.created_at()]
     recheck = await recheck_absences(client, missing, created, concurrency=concurrency)
     return dataclasses.replace(
         result,

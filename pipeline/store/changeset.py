@@ -7,6 +7,7 @@ one from what the walk saw. Plain values: no SQL here.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -39,6 +40,9 @@ class ChangeSet:
     """Everything one sync writes; applied all at once or not at all."""
 
     created: list[RunnerRecord] = field(default_factory=list)
+    #: New runners whose rows were already written during the walk, exactly as the walk saw
+    #: them (``pipeline.store.early``): ids only, the rows hold the rest.
+    created_early: Collection[str] = ()
     updated: list[Revision] = field(default_factory=list)
     restored: list[Revision] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
@@ -49,10 +53,15 @@ class ChangeSet:
     #: (a database from before fingerprints, or bytes that changed with no content change).
     refingerprinted: list[tuple[str, str]] = field(default_factory=list)
 
+    @property
+    def created_count(self) -> int:
+        return len(self.created) + len(self.created_early)
+
     def without_deletions(self) -> ChangeSet:
         """The same changes with every deletion withheld (counted in ``deletions_withheld``)."""
         return ChangeSet(
             created=self.created,
+            created_early=self.created_early,
             updated=self.updated,
             restored=self.restored,
             deleted=[],

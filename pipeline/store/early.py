@@ -16,12 +16,15 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import KeysView, Sequence
 
 from pipeline.errors import StorageError
 from pipeline.source.records import RunnerRecord
 from pipeline.store.sqlite import Database
 from pipeline.store.write import insert_created, load_stored_fields
+
+#: Pages of new runners that may wait for the writer.
+QUEUED_BATCHES = 64
 
 
 class EarlyCreations:
@@ -36,18 +39,21 @@ class EarlyCreations:
         self._db = db
         self._sync_id = sync_id
         self._applied_at = applied_at
-        self._queue: queue.SimpleQueue[list[RunnerRecord] | None] = queue.SimpleQueue()
+        # Bounded, so that a walk faster than SQLite waits for it rather than holding the
+        # records it is ahead by.
+        self._queue: queue.Queue[list[RunnerRecord] | None] = queue.Queue(QUEUED_BATCHES)
         self._thread: threading.Thread | None = None
         self._failure: sqlite3.Error | None = None
-        #: id -> the record written, for every runner written early
-        self._written: dict[str, RunnerRecord] = {}
+        #: id -> raw fingerprint of each runner written (the rows hold the rest), so that a
+        #: sighting sent the same way again need not be parsed
+        self.written: dict[str, str] = {}
 
     def add(self, records: Sequence[RunnerRecord]) -> None:
         """Queue new runners for writing (the caller guarantees the store never held them).
 
         A runner already written (seen again, as the list shifted) is not written twice.
         """
-        written = self._written
+        written = self.written
         records = list({r.id: r for r in records if r.id not in written}.values())
         if not records:
             return
@@ -61,22 +67,22 @@ class EarlyCreations:
                 target=self._write_until_done, name="comfysync-early-writes", daemon=True
             )
             self._thread.start()
-        written.update((record.id, record) for record in records)
+        written.update((record.id, record.fingerprint) for record in records)
         self._queue.put(records)
 
-    def finish(self) -> dict[str, RunnerRecord]:
+    def finish(self) -> KeysView[str]:
         """Wait for every queued runner to be written and hand the connection back to the
-        caller's thread; return id -> record written. StorageError if one could not be."""
+        caller's thread; return the ids written. StorageError if one could not be."""
         self._join_writer()
         self._raise_failure()
-        return self._written
+        return self.written.keys()
 
     def abandon(self) -> None:
         """Stop writing and roll back everything written (the sync failed or was stopped)."""
         self._join_writer()
         if self._db.conn.in_transaction:
             self._db.conn.rollback()
-        self._written = {}
+        self.written = {}
 
     def load_created_at(self, ids: Sequence[str]) -> dict[str, str]:
         """The stored ``created_at`` of the given runners, read once the writer is done (the

@@ -22,10 +22,8 @@ from __future__ import annotations
 import itertools
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
@@ -37,7 +35,6 @@ from pipeline.store.schema import (
     ABANDONED_RUN_ERROR,
     SEARCH_COLUMNS,
     UNUSUAL_STATUS,
-    open_store_read_only,
 )
 from pipeline.store.sqlite import Database
 
@@ -67,34 +64,6 @@ def load_present_fingerprints(db: Database) -> dict[str, str | None]:
     )
     fingerprints: dict[str, str | None] = orjson.loads(text)
     return fingerprints
-
-
-def read_present_fingerprints_aside(db: Database, path: Path) -> Future[dict[str, str | None]]:
-    """``load_present_fingerprints``, read on a connection of its own in a second thread.
-
-    Most of the read is SQLite building one JSON text with the GIL released, so read aside
-    it overlaps the walk's first requests (pages that arrive meanwhile wait for it in the
-    collector), and through a small page cache rather than the writing connection's.
-    ``path`` is the file ``db`` has open. Only in WAL mode, where a reader never waits for
-    a writer; in rollback-journal mode (a first sync) they are read at once on ``db``.
-    """
-    if db.journal_mode != "wal":
-        read: Future[dict[str, str | None]] = Future()
-        read.set_result(load_present_fingerprints(db))
-        return read
-
-    def read_aside() -> dict[str, str | None]:
-        reader = open_store_read_only(path)
-        try:
-            return load_present_fingerprints(reader)
-        finally:
-            reader.close()
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comfysync-fingerprints")
-    try:
-        return pool.submit(read_aside)
-    finally:
-        pool.shutdown(wait=False)
 
 
 def load_page_digests(db: Database) -> set[str]:
@@ -202,14 +171,15 @@ def apply_changes(
     sync_id: int,
     applied_at: str,
     finished_at: str | None = None,
-    written_early: Mapping[str, RunnerRecord] | None = None,
+    written_early: Collection[str] = (),
 ) -> None:
     """Write a sync's decision and close its run-log row, in one transaction.
 
-    ``written_early`` are the runners already written during the walk
+    ``written_early`` are the ids of the runners already written during the walk
     (``pipeline.store.early``, finished), in the transaction this call commits: those the
-    decision does not create as written are replaced. ``applied_at`` is every change's
-    time, ``finished_at`` (default ``applied_at``) closes the run-log row.
+    decision does not keep as written (``ChangeSet.created_early``) are taken back.
+    ``applied_at`` is every change's time, ``finished_at`` (default ``applied_at``) closes
+    the run-log row.
     Raises StorageError (and leaves the database as it was) if SQLite cannot write.
     """
     conn = db.conn
@@ -222,9 +192,10 @@ def apply_changes(
                 "VALUES (?, ?, ?)",
                 [(owner, applied_at, sync_id) for owner in sorted(decision.owners)],
             )
-            taken_back, to_insert = _settle_early_writes(written_early or {}, changes.created)
-            _remove_created(taken_back, conn)
-            insert_created(conn, to_insert, sync_id, applied_at)
+            if len(changes.created_early) < len(written_early):
+                kept = set(changes.created_early)
+                _remove_created([i for i in written_early if i not in kept], conn)
+            insert_created(conn, changes.created, sync_id, applied_at)
             # An external-content FTS5 entry is removed by repeating the values it indexed,
             # so the old entries go before the rows change and the new ones go in after.
             _update_search_index(conn, reindexed, "remove")
@@ -259,7 +230,7 @@ def apply_changes(
                     int(outcome.complete),
                     outcome.total_reported,
                     outcome.runners_seen,
-                    len(changes.created),
+                    changes.created_count,
                     len(changes.updated),
                     len(changes.deleted),
                     len(changes.restored),
@@ -383,28 +354,6 @@ def insert_created(
         [_ALL_FIELDS_JSON, now, sync_id, last_rowid],
     )
     _index_rows_after(conn, last_rowid)
-
-
-def _settle_early_writes(
-    written: Mapping[str, RunnerRecord], created: Sequence[RunnerRecord]
-) -> tuple[list[str], list[RunnerRecord]]:
-    """(ids written early to take back, new runners still to insert).
-
-    A runner written early stays only if the sync creates it exactly as written; one pass
-    over the created runners (usually the very records written) says whether all do.
-    """
-    to_insert: list[RunnerRecord] = []
-    kept = 0
-    for record in created:
-        early = written.get(record.id)
-        if early is record or early == record:
-            kept += 1
-        else:
-            to_insert.append(record)
-    if kept == len(written):
-        return [], to_insert
-    created_as_written = {r.id for r in created if written.get(r.id) == r}
-    return [i for i in written if i not in created_as_written], to_insert
 
 
 def _remove_created(ids: Sequence[str], conn: sqlite3.Connection) -> None:

@@ -69,12 +69,14 @@ def plan_changes(
     deletions_allowed: bool,
     gone: Collection[str] = (),
     seen_unchanged: Collection[str] = (),
+    seen_written: Collection[str] = (),
 ) -> ChangeSet:
     """Compare the walk with the store.
 
     ``seen`` holds the runners the walk parsed; ``seen_unchanged`` the ids it did not need
     to parse because their raw fingerprint matched a present runner's stored one, or their
-    page's digest matched the last sync's (``pipeline.sync.collector`` decides).
+    page's digest matched the last sync's (``pipeline.sync.collector`` decides);
+    ``seen_written`` the new runners already written during the walk as it saw them.
     ``stored`` must hold the state of every stored runner in ``seen``; ``present`` is every
     stored runner not deleted (by default, those of ``stored``). ``stored_fields`` must hold
     the fields of every id ``ids_needing_fields`` named.
@@ -110,7 +112,7 @@ def plan_changes(
     missing = sorted(
         runner_id
         for runner_id in _as_set(present) - _as_set(seen_unchanged)
-        if runner_id not in seen
+        if runner_id not in seen and runner_id not in seen_written
     )
     if deletions_allowed:
         gone = _as_set(gone)
@@ -118,6 +120,7 @@ def plan_changes(
     withheld = len(missing) - len(changes.deleted)
     return ChangeSet(
         created=changes.created,
+        created_early=seen_written,
         updated=changes.updated,
         restored=changes.restored,
         deleted=changes.deleted,
@@ -152,13 +155,14 @@ def decide(
     mass deletion; withheld ones make the run ``partial``.
     """
     records, rejections = seen.parsed, seen.rejections
-    owners = frozenset(record.user_id for record in records.values())
+    owners = seen.owners.union(record.user_id for record in records.values())
     # An unchanged runner's owner is a known one (every stored runner's owner was recorded
     # with it), so a walk that saw any is not of a foreign account.
     if not seen.unchanged and guardrails.is_foreign_account(stored.known_owners, owners):
         raise ForeignAccountError(guardrails.foreign_account_message(owners, stored.known_owners))
     complete = walk.complete and not rejections
     unknown_statuses = sum(1 for record in records.values() if record.status not in KNOWN_STATUSES)
+    unknown_statuses += seen.unusual_written
     unknown_statuses += len(_as_set(stored.unusual_status) & seen.unchanged)
     warnings = _warnings(walk, rejections, unknown_statuses)
     changes = plan_changes(
@@ -169,6 +173,7 @@ def decide(
         deletions_allowed=complete,
         gone=walk.gone,
         seen_unchanged=seen.unchanged,
+        seen_written=seen.written,
     )
     # What the complete walk missed, proven gone or not: the guard weighs the walk's picture.
     would_delete = len(changes.deleted) + changes.deletions_withheld if complete else 0
@@ -196,7 +201,10 @@ def decide(
         rejected=len(rejections),
         warnings=tuple(warnings),
     )
-    return Decision(changes, outcome, tuple(rejections), owners, tuple(seen.pages))
+    # Pages are vouched for only when they hold exactly the runners left present (none
+    # withheld from deletion), which is what lets the next sync trust a walk of them alone.
+    pages = () if changes.deletions_withheld else tuple(seen.pages)
+    return Decision(changes, outcome, tuple(rejections), owners, pages)
 
 
 def _mass_deletion(settings: Settings, would_delete: int, present: int, seen: int) -> str | None:

@@ -26,13 +26,12 @@ they all share one behaviour:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -48,7 +47,6 @@ from pipeline.errors import (
 )
 from pipeline.settings import Settings
 from pipeline.source.client import ComfyControlClient, retries_made
-from pipeline.source.records import RunnerRecord
 from pipeline.source.walk import (
     MissingAfter,
     OnPage,
@@ -60,12 +58,7 @@ from pipeline.store import write as store
 from pipeline.store.changeset import Decision
 from pipeline.store.early import EarlyCreations
 from pipeline.store.sqlite import Database
-from pipeline.sync.collector import (
-    Collector,
-    CollectorAfterRead,
-    ProgressCallback,
-    Sightings,
-)
+from pipeline.sync.collector import Collector, ProgressCallback, Sightings
 from pipeline.sync.lock import hold_sync_lock
 from pipeline.sync.plan import StoredPicture, decide, ids_needing_fields, to_recheck
 from pipeline.times import utc_timestamp
@@ -198,51 +191,44 @@ def _walk_and_apply(
         # the walk because new runners are written while it goes on.
         applied_at = now()
         early = EarlyCreations(db, sync_id=sync_id, applied_at=applied_at)
-        deleted_ids, known_pages = (
-            frozenset(store.load_deleted_ids(db)),
-            store.load_page_digests(db),
-        )
-        pages = CollectorAfterRead(
-            store.read_present_fingerprints_aside(db, settings.db_path),
-            lambda fingerprints: Collector(
-                key,
-                settings.store_header_values,
-                fingerprints,
-                seams.on_progress,
-                early=early,
-                deleted_ids=deleted_ids,
-                known_pages=known_pages,
-            ),
+        collector = Collector(
+            key,
+            settings.store_header_values,
+            lambda: store.load_present_fingerprints(db),
+            seams.on_progress,
+            early=early,
+            deleted_ids=frozenset(store.load_deleted_ids(db)),
+            known_pages=store.load_page_digests(db),
         )
 
         def missing_after(walk_number: int) -> dict[str, str]:
             # What this complete walk would delete, with the created_at that places each
             # one for its re-read.
-            collector = pages.collector()
             if collector.rejected_in(walk_number):
                 return {}  # a walk with rejected records deletes nothing: no need to look
-            missing = to_recheck(collector.present, collector.seen_in(walk_number), settings)
+            if collector.saw_the_stored_fleet(walk_number):
+                return {}
+            present = collector.fingerprints.keys()
+            missing = to_recheck(present, collector.seen_in(walk_number), settings)
             return early.load_created_at(missing)
 
-        with _cyclic_collection_paused():
-            walk = asyncio.run(_walk_unless_stopped(settings, seams, pages, missing_after))
-            collector = pages.collector()
-            sightings = collector.final(walk)
-            written = early.finish()
-            decision = decide(
-                walk, sightings, _stored_picture(db, collector, sightings, written), settings
-            )
-            if seams.stop is not None and seams.stop.is_set():
-                raise SyncInterruptedError()  # the last moment a stop can leave the store untouched
-            finished_at = now()
-            store.apply_changes(
-                db,
-                decision,
-                sync_id=sync_id,
-                applied_at=applied_at,
-                finished_at=finished_at,
-                written_early=written,
-            )
+        walk = asyncio.run(_walk_unless_stopped(settings, seams, collector, missing_after))
+        sightings = collector.final(walk)
+        written = early.finish()
+        decision = decide(
+            walk, sightings, _stored_picture(db, collector, walk, sightings, written), settings
+        )
+        if seams.stop is not None and seams.stop.is_set():
+            raise SyncInterruptedError()  # the last moment a stop can leave the store untouched
+        finished_at = now()
+        store.apply_changes(
+            db,
+            decision,
+            sync_id=sync_id,
+            applied_at=applied_at,
+            finished_at=finished_at,
+            written_early=written,
+        )
     except BaseException as exc:
         early.abandon()
         error = exc.message if isinstance(exc, ComfySyncError) else _describe(exc)
@@ -260,35 +246,22 @@ def _walk_and_apply(
 
 
 def _stored_picture(
-    db: Database, collector: Collector, seen: Sightings, written: Mapping[str, RunnerRecord]
+    db: Database, collector: Collector, walk: WalkResult, seen: Sightings, written: AbstractSet[str]
 ) -> StoredPicture:
     """What the decision compares the walk with, read from the store."""
     # Runners written early were never in the store: nothing to compare them with.
-    states = store.load_stored_states(db, list(seen.parsed.keys() - written.keys()))
+    states = store.load_stored_states(db, list(seen.parsed.keys() - written))
     return StoredPicture(
-        present=collector.present,
+        present=(
+            seen.unchanged
+            if walk.complete and collector.saw_the_stored_fleet(walk.walks)
+            else collector.fingerprints.keys()
+        ),
         states=states,
         fields=store.load_stored_fields(db, ids_needing_fields(states, seen.parsed)),
         known_owners=store.load_known_owners(db),
         unusual_status=store.load_unknown_status_ids(db),
     )
-
-
-@contextlib.contextmanager
-def _cyclic_collection_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector for the walk and the apply.
-
-    A walk makes many short-lived objects while holding one long-lived object per runner, so
-    the collector would keep re-scanning those for nothing; reference counting still frees
-    every page as soon as it is handled.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _commit_to_iceberg(
@@ -421,7 +394,7 @@ def _summarise(sync_id: int, decision: Decision, seconds: float, db_path: Path) 
         pages=outcome.pages,
         total_reported=outcome.total_reported,
         runners_seen=outcome.runners_seen,
-        created=len(changes.created),
+        created=changes.created_count,
         updated=len(changes.updated),
         deleted=len(changes.deleted),
         restored=len(changes.restored),

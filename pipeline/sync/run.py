@@ -18,9 +18,10 @@ they all share one behaviour:
 * a sync asked to stop (``stop`` set, e.g. by SIGTERM) is abandoned before it applies
   anything and raises ``SyncInterruptedError``; once applying has begun, it finishes;
 * after a ``success`` or ``partial`` sync, when ``settings.export_dir`` is set, the fleet it
-  left is written as snapshot files. That happens after the changes are committed: a failed
-  snapshot is logged as a warning and recorded (``SyncSummary.snapshots``, the ``snapshots``
-  table), and never undoes or fails the sync.
+  left is written as snapshot files, or the latest files are kept when they hold that very
+  fleet. That happens after the changes are committed: a failed snapshot is logged as a
+  warning and recorded (``SyncSummary.snapshots``, the ``snapshots`` table), and never
+  undoes or fails the sync.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -334,11 +336,12 @@ def _write_snapshots(
     from pipeline.outputs import export
     from pipeline.read import history  # pyarrow: loaded only by syncs that export
 
-    unchanged = (
-        {}
-        if settings.snapshot == "always"
-        else history.snapshots_holding_fleet(db, summary.sync_id)
-    )
+    unchanged = {}
+    if settings.snapshot != "always":
+        try:
+            unchanged = history.snapshots_holding_fleet(db, summary.sync_id)
+        except sqlite3.Error as exc:  # then the files are written, as with --snapshot always
+            log.warning("could not read the latest snapshot files (%s); writing new ones", exc)
     report = export.export_snapshots(
         export_dir,
         sync_id=summary.sync_id,

@@ -235,3 +235,24 @@ def test_a_bad_snapshot_value_is_exit_2_in_one_line(run_cli):
     assert result.exit_code == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "--snapshot" in result.stderr and "sometimes" in result.stderr
+
+
+def test_a_failed_look_up_of_the_latest_files_writes_new_ones(
+    serve_account, db_path, tmp_path, monkeypatch, caplog
+):
+    import sqlite3
+
+    from pipeline.read import history
+
+    upstream = serve_account(runners=6, seed=67)
+    settings = settings_for(upstream, db_path, export_dir=tmp_path / "exports")
+    run_sync(settings)
+
+    def broken(db, sync_id):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(history, "snapshots_holding_fleet", broken)
+    second = run_sync(settings)
+    assert second.status == "success"
+    assert [(f.same_as_sync_id, f.error) for f in second.snapshots] == [(None, None)] * 2
+    assert "could not read the latest snapshot files (OperationalError)" in caplog.text

@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import gc
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -340,8 +339,12 @@ def _write_snapshots(
     if settings.snapshot != "always":
         try:
             unchanged = history.snapshots_holding_fleet(db, summary.sync_id)
-        except sqlite3.Error as exc:  # then the files are written, as with --snapshot always
-            log.warning("could not read the latest snapshot files (%s); writing new ones", exc)
+        except Exception as exc:  # whatever stops it, the files are written, as with "always"
+            log.debug("could not read the latest snapshot files", exc_info=True)
+            log.warning(
+                "could not read the latest snapshot files (%s); writing new ones",
+                type(exc).__name__,
+            )
     report = export.export_snapshots(
         export_dir,
         sync_id=summary.sync_id,

@@ -48,6 +48,7 @@ from pipeline.settings import (
     EXPORT_FORMATS,
     MAX_PER_PAGE,
     PING_STYLES,
+    SNAPSHOT_WHEN,
     Settings,
     is_loopback_host,
     refuse_blank_path,
@@ -407,6 +408,13 @@ _SYNC_OPTIONS = (
         default=None,
         metavar="N",
         help="Delete the oldest snapshot files beyond the N newest per format (default: keep all).",
+    ),
+    click.option(
+        "--snapshot",
+        type=click.Choice(SNAPSHOT_WHEN),
+        default="changed",
+        help="Write the snapshot files after every sync (always), or only when the fleet "
+        "changed since the latest ones, on a new day, or when those are missing or damaged.",
     ),
     csv_safe_option,
     click.option(
@@ -1101,7 +1109,12 @@ def describe_summary(summary: SyncSummary) -> str:
         f"  database: {printable(summary.db_path)}",
     ]
     for snapshot in summary.snapshots:
-        if snapshot.error is None:
+        if snapshot.same_as_sync_id is not None:
+            lines.append(
+                f"  snapshot: {printable(snapshot.path)} ({snapshot.rows} rows; fleet "
+                f"unchanged since sync {snapshot.same_as_sync_id}, file kept)"
+            )
+        elif snapshot.error is None:
             lines.append(f"  snapshot: {printable(snapshot.path)} ({snapshot.rows} rows)")
         else:
             lines.append(f"  snapshot {snapshot.format} NOT written: {printable(snapshot.error)}")

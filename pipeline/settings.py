@@ -24,6 +24,9 @@ DEMO_DB_PATH = Path("data") / "demo.db"
 DEFAULT_EXPORT_DIR = Path("data") / "exports"
 #: Snapshot and export formats; each is also the file suffix and the snapshot tree's top folder.
 EXPORT_FORMATS: tuple[str, ...] = ("parquet", "csv")
+#: When a sync writes its snapshot files (``--snapshot``): only when they would differ from
+#: the latest ones (``changed``: see ``pipeline.sync.run``), or after every sync (``always``).
+SNAPSHOT_WHEN: tuple[str, ...] = ("changed", "always")
 MAX_PER_PAGE = 100
 #: When to notify (``--notify-on``) and which changes a change notice reports
 #: (``--notify-changes``; ``disabled``: a runner whose status became disabled).
@@ -135,6 +138,8 @@ class Settings:
     export_dir: Path | ObjectPath | None = None
     export_formats: tuple[str, ...] = EXPORT_FORMATS
     keep_snapshots: int | None = None
+    #: One of SNAPSHOT_WHEN.
+    snapshot: str = "changed"
     csv_safe: bool = False
     redaction_key: str | None = field(default=None, repr=False)
     #: The configuration file's account this sync is for (``pipeline.config``): its snapshots
@@ -209,6 +214,10 @@ class Settings:
             )
         if self.keep_snapshots is not None and self.keep_snapshots < 1:
             raise ConfigurationError("--keep-snapshots must be at least 1")
+        if self.snapshot not in SNAPSHOT_WHEN:
+            raise ConfigurationError(
+                f"--snapshot must be one of {', '.join(SNAPSHOT_WHEN)}, not {self.snapshot!r}"
+            )
         if not 0.0 <= self.max_delete_ratio <= 1.0:
             raise ConfigurationError("--max-delete-ratio must be between 0 and 1")
         refuse_blank_path(str(self.db_path), "--db")

@@ -46,6 +46,7 @@ VALIDATION: dict[tuple[str, str], str] = {
             "export_formats",
             "no_export",
             "keep_snapshots",
+            "snapshot",
             "csv_safe",
             "max_delete_ratio",
             "allow_mass_delete",

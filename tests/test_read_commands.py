@@ -114,6 +114,7 @@ def test_status_json(mirror: Mirror, run_cli):
             "newest": None,
             "damaged": [],
             "not_written": [],
+            "latest": [],
         },
         "database_id": None,
     }
@@ -151,6 +152,7 @@ def test_status_finds_the_oldest_and_newest_snapshot_files(mirror: Mirror, run_c
         "newest": "exports/parquet/runners/snapshot_date=2026-11-28/runners-10.parquet",
         "damaged": [],
         "not_written": [],
+        "latest": [],
     }
 
 

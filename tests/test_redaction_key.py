@@ -334,7 +334,7 @@ def test_an_old_database_has_its_key_moved_out_without_a_trace_and_nothing_else_
     assert path.read_text() == key + "\n" and mode(path) == 0o600
     assert meta(db) == {
         "application": "comfysync",
-        "schema_version": "9",
+        "schema_version": "10",
         "redaction_key_id": key_id(bytes.fromhex(key)),
     }
     assert everything_but_the_key(db) == before

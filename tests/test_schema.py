@@ -146,7 +146,7 @@ CREATE TABLE "snapshots" (
    "bytes" INTEGER,
    "written_at" TEXT NOT NULL,
    "error" TEXT
-);
+, "same_as_sync_id" INTEGER, "csv_safe" INTEGER);
 CREATE TABLE "account_owners" (
    "user_id" TEXT PRIMARY KEY,
    "first_seen_at" TEXT NOT NULL,
@@ -164,7 +164,7 @@ def test_a_new_database_has_exactly_the_documented_schema(tmp_path: Path):
     db = open_store(tmp_path / "new.db")
     assert db.schema == EXPECTED_SCHEMA
     assert db.journal_mode == "wal"
-    assert read_meta(db, "schema_version") == str(SCHEMA_VERSION) == "9"
+    assert read_meta(db, "schema_version") == str(SCHEMA_VERSION) == "10"
     assert read_meta(db, "application") == "comfysync"
     # The redaction key never enters the database: the first sync writes <db>.key.
     assert db.execute("SELECT key FROM comfysync_meta ORDER BY key").fetchall() == [
@@ -178,7 +178,7 @@ def test_opening_again_is_idempotent(tmp_path: Path):
     first.close()
     again = open_store(tmp_path / "m.db")
     assert again.schema == EXPECTED_SCHEMA
-    assert again.execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == (9,)
+    assert again.execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == (10,)
 
 
 def test_read_only_opening_never_creates_or_writes(tmp_path: Path):

@@ -243,7 +243,11 @@ def test_no_secret_reaches_the_disk_or_any_output(serve_account, tmp_path):
         assert names >= {*EXPORT_FILES, "metadata.json"}
         snapshots = {name for name in names if name.startswith("exports/")}
         assert {name.rsplit(".", 1)[-1] for name in snapshots} == {"parquet", "csv"}
-        assert len(snapshots) == 2 * 9 + 2 * 2  # 9 mirror syncs (6 + 3 scheduled), 2 demo's
+        # 9 mirror syncs (6 + 3 scheduled), each with its snapshot in both formats: written,
+        # or kept from an earlier sync when the fleet had not changed; and the demo's 2.
+        assert rows(db, "SELECT count(DISTINCT sync_id), count(*) FROM snapshots") == [(9, 18)]
+        [(written,)] = rows(db, "SELECT count(*) FROM snapshots WHERE same_as_sync_id IS NULL")
+        assert len(snapshots) == written + 2 * 2
         assert files[db.with_name("mirror.db-wal")]  # the WAL held data, and was searched
         audit(files, outputs, {*MARKERS, *simulator_secrets(250, 1)})
     finally:
@@ -282,7 +286,11 @@ def test_store_header_values_puts_the_header_in_the_database_and_the_files_only(
     name = {path: str(path.relative_to(data)) for path in files}
     holding = {name[path] for path, content in files.items() if HEADER.encode() in content}
     snapshots = {n for n in name.values() if n.startswith("exports/")}
-    assert len(snapshots) == 2 * 6  # 4 syncs and 2 scheduled runs, each in both formats
+    # 4 syncs and 2 scheduled runs, each in both formats: written, or kept when unchanged.
+    db = data / "mirror.db"
+    assert rows(db, "SELECT count(DISTINCT sync_id), count(*) FROM snapshots") == [(6, 12)]
+    [(written,)] = rows(db, "SELECT count(*) FROM snapshots WHERE same_as_sync_id IS NULL")
+    assert len(snapshots) == written
     assert {"mirror.db.lock", "metadata.json"} <= set(name.values())
     assert holding & {"mirror.db", "mirror.db-wal"}
     assert holding - {"mirror.db", "mirror.db-wal"} == {*snapshots, *EXPORT_FILES}

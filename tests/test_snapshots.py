@@ -23,7 +23,7 @@ from export_helpers import (
     store_fleet,
 )
 
-from pipeline.outputs.export import FLEET_SCHEMA, write_export_file
+from pipeline.outputs.export import FLEET_SCHEMA, open_export_file
 from pipeline.sync.run import run_sync
 
 DAY_1 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
@@ -141,16 +141,27 @@ def test_a_write_interrupted_mid_file_leaves_no_file_under_its_final_name_and_th
 ):
     upstream = serve_account(runners=60, seed=22)
     export_dir = tmp_path / "exports"
-    scratch = tmp_path / "scratch.parquet"
 
-    def half_then_disk_full(path: Path, fmt: str, rows_, csv_safe: bool) -> int:
+    class HalfThenDiskFull:
+        """Writes the whole Parquet file, then cuts it in half and reports a full disk."""
+
+        def __init__(self, path: Path, fmt: str, schema, csv_safe: bool) -> None:
+            self.path = path
+            self.file = open_export_file(path, fmt, schema, csv_safe)
+
+        def write(self, batch) -> None:
+            self.file.write(batch)
+
+        def close(self) -> int:
+            self.file.close()
+            data = self.path.read_bytes()
+            self.path.write_bytes(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    def half_then_disk_full(path: Path, fmt: str, schema, csv_safe: bool):
         if fmt != "parquet":
-            return write_export_file(path, fmt, rows_, csv_safe)
-        write_export_file(scratch, fmt, rows_, csv_safe)
-        data = scratch.read_bytes()
-        with open(path, "wb") as partial:
-            partial.write(data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return open_export_file(path, fmt, schema, csv_safe)
+        return HalfThenDiskFull(path, fmt, schema, csv_safe)
 
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         summary = run_sync(
@@ -370,6 +381,7 @@ def test_sync_json_lists_the_snapshot_files(serve_account, run_cli, tmp_path):
         "path": f"data/exports/parquet/runners/snapshot_date={day}/runners-1.parquet",
         "rows": 7,
         "error": None,
+        "same_as_sync_id": None,
     }
     assert snapshot["bytes"] == (tmp_path / snapshot["path"]).stat().st_size
     assert summary["snapshots_pruned"] == []

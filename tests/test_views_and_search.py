@@ -240,7 +240,7 @@ def test_a_database_made_before_m002_migrates_forward_with_views_and_index(
     shutil.copy(tmp_path / "new.db.key", tmp_path / "old.db.key")
 
     migrated = open_store(path)
-    assert schema.schema_version(migrated) == schema.SCHEMA_VERSION == 9
+    assert schema.schema_version(migrated) == schema.SCHEMA_VERSION == 10
     assert sorted(migrated.view_names()) == ["current_runners", "runner_changes", "runner_tags"]
     migrated.close()
     first = account.list_runners()[0]

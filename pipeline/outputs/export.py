@@ -20,10 +20,11 @@ truncated one. Snapshots after a sync (``export_snapshots``) and ad-hoc exports
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import pyarrow as pa
@@ -34,17 +35,21 @@ import pyarrow.parquet as pq
 from pipeline.errors import ConfigurationError, ExportError
 from pipeline.outputs.snapshot import (
     Location,
+    SnapshotFile,
     SnapshotReport,
     as_location,
     explain_write_failure,
+    file_size,
     prune_snapshots,
+    snapshot_path,
     write_atomically,
     write_snapshot_files,
 )
 from pipeline.read import history
-from pipeline.read.history import RUN_COLUMNS, Row, parse_instant
+from pipeline.read.history import RUN_COLUMNS, Row, SnapshotRecord, parse_instant
 from pipeline.settings import EXPORT_FORMATS
 from pipeline.store import schema
+from pipeline.times import utc_timestamp
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 STRINGS = pa.list_(pa.string())
@@ -104,7 +109,6 @@ RUNS_SCHEMA = pa.schema([(name, _RUN_TYPES.get(name, pa.int64())) for name in RU
 ACCOUNT_FIELD = pa.field("account", pa.string(), nullable=False)
 #: Cells a spreadsheet would evaluate (formula or DDE injection) when they start with these.
 _FORMULA_START = r"^[=+\-@\t\r]"
-_CSV_TIME = "%Y-%m-%dT%H:%M:%SZ"  # %S carries the microseconds of a timestamp[us]
 #: Rows per Parquet row group: the store is read in small batches (Python rows are heavy),
 #: which are gathered, as compact Arrow columns, into row groups big enough to compress well.
 ROW_GROUP_ROWS = 100_000
@@ -112,10 +116,11 @@ ROW_GROUP_ROWS = 100_000
 
 @dataclass(frozen=True)
 class ExportRows:
-    """What a file holds: the schema, and the store rows that fill it (read afresh per file).
+    """What a file holds: the schema, and the store rows that fill it.
 
     ``read`` returns batches of rows in the schema's column order, without ``sync_id`` and
-    ``snapshot_at`` for FLEET_SCHEMA: those come from here, the same for every row.
+    ``snapshot_at`` for FLEET_SCHEMA: those come from here, the same for every row. It is
+    called once however many formats are written from it.
     """
 
     schema: pa.Schema
@@ -124,9 +129,32 @@ class ExportRows:
     snapshot_at: str | None = None
 
 
-#: Writes ``rows`` as ``format`` into a file at ``path`` and returns the rows written. The
-#: default is ``write_export_file``; tests substitute one that fails half-way.
-FileWriter = Callable[[Path, str, ExportRows, bool], int]
+@dataclass(frozen=True)
+class ArrowBatch:
+    """One batch of rows, converted once for every format.
+
+    ``typed`` is in the schema's types (what Parquet holds); ``json_text`` has the store's
+    own JSON text of each list and map column, which is what CSV shows: it is canonical
+    already (orjson, sorted keys), so nothing needs to be serialised again.
+    """
+
+    typed: pa.RecordBatch
+    json_text: dict[str, pa.Array]
+
+
+class ExportFile(Protocol):
+    """One file being written in one format, batch by batch."""
+
+    def write(self, batch: ArrowBatch) -> None: ...
+
+    def close(self) -> int:
+        """Finish the file; returns the rows written."""
+        ...
+
+
+#: Opens ``format`` at ``path`` for rows of ``schema`` (``csv_safe`` for CSV). The default is
+#: ``open_export_file``; tests substitute one that fails half-way.
+FileWriter = Callable[[Path, str, pa.Schema, bool], ExportFile]
 
 
 def format_for_path(path: Path) -> str:
@@ -139,43 +167,129 @@ def format_for_path(path: Path) -> str:
     return fmt
 
 
-def write_export_file(path: Path, fmt: str, rows: ExportRows, csv_safe: bool = False) -> int:
-    """Write ``rows`` as Parquet or CSV to ``path`` (not atomically: see write_atomically)."""
+def open_export_file(path: Path, fmt: str, schema: pa.Schema, csv_safe: bool = False) -> ExportFile:
+    """Start writing ``fmt`` at ``path`` (not atomically: see write_atomically)."""
     if fmt == "parquet":
-        return _write_parquet(path, rows)
+        return _ParquetFile(path, schema)
     if fmt == "csv":
-        return _write_csv(path, rows, csv_safe=csv_safe)
+        return _CsvFile(path, schema, csv_safe)
     raise ValueError(f"unknown export format {fmt!r}")
 
 
-def _write_parquet(path: Path, rows: ExportRows) -> int:
-    count = pending_rows = 0
-    pending: list[pa.RecordBatch] = []
-    # zstd: markedly smaller files than snappy for this data, about as fast, and read by
-    # every tool the analysis page names.
-    with pq.ParquetWriter(path, rows.schema, compression="zstd") as writer:
-        for batch in _arrow_batches(rows, for_csv=False):
-            pending.append(batch)
-            count += batch.num_rows
-            pending_rows += batch.num_rows
-            if pending_rows >= ROW_GROUP_ROWS:
-                writer.write_table(pa.Table.from_batches(pending))
-                pending, pending_rows = [], 0
-        if pending:
-            writer.write_table(pa.Table.from_batches(pending))
-    return count
+def write_export_file(path: Path, fmt: str, rows: ExportRows, csv_safe: bool = False) -> int:
+    """Write ``rows`` as Parquet or CSV to ``path`` (not atomically: see write_atomically)."""
+    written = write_export_files({fmt: path}, rows, csv_safe)[fmt]
+    if isinstance(written, Exception):
+        raise written
+    return written
 
 
-def _write_csv(path: Path, rows: ExportRows, *, csv_safe: bool) -> int:
-    count = 0
-    schema = csv_schema(rows.schema)
-    with pa_csv.CSVWriter(path, schema) as writer:
-        for batch in _arrow_batches(rows, for_csv=True):
-            if csv_safe:
-                batch = _neutralise_formulas(batch)
-            writer.write_batch(batch)
-            count += batch.num_rows
-    return count
+def write_export_files(
+    targets: Mapping[str, Path],
+    rows: ExportRows,
+    csv_safe: bool = False,
+    open_file: FileWriter = open_export_file,
+) -> dict[str, int | Exception]:
+    """Write ``rows`` once in each format of ``targets`` ({format: path}), from one read.
+
+    Each batch is read and converted to Arrow once, then handed to every file, so memory
+    follows the batch, not the fleet, and the store is read once whatever the formats.
+    Returns each format's rows, or the exception that stopped that file: one file failing
+    (a full disk) does not stop the others; a failed read stops them all.
+    """
+    outcome: dict[str, int | Exception] = {}
+    files: dict[str, ExportFile] = {}
+    try:
+        for fmt, path in targets.items():
+            try:
+                files[fmt] = open_file(path, fmt, rows.schema, csv_safe)
+            except Exception as exc:
+                outcome[fmt] = exc
+        try:
+            for batch in _arrow_batches(rows) if files else ():
+                for fmt, file in list(files.items()):
+                    try:
+                        file.write(batch)
+                    except Exception as exc:
+                        outcome[fmt] = exc
+                        _close_quietly(files.pop(fmt))
+                if not files:
+                    break
+        except Exception as exc:  # the read or the conversion: every file open fails with it
+            for fmt in list(files):
+                outcome[fmt] = exc
+                _close_quietly(files.pop(fmt))
+        for fmt in list(files):
+            file = files.pop(fmt)
+            try:
+                outcome[fmt] = file.close()
+            except Exception as exc:
+                outcome[fmt] = exc
+    finally:
+        for file in files.values():  # only left open when interrupted (KeyboardInterrupt)
+            _close_quietly(file)
+    return {fmt: outcome[fmt] for fmt in targets}
+
+
+def _close_quietly(file: ExportFile) -> None:
+    with contextlib.suppress(Exception):  # it failed already: that error is the news
+        file.close()
+
+
+class _ParquetFile:
+    """Gathers batches, as compact Arrow columns, into row groups big enough to compress well."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        # zstd: markedly smaller files than snappy for this data, about as fast, and read by
+        # every tool the analysis page names.
+        self._writer = pq.ParquetWriter(path, schema, compression="zstd")
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = self._rows = 0
+
+    def write(self, batch: ArrowBatch) -> None:
+        self._pending.append(batch.typed)
+        self._pending_rows += batch.typed.num_rows
+        self._rows += batch.typed.num_rows
+        if self._pending_rows >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._writer.write_table(pa.Table.from_batches(self._pending))
+        self._pending, self._pending_rows = [], 0
+
+    def close(self) -> int:
+        try:
+            if self._pending:
+                self._flush()
+        finally:
+            self._writer.close()
+        return self._rows
+
+
+class _CsvFile:
+    """Times as ISO 8601 text, lists and maps as the store's JSON text, the rest as typed."""
+
+    def __init__(self, path: Path, schema: pa.Schema, csv_safe: bool) -> None:
+        self._schema = csv_schema(schema)
+        self._writer = pa_csv.CSVWriter(path, self._schema)
+        self._csv_safe = csv_safe
+        self._rows = 0
+
+    def write(self, batch: ArrowBatch) -> None:
+        arrays = []
+        for field, column in zip(batch.typed.schema, batch.typed.columns, strict=True):
+            if field.name in batch.json_text:
+                column = batch.json_text[field.name]
+            elif pa.types.is_timestamp(field.type):
+                column = _csv_times(column)
+            arrays.append(column)
+        text = pa.record_batch(arrays, schema=self._schema)
+        self._writer.write_batch(_neutralise_formulas(text) if self._csv_safe else text)
+        self._rows += text.num_rows
+
+    def close(self) -> int:
+        self._writer.close()
+        return self._rows
 
 
 def csv_schema(schema: pa.Schema) -> pa.Schema:
@@ -191,8 +305,11 @@ def _is_text_in_csv(arrow_type: pa.DataType) -> bool:
     )
 
 
-def _arrow_batches(rows: ExportRows, *, for_csv: bool) -> Iterator[pa.RecordBatch]:
-    schema = csv_schema(rows.schema) if for_csv else rows.schema
+def _is_json_text(arrow_type: pa.DataType) -> bool:
+    return bool(pa.types.is_list(arrow_type) or pa.types.is_map(arrow_type))
+
+
+def _arrow_batches(rows: ExportRows) -> Iterator[ArrowBatch]:
     constants: dict[str, Any] = {}
     if rows.schema.equals(FLEET_SCHEMA):  # the same for every row, so not in the store's rows
         constants = {"sync_id": rows.sync_id, "snapshot_at": rows.snapshot_at}
@@ -200,27 +317,51 @@ def _arrow_batches(rows: ExportRows, *, for_csv: bool) -> Iterator[pa.RecordBatc
     for batch in rows.read():
         columns = dict(zip(stored, zip(*batch, strict=True), strict=True)) if batch else {}
         arrays = []
+        json_text = {}
         for field in rows.schema:
             values = (
                 [constants[field.name]] * len(batch)
                 if field.name in constants
                 else columns.get(field.name, ())
             )
-            arrays.append(_column(field.type, values, for_csv=for_csv))
-        yield pa.record_batch(arrays, schema=schema)
+            if _is_json_text(field.type):
+                json_text[field.name] = pa.array(values, pa.string())
+                arrays.append(_parsed_json(json_text[field.name], field.type))
+            else:
+                arrays.append(_column(field.type, values))
+        yield ArrowBatch(pa.record_batch(arrays, schema=rows.schema), json_text)
 
 
-def _column(arrow_type: pa.DataType, values: Iterable[Any], *, for_csv: bool) -> pa.Array:
-    """One column from the store's text: typed for Parquet, as CSV text for CSV."""
+def _column(arrow_type: pa.DataType, values: Iterable[Any]) -> pa.Array:
+    """One column from the store's values, in its Arrow type."""
     values = list(values)
     if pa.types.is_timestamp(arrow_type):
-        times = timestamps(values)
-        return pc.strftime(times, format=_CSV_TIME) if for_csv else times
-    if pa.types.is_list(arrow_type) or pa.types.is_map(arrow_type):
-        if for_csv:  # the store's JSON text is canonical (orjson, sorted keys): keep it
-            return pa.array(values, pa.string())
-        return pa.array([None if v is None else orjson.loads(v) for v in values], arrow_type)
+        return timestamps(values)
+    if _is_json_text(arrow_type):
+        return _parsed_json(pa.array(values, pa.string()), arrow_type)
     return pa.array(values, arrow_type)
+
+
+def _parsed_json(text: pa.Array, arrow_type: pa.DataType) -> pa.Array:
+    """The store's JSON text as a list or map array, each distinct text parsed once.
+
+    A fleet repeats the same few tag lists (and ``[]``, ``{}``) over and over: Arrow finds
+    the distinct texts, and only those go through Python.
+    """
+    encoded = text.dictionary_encode()
+    distinct = [orjson.loads(value) for value in encoded.dictionary.to_pylist()]
+    return pa.array(distinct, arrow_type).take(encoded.indices)
+
+
+def _csv_times(times: pa.Array) -> pa.Array:
+    """Times as CSV text: ISO 8601 UTC with microseconds and a ``Z``.
+
+    Arrow's cast of a time without a zone prints ``YYYY-MM-DD HH:MM:SS.ffffff``, the same
+    digits as ``strftime`` with far less work per value; the ``T`` and ``Z`` are added.
+    """
+    text = pc.cast(times.cast(pa.timestamp("us")), pa.string())
+    text = pc.replace_substring(text, " ", "T", max_replacements=1)
+    return pc.binary_join_element_wise(text, "Z", "")
 
 
 def timestamps(values: list[str | None]) -> pa.Array:
@@ -267,31 +408,79 @@ def export_snapshots(
     formats: Iterable[str] = EXPORT_FORMATS,
     csv_safe: bool = False,
     keep: int | None = None,
-    write: FileWriter = write_export_file,
+    write: FileWriter = open_export_file,
     account: str | None = None,
+    unchanged: Mapping[str, SnapshotRecord] | None = None,
 ) -> SnapshotReport:
     """Write sync ``sync_id``'s snapshot in each format, then prune to ``keep`` if given.
 
-    ``read_fleet`` yields the fleet as that sync left it (``history.fleet_as_of`` at
-    ``snapshot_at``); it is read once per format. Failures are reported in the returned
-    files, never raised: a snapshot must not fail the sync it follows.
+    ``read_fleet`` yields the fleet as that sync left it; it is read once, for all formats,
+    and only if a format is to be written. ``unchanged`` has, per format, the latest
+    recorded file whose fleet is this sync's (``history.snapshots_holding_fleet``). Such a
+    file is kept, not written again, when it is still in place under ``export_dir`` with the
+    size its sync recorded, lies in this sync's ``snapshot_date`` folder (so that every
+    day's folder holds the fleet), and, for CSV, was written with the same ``csv_safe``.
+    A kept file is reported with ``same_as_sync_id`` and is never pruned by this sync.
+    Failures are reported in the returned files, never raised: a snapshot must not fail
+    the sync it follows.
     """
+    formats = tuple(dict.fromkeys(formats))
+    kept = {}
+    for fmt in formats:
+        record = (unchanged or {}).get(fmt)
+        path = _keepable(export_dir, record, snapshot_at, csv_safe, account)
+        if record is not None and path is not None:
+            kept[fmt] = SnapshotFile(
+                sync_id,
+                fmt,
+                str(path),
+                record.rows,
+                record.bytes,
+                utc_timestamp(),
+                same_as_sync_id=record.file_sync_id,
+            )
     rows = ExportRows(FLEET_SCHEMA, read_fleet, sync_id=sync_id, snapshot_at=snapshot_at)
-    files = write_snapshot_files(
+    written = write_snapshot_files(
         export_dir,
-        formats,
+        [fmt for fmt in formats if fmt not in kept],
         sync_id=sync_id,
         snapshot_at=snapshot_at,
-        write=lambda path, fmt: write(path, fmt, rows, csv_safe),
+        write=lambda temporaries: write_export_files(temporaries, rows, csv_safe, write),
         account=account,
     )
-    written = [as_location(f.path) for f in files if f.error is None]
+    files = sorted((*written, *kept.values()), key=lambda f: formats.index(f.format))
+    spare = [as_location(f.path) for f in files if f.error is None]
     pruned = (
-        prune_snapshots(export_dir, keep, spare=written, account=account)
-        if keep is not None
-        else ()
+        prune_snapshots(export_dir, keep, spare=spare, account=account) if keep is not None else ()
     )
-    return SnapshotReport(files, pruned)
+    return SnapshotReport(tuple(files), pruned)
+
+
+def _keepable(
+    export_dir: Location,
+    record: SnapshotRecord | None,
+    snapshot_at: str,
+    csv_safe: bool,
+    account: str | None,
+) -> Location | None:
+    """Where ``record``'s file is now, if this sync may keep it as its own snapshot."""
+    if record is None or (record.format == "csv" and record.csv_safe is not csv_safe):
+        return None
+    # Where the layout puts it under the export folder of this sync, wherever the database
+    # recorded it (a copied database and its folder may have moved since).
+    path = snapshot_path(
+        export_dir,
+        record.format,
+        sync_id=record.file_sync_id,
+        snapshot_at=record.snapshot_at,
+        account=account,
+    )
+    own = snapshot_path(
+        export_dir, record.format, sync_id=0, snapshot_at=snapshot_at, account=account
+    )
+    if path.parent != own.parent:  # another day: this one's folder gets the fleet too
+        return None
+    return path if file_size(path) == record.bytes else None
 
 
 def export_file(
@@ -357,7 +546,7 @@ def _what_to_export(
 
 def arrow_table(rows: ExportRows) -> pa.Table:
     """``rows`` as one Arrow table in their Parquet schema (for the Iceberg tables)."""
-    return pa.Table.from_batches(list(_arrow_batches(rows, for_csv=False)), schema=rows.schema)
+    return pa.Table.from_batches([b.typed for b in _arrow_batches(rows)], schema=rows.schema)
 
 
 def with_account(table: pa.Table, account: str) -> pa.Table:
@@ -372,5 +561,5 @@ def runs_table(rows: list[Row]) -> pa.Table:
     for field, values in zip(RUNS_SCHEMA, columns, strict=True):
         if field.name == "complete":  # stored as 0/1
             values = tuple(None if value is None else bool(value) for value in values)
-        arrays.append(_column(field.type, values, for_csv=False))
+        arrays.append(_column(field.type, values))
     return pa.Table.from_arrays(arrays, schema=RUNS_SCHEMA)

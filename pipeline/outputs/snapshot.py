@@ -37,7 +37,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -63,7 +63,12 @@ STALE_TEMPORARY_SECONDS = 3600
 
 @dataclass(frozen=True)
 class SnapshotFile:
-    """One snapshot file a sync wrote, or failed to write (then ``error`` says why)."""
+    """One snapshot file a sync wrote, or failed to write (then ``error`` says why), or kept.
+
+    A sync whose fleet is the latest snapshot's keeps that file instead of writing the same
+    fleet again: ``same_as_sync_id`` is then the sync that wrote it, and ``path``, ``rows``
+    and ``bytes`` are that file's.
+    """
 
     sync_id: int
     format: str
@@ -72,6 +77,7 @@ class SnapshotFile:
     bytes: int | None
     written_at: str
     error: str | None = None
+    same_as_sync_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,19 @@ def write_atomically(path: Path, write: Callable[[Path], T]) -> T:
     fsynced so the rename survives a power cut. If anything fails, the temporary file is
     removed and the exception propagates; ``path`` keeps whatever it held before.
     """
+    temporary = _temporary_beside(path)
+    try:
+        result = write(temporary)
+        _land(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise
+    return result
+
+
+def _temporary_beside(path: Path) -> Path:
+    """A new, empty, hidden temporary file in ``path``'s folder (made if need be)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():  # found now, before the work, rather than by the final rename
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
@@ -138,17 +157,15 @@ def write_atomically(path: Path, write: Callable[[Path], T]) -> T:
     # Created here (exclusively, with the umask's permissions) so that a folder we cannot
     # write to fails with the operating system's own error, before any work is done.
     temporary.touch(exist_ok=False)
-    try:
-        result = write(temporary)
-        _fsync(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-        raise
+    return temporary
+
+
+def _land(temporary: Path, path: Path) -> None:
+    """Put the complete ``temporary`` file in place as ``path``, durably."""
+    _fsync(temporary)
+    os.replace(temporary, path)
     with contextlib.suppress(OSError):  # some platforms cannot open or fsync a folder
         _fsync(path.parent)
-    return result
 
 
 def _fsync(path: Path) -> None:
@@ -159,72 +176,107 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
+#: Writes every format's file at once, ``{format: temporary path} -> {format: rows written,
+#: or the exception that stopped that file}``: one read of the fleet serves all formats.
+FilesWrite = Callable[[Mapping[str, Path]], Mapping[str, "int | Exception"]]
+
+
 def write_snapshot_files(
     export_dir: Location,
     formats: Iterable[str],
     *,
     sync_id: int,
     snapshot_at: str,
-    write: Callable[[Path, str], int],
+    write: FilesWrite,
     account: str | None = None,
 ) -> tuple[SnapshotFile, ...]:
-    """Write one file per format with ``write(temporary path, format) -> rows``, atomically.
+    """Write one file per format, all through one call of ``write``, each atomically.
 
     A format that fails is reported in its SnapshotFile (``error``) and does not stop the
     others: a snapshot is a by-product of a sync and must never fail it. In an object store,
-    each file is made in a local temporary folder and then uploaded whole.
+    the files are made in a local temporary folder and then each uploaded whole. Stale
+    temporary files a crash left are swept, even when no format is to be written.
     """
-    files = tuple(
-        _write_one(
-            snapshot_path(
-                export_dir, fmt, sync_id=sync_id, snapshot_at=snapshot_at, account=account
-            ),
-            fmt,
-            sync_id=sync_id,
-            write=write,
+    paths = {
+        fmt: snapshot_path(
+            export_dir, fmt, sync_id=sync_id, snapshot_at=snapshot_at, account=account
         )
         for fmt in dict.fromkeys(formats)
-    )
-    if isinstance(export_dir, Path):
-        _remove_stale_temporaries(export_dir, account)
+    }
+    if isinstance(export_dir, ObjectPath):
+        return _upload_all(paths, sync_id=sync_id, write=write) if paths else ()
+    files = _write_all(paths, sync_id=sync_id, write=write) if paths else ()
+    _remove_stale_temporaries(export_dir, account)
     return files
 
 
-def _write_one(
-    path: Location, fmt: str, *, sync_id: int, write: Callable[[Path, str], int]
-) -> SnapshotFile:
-    if isinstance(path, ObjectPath):
-        return _upload_one(path, fmt, sync_id=sync_id, write=write)
+def _write_all(
+    paths: Mapping[str, Location], *, sync_id: int, write: FilesWrite
+) -> tuple[SnapshotFile, ...]:
+    temporaries: dict[str, Path] = {}
+    outcome: dict[str, int | Exception] = {}
     try:
-        rows = write_atomically(path, lambda temporary: write(temporary, fmt))
-        size = path.stat().st_size
-    except Exception as exc:
-        log.debug("snapshot %s failed", path, exc_info=True)
-        return SnapshotFile(
-            sync_id, fmt, str(path), None, None, utc_timestamp(), _describe(exc, path)
-        )
-    return SnapshotFile(sync_id, fmt, str(path), rows, size, utc_timestamp())
+        for fmt, path in paths.items():
+            assert isinstance(path, Path)
+            try:
+                temporaries[fmt] = _temporary_beside(path)
+            except Exception as exc:
+                outcome[fmt] = exc
+        if temporaries:
+            outcome.update(write(temporaries))
+        files = []
+        for fmt, path in paths.items():
+            assert isinstance(path, Path)
+            result = outcome[fmt]
+            if not isinstance(result, Exception):
+                try:
+                    _land(temporaries[fmt], path)
+                    files.append(
+                        SnapshotFile(
+                            sync_id, fmt, str(path), result, path.stat().st_size, utc_timestamp()
+                        )
+                    )
+                    continue
+                except Exception as exc:
+                    result = exc
+            log.debug("snapshot %s failed", path, exc_info=result)
+            error = _describe(result, path)
+            files.append(SnapshotFile(sync_id, fmt, str(path), None, None, utc_timestamp(), error))
+        return tuple(files)
+    finally:
+        for temporary in temporaries.values():  # gone already once renamed into place
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
 
 
-def _upload_one(
-    path: ObjectPath, fmt: str, *, sync_id: int, write: Callable[[Path, str], int]
-) -> SnapshotFile:
+def _upload_all(
+    paths: Mapping[str, Location], *, sync_id: int, write: FilesWrite
+) -> tuple[SnapshotFile, ...]:
+    files = []
     with TemporaryDirectory(prefix="comfysync-") as folder:
-        local = Path(folder) / path.name
-        try:
-            rows = write(local, fmt)
-        except Exception as exc:
-            log.debug("snapshot %s failed", path, exc_info=True)
-            return SnapshotFile(
-                sync_id, fmt, str(path), None, None, utc_timestamp(), _describe(exc, local)
-            )
-        try:
-            size = objects.put_file(local, path)
-        except Exception as exc:
-            log.debug("upload of %s failed", path, exc_info=True)
-            error = f"could not upload {path}: {objects.describe_failure(exc)}"
-            return SnapshotFile(sync_id, fmt, str(path), None, None, utc_timestamp(), error)
-    return SnapshotFile(sync_id, fmt, str(path), rows, size, utc_timestamp())
+        local = {fmt: Path(folder) / path.name for fmt, path in paths.items()}
+        outcome = write(local)
+        for fmt, path in paths.items():
+            result = outcome[fmt]
+            if isinstance(result, Exception):
+                log.debug("snapshot %s failed", path, exc_info=result)
+                error = _describe(result, local[fmt])
+                files.append(
+                    SnapshotFile(sync_id, fmt, str(path), None, None, utc_timestamp(), error)
+                )
+                continue
+            try:
+                assert isinstance(path, ObjectPath)
+                size = objects.put_file(local[fmt], path)
+            except Exception as exc:
+                log.debug("upload of %s failed", path, exc_info=True)
+                error = f"could not upload {path}: {objects.describe_failure(exc)}"
+                files.append(
+                    SnapshotFile(sync_id, fmt, str(path), None, None, utc_timestamp(), error)
+                )
+                continue
+            files.append(SnapshotFile(sync_id, fmt, str(path), result, size, utc_timestamp()))
+    return tuple(files)
 
 
 def _describe(exc: Exception, path: Path) -> str:

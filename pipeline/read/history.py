@@ -1,4 +1,5 @@
-"""Read the store's history: the fleet as of any instant, every version, and the run log.
+"""Read the store's history: the fleet as of any instant, every version, the run log, and
+which snapshot file holds the fleet a sync left.
 
 Read-only questions for the exports and the pandas API; nothing here writes. A version is
 in force at instant T when ``valid_from <= T`` and ``valid_to`` is NULL or later than T.
@@ -87,6 +88,28 @@ ORDER BY v.runner_id
 
 
 @dataclass(frozen=True)
+class SnapshotRecord:
+    """The snapshot file, in one format, that holds the fleet sync ``sync_id`` left.
+
+    ``file_sync_id`` is the sync that wrote the file: ``sync_id`` itself, or an earlier sync
+    whose fleet this one found unchanged and whose file it kept (``snapshots.same_as_sync_id``).
+    ``snapshot_at`` is that file's ``snapshot_at`` (its sync's finish), whose day names its
+    ``snapshot_date`` folder. ``path`` is where the file was when the row was recorded.
+    """
+
+    sync_id: int
+    format: str
+    file_sync_id: int
+    path: str
+    rows: int
+    bytes: int
+    snapshot_at: str
+    #: For a CSV file, whether it was written with ``--csv-safe``; None for Parquet and for
+    #: files recorded before the store kept it.
+    csv_safe: bool | None
+
+
+@dataclass(frozen=True)
 class AppliedSync:
     """A sync whose changes were committed (``success`` or ``partial``), and when."""
 
@@ -155,6 +178,72 @@ def all_versions(db: Database, runner_id: str | None = None) -> Iterator[list[Ro
 def sync_runs(db: Database) -> list[Row]:
     """The run log in RUN_COLUMNS order, oldest first."""
     return db.execute(f"SELECT {', '.join(RUN_COLUMNS)} FROM sync_runs ORDER BY id").fetchall()
+
+
+_SNAPSHOT_RECORDS = """
+SELECT s.sync_id, s.format, coalesce(s.same_as_sync_id, s.sync_id), s.path, s.rows, s.bytes,
+       r.finished_at, s.csv_safe
+FROM snapshots AS s JOIN sync_runs AS r ON r.id = coalesce(s.same_as_sync_id, s.sync_id)
+WHERE s.error IS NULL AND {where}
+ORDER BY s.id
+"""
+
+
+def snapshot_of_sync(db: Database, sync_id: int) -> dict[str, SnapshotRecord]:
+    """format -> the snapshot file holding the fleet sync ``sync_id`` left, as recorded.
+
+    Empty when that sync recorded no snapshot file (none asked for, or none written). The
+    path is as recorded; the file may have been pruned or moved since.
+    """
+    found = db.execute(_SNAPSHOT_RECORDS.format(where="s.sync_id = ?"), [sync_id])
+    return {record.format: record for record in map(_snapshot_record, found)}
+
+
+def snapshots_holding_fleet(db: Database, sync_id: int) -> dict[str, SnapshotRecord]:
+    """format -> the latest recorded snapshot file that holds the fleet sync ``sync_id`` left.
+
+    That is, per format, the newest file recorded by a sync before ``sync_id`` (or by a
+    sync that kept one) when no sync applied any change between the file's sync and
+    ``sync_id`` included: the runners are then exactly the file's. Formats without such a
+    file are absent.
+    """
+    latest = db.execute(
+        _SNAPSHOT_RECORDS.format(
+            where="s.id IN (SELECT max(id) FROM snapshots WHERE error IS NULL AND sync_id < ? "
+            "GROUP BY format)"
+        ),
+        [sync_id],
+    )
+    return {
+        record.format: record
+        for record in map(_snapshot_record, latest)
+        if not _changed_between(db, record.file_sync_id, sync_id)
+    }
+
+
+def _changed_between(db: Database, after: int, up_to: int) -> bool:
+    """Whether a sync after ``after``, up to ``up_to`` included, applied any change."""
+    (changes,) = db.execute(
+        "SELECT count(*) FROM sync_runs WHERE id > ? AND id <= ? "
+        "AND status IN ('success', 'partial') "
+        "AND created + updated + deleted + restored > 0",
+        [after, up_to],
+    ).fetchone()
+    return bool(changes)
+
+
+def _snapshot_record(row: Row) -> SnapshotRecord:
+    sync_id, fmt, file_sync_id, path, rows, size, snapshot_at, csv_safe = row
+    return SnapshotRecord(
+        sync_id=int(sync_id),  # type: ignore[call-overload]
+        format=str(fmt),
+        file_sync_id=int(file_sync_id),  # type: ignore[call-overload]
+        path=str(path),
+        rows=int(rows),  # type: ignore[call-overload]
+        bytes=int(size),  # type: ignore[call-overload]
+        snapshot_at=str(snapshot_at),
+        csv_safe=None if csv_safe is None else bool(csv_safe),
+    )
 
 
 def _batches(

@@ -6,7 +6,8 @@ export folder the caller names or, by default, the one the database's syncs reco
 to (the ``snapshots`` table), so a database finds its own snapshots wherever they went.
 A listed file whose size is not what its sync recorded writing there (``snapshots.bytes``)
 was truncated or overwritten since: it is reported as damaged, as are the snapshot files the
-latest snapshotting sync could not write, with the reason it recorded.
+latest snapshotting sync could not write, with the reason it recorded. A sync whose fleet
+was the latest snapshot's kept those files (``snapshots.same_as_sync_id``): status says so.
 
 A sync that was killed leaves its run-log row ``running`` until the next sync marks it
 ``failed``. Reading it, these functions show such a row ``interrupted``: only the newest run
@@ -34,7 +35,7 @@ from pipeline.outputs.snapshot import (
     place_in_tree,
     snapshot_files,
 )
-from pipeline.read.history import RUN_COLUMNS
+from pipeline.read.history import RUN_COLUMNS, SnapshotRecord, snapshot_of_sync
 from pipeline.settings import DEFAULT_EXPORT_DIR, EXPORT_FORMATS
 from pipeline.store.meta import DATABASE_ID, read_meta
 from pipeline.store.schema import ABANDONED_RUN_ERROR, schema_version
@@ -101,6 +102,9 @@ class Snapshots:
     newest: str | None
     damaged: tuple[DamagedSnapshot, ...] = ()
     not_written: tuple[FailedSnapshot, ...] = ()
+    #: The files holding the fleet of the latest sync that recorded a snapshot, per format;
+    #: ``file_sync_id`` differs from ``sync_id`` when that sync kept an earlier sync's file.
+    latest: tuple[SnapshotRecord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -269,6 +273,10 @@ def find_snapshots(
         ) from exc
     damaged: tuple[DamagedSnapshot, ...] = ()
     not_written: tuple[FailedSnapshot, ...] = ()
+    latest: tuple[SnapshotRecord, ...] = ()
+    if db is not None and _records_kept_files(db):
+        (last,) = db.execute("SELECT max(sync_id) FROM snapshots WHERE error IS NULL").fetchone()
+        latest = tuple(snapshot_of_sync(db, last).values()) if last is not None else ()
     if db is not None:
         damaged = _damaged(db, [path for *_, path in found], export_dir)
         not_written = tuple(
@@ -285,6 +293,7 @@ def find_snapshots(
         newest=found[-1][2] if found else None,
         damaged=damaged,
         not_written=not_written,
+        latest=latest,
     )
 
 
@@ -299,10 +308,11 @@ def _damaged(db: Database, paths: list[str], export_dir: Location) -> tuple[Dama
     name), not by absolute path, so a data folder that was moved or restored elsewhere is
     still checked.
     """
+    written_here = " AND same_as_sync_id IS NULL" if _records_kept_files(db) else ""
     written = {
         place_in_tree(as_location(path)): (sync_id, size)
         for path, sync_id, size in db.execute(
-            "SELECT path, sync_id, bytes FROM snapshots WHERE error IS NULL"
+            "SELECT path, sync_id, bytes FROM snapshots WHERE error IS NULL" + written_here
         )
     }
     damaged = []
@@ -316,3 +326,9 @@ def _damaged(db: Database, paths: list[str], export_dir: Location) -> tuple[Dama
         if size != record[1]:
             damaged.append(DamagedSnapshot(path, record[0], size, record[1]))
     return tuple(damaged)
+
+
+def _records_kept_files(db: Database) -> bool:
+    """Whether the database is new enough to record kept snapshot files (read before a
+    sync has upgraded it, it is not)."""
+    return "same_as_sync_id" in db.table("snapshots").columns_dict

@@ -123,6 +123,15 @@ def _describe_snapshots(snapshots: Snapshots, pad: str) -> list[str]:
                 f"newest {printable(str(snapshots.newest))}",
             ],
         )
+    kept: dict[tuple[int, int], list[str]] = {}
+    for record in snapshots.latest:
+        if record.file_sync_id != record.sync_id:
+            kept.setdefault((record.sync_id, record.file_sync_id), []).append(record.format)
+    for (sync_id, file_sync_id), formats in kept.items():
+        lines += _wrap(
+            f"sync {sync_id}: fleet unchanged, kept sync {file_sync_id}'s {' and '.join(formats)}",
+            pad,
+        )
     problems = [
         f"DAMAGED (sync {d.sync_id} wrote {d.written_bytes} bytes, now {d.bytes}): "
         f"{printable(d.path)}"

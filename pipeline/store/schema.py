@@ -313,6 +313,19 @@ def m009_redaction_key_out(db: Database) -> None:
     db.table(META_TABLE).insert({"key": keyfile.KEY_ID_META, "value": keyfile.key_id(key)})
 
 
+@migrations()
+def m010_snapshot_reuse(db: Database) -> None:
+    """``snapshots.same_as_sync_id`` and ``snapshots.csv_safe``: a sync whose fleet is the
+    latest snapshot's reuses that file instead of writing an identical one.
+
+    A reuse is still one row per format, so every sync that applied has its snapshot; the
+    CSV flag says how a CSV file was written, since another ``--csv-safe`` makes another file.
+    NULL in the rows written before: those files were each their own sync's, of unknown form.
+    """
+    db.table("snapshots").add_column("same_as_sync_id", int)
+    db.table("snapshots").add_column("csv_safe", int)
+
+
 #: Known migrations, in order; the schema version is how many of them a database has.
 SCHEMA_VERSION = len(migrations._migrations)
 

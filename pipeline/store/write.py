@@ -259,18 +259,19 @@ def _transaction(db: Database) -> Iterator[None]:
         raise
 
 
-def record_snapshots(db: Database, files: Iterable[SnapshotFile]) -> None:
-    """Index snapshot files (written or failed) in ``snapshots``, in one transaction.
+def record_snapshots(db: Database, files: Iterable[SnapshotFile], *, csv_safe: bool) -> None:
+    """Index snapshot files (written, failed or kept) in ``snapshots``, in one transaction.
 
     Paths are stored absolute, so the index means the same thing whatever directory a later
-    reader runs in; object-store URLs (``s3://...``) are absolute already. Raises
+    reader runs in; object-store URLs (``s3://...``) are absolute already. A CSV file's row
+    says whether it was written ``csv_safe`` (a kept one was: it had to match). Raises
     StorageError if SQLite cannot write.
     """
     try:
         with db.atomic():
             db.conn.executemany(
-                "INSERT INTO snapshots (sync_id, format, path, rows, bytes, written_at, error) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO snapshots (sync_id, format, path, rows, bytes, written_at, error, "
+                "same_as_sync_id, csv_safe) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         f.sync_id,
@@ -280,6 +281,8 @@ def record_snapshots(db: Database, files: Iterable[SnapshotFile]) -> None:
                         f.bytes,
                         f.written_at,
                         f.error,
+                        f.same_as_sync_id,
+                        int(csv_safe) if f.format == "csv" else None,
                     )
                     for f in files
                 ],

@@ -18,9 +18,10 @@ they all share one behaviour:
 * a sync asked to stop (``stop`` set, e.g. by SIGTERM) is abandoned before it applies
   anything and raises ``SyncInterruptedError``; once applying has begun, it finishes;
 * after a ``success`` or ``partial`` sync, when ``settings.export_dir`` is set, the fleet it
-  left is written as snapshot files. That happens after the changes are committed: a failed
-  snapshot is logged as a warning and recorded (``SyncSummary.snapshots``, the ``snapshots``
-  table), and never undoes or fails the sync.
+  left is written as snapshot files, or the latest files are kept when they hold that very
+  fleet. That happens after the changes are committed: a failed snapshot is logged as a
+  warning and recorded (``SyncSummary.snapshots``, the ``snapshots`` table), and never
+  undoes or fails the sync.
 """
 
 from __future__ import annotations
@@ -297,25 +298,42 @@ def _write_snapshots(
     applied_at: str,
     write_export_file: FileWriter | None,
 ) -> SyncSummary:
-    """Snapshot the fleet this sync left; report and record failures, never raise them."""
+    """Snapshot the fleet this sync left; report and record failures, never raise them.
+
+    Under the sync's lock nothing else writes the store, so the fleet this sync left is the
+    ``runners`` table's present rows, read once for every format. Unless ``--snapshot
+    always``, a format whose latest file already holds this fleet keeps it
+    (``export.export_snapshots`` says when).
+    """
     from pipeline.outputs import export
     from pipeline.read import history  # pyarrow: loaded only by syncs that export
 
+    unchanged = {}
+    if settings.snapshot != "always":
+        try:
+            unchanged = history.snapshots_holding_fleet(db, summary.sync_id)
+        except Exception as exc:  # whatever stops it, the files are written, as with "always"
+            log.debug("could not read the latest snapshot files", exc_info=True)
+            log.warning(
+                "could not read the latest snapshot files (%s); writing new ones",
+                type(exc).__name__,
+            )
     report = export.export_snapshots(
         export_dir,
         sync_id=summary.sync_id,
         snapshot_at=applied_at,
-        read_fleet=lambda: history.fleet_as_of(db, applied_at),
+        read_fleet=lambda: history.current_fleet(db),
         formats=settings.export_formats,
         csv_safe=settings.csv_safe,
         keep=settings.keep_snapshots,
-        write=write_export_file or export.write_export_file,
+        write=write_export_file or export.open_export_file,
         account=settings.account,
+        unchanged=unchanged,
     )
     for error in (f.error for f in report.files if f.error):
         log.warning("snapshot not written (the sync itself succeeded): %s", error)
     try:
-        store.record_snapshots(db, report.files)
+        store.record_snapshots(db, report.files, csv_safe=settings.csv_safe)
     except StorageError as exc:
         log.warning("%s; the snapshot files themselves are in place", exc.message)
     return dataclasses.replace(summary, snapshots=report.files, snapshots_pruned=report.pruned)

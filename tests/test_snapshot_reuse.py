@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -256,3 +258,30 @@ def test_a_failed_look_up_of_the_latest_files_writes_new_ones(
     assert second.status == "success"
     assert [(f.same_as_sync_id, f.error) for f in second.snapshots] == [(None, None)] * 2
     assert "could not read the latest snapshot files (OperationalError)" in caplog.text
+
+
+def test_a_sync_that_keeps_every_file_never_loads_pyarrow(serve_account, db_path, tmp_path):
+    # What a scheduled sync of a quiet fleet costs is the walk: not the import of the
+    # library that would have written the files.
+    upstream = serve_account(runners=30, seed=67)
+    export_dir = tmp_path / "exports"
+    run_sync(settings_for(upstream, db_path, export_dir=export_dir))
+    script = (
+        "import sys\n"
+        "from pipeline.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "finally:\n"
+        "    print('pyarrow loaded:', 'pyarrow' in sys.modules, file=sys.stderr)\n"
+    )
+    base = ["sync", "--base-url", upstream.url, "--db", str(db_path)]
+    env = {**os.environ, "COMFYCONTROL_TOKEN": upstream.account.token}
+
+    def sync(*more: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-c", script, *base, "--export-dir", str(export_dir), *more]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+
+    quiet = sync()
+    assert "file kept" in quiet.stdout and "pyarrow loaded: False" in quiet.stderr
+    forced = sync("--snapshot", "always")
+    assert "file kept" not in forced.stdout and "pyarrow loaded: True" in forced.stderr

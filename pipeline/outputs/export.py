@@ -37,19 +37,15 @@ from pipeline.outputs.snapshot import (
     Location,
     SnapshotFile,
     SnapshotReport,
-    as_location,
     explain_write_failure,
-    file_size,
-    prune_snapshots,
-    snapshot_path,
+    finish_snapshot,
     write_atomically,
     write_snapshot_files,
 )
 from pipeline.read import history
-from pipeline.read.history import RUN_COLUMNS, Row, SnapshotRecord, parse_instant
+from pipeline.read.history import RUN_COLUMNS, Row, parse_instant
 from pipeline.settings import EXPORT_FORMATS
 from pipeline.store import schema
-from pipeline.times import utc_timestamp
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 STRINGS = pa.list_(pa.string())
@@ -410,35 +406,19 @@ def export_snapshots(
     keep: int | None = None,
     write: FileWriter = open_export_file,
     account: str | None = None,
-    unchanged: Mapping[str, SnapshotRecord] | None = None,
+    kept: Mapping[str, SnapshotFile] | None = None,
 ) -> SnapshotReport:
     """Write sync ``sync_id``'s snapshot in each format, then prune to ``keep`` if given.
 
     ``read_fleet`` yields the fleet as that sync left it; it is read once, for all formats,
-    and only if a format is to be written. ``unchanged`` has, per format, the latest
-    recorded file whose fleet is this sync's (``history.snapshots_holding_fleet``). Such a
-    file is kept, not written again, when it is still in place under ``export_dir`` with the
-    size its sync recorded, lies in this sync's ``snapshot_date`` folder (so that every
-    day's folder holds the fleet), and, for CSV, was written with the same ``csv_safe``.
-    A kept file is reported with ``same_as_sync_id`` and is never pruned by this sync.
+    and only if a format is to be written. ``kept`` are the formats whose latest file this
+    sync keeps (``snapshot.kept_files``): not written again, reported as they are, and
+    never pruned by this sync.
     Failures are reported in the returned files, never raised: a snapshot must not fail
     the sync it follows.
     """
     formats = tuple(dict.fromkeys(formats))
-    kept = {}
-    for fmt in formats:
-        record = (unchanged or {}).get(fmt)
-        path = _keepable(export_dir, record, snapshot_at, csv_safe, account)
-        if record is not None and path is not None:
-            kept[fmt] = SnapshotFile(
-                sync_id,
-                fmt,
-                str(path),
-                record.rows,
-                record.bytes,
-                utc_timestamp(),
-                same_as_sync_id=record.file_sync_id,
-            )
+    kept = kept or {}
     rows = ExportRows(FLEET_SCHEMA, read_fleet, sync_id=sync_id, snapshot_at=snapshot_at)
     written = write_snapshot_files(
         export_dir,
@@ -449,38 +429,7 @@ def export_snapshots(
         account=account,
     )
     files = sorted((*written, *kept.values()), key=lambda f: formats.index(f.format))
-    spare = [as_location(f.path) for f in files if f.error is None]
-    pruned = (
-        prune_snapshots(export_dir, keep, spare=spare, account=account) if keep is not None else ()
-    )
-    return SnapshotReport(tuple(files), pruned)
-
-
-def _keepable(
-    export_dir: Location,
-    record: SnapshotRecord | None,
-    snapshot_at: str,
-    csv_safe: bool,
-    account: str | None,
-) -> Location | None:
-    """Where ``record``'s file is now, if this sync may keep it as its own snapshot."""
-    if record is None or (record.format == "csv" and record.csv_safe is not csv_safe):
-        return None
-    # Where the layout puts it under the export folder of this sync, wherever the database
-    # recorded it (a copied database and its folder may have moved since).
-    path = snapshot_path(
-        export_dir,
-        record.format,
-        sync_id=record.file_sync_id,
-        snapshot_at=record.snapshot_at,
-        account=account,
-    )
-    own = snapshot_path(
-        export_dir, record.format, sync_id=0, snapshot_at=snapshot_at, account=account
-    )
-    if path.parent != own.parent:  # another day: this one's folder gets the fleet too
-        return None
-    return path if file_size(path) == record.bytes else None
+    return finish_snapshot(export_dir, files, keep=keep, account=account)
 
 
 def export_file(

@@ -41,12 +41,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pipeline.outputs import objects
 from pipeline.outputs.objects import ObjectPath
 from pipeline.settings import EXPORT_FORMATS
 from pipeline.times import utc_timestamp
+
+if TYPE_CHECKING:
+    from pipeline.read.history import SnapshotRecord
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +197,7 @@ def write_snapshot_files(
 
     A format that fails is reported in its SnapshotFile (``error``) and does not stop the
     others: a snapshot is a by-product of a sync and must never fail it. In an object store,
-    the files are made in a local temporary folder and then each uploaded whole. Stale
-    temporary files a crash left are swept, even when no format is to be written.
+    the files are made in a local temporary folder and then each uploaded whole.
     """
     paths = {
         fmt: snapshot_path(
@@ -205,9 +207,7 @@ def write_snapshot_files(
     }
     if isinstance(export_dir, ObjectPath):
         return _upload_all(paths, sync_id=sync_id, write=write) if paths else ()
-    files = _write_all(paths, sync_id=sync_id, write=write) if paths else ()
-    _remove_stale_temporaries(export_dir, account)
-    return files
+    return _write_all(paths, sync_id=sync_id, write=write) if paths else ()
 
 
 def _write_all(
@@ -376,6 +376,83 @@ def file_size(path: Location) -> int | None:
         return path.stat().st_size
     except OSError:
         return None
+
+
+def kept_files(
+    export_dir: Location,
+    latest: Mapping[str, SnapshotRecord],
+    formats: Iterable[str],
+    *,
+    sync_id: int,
+    snapshot_at: str,
+    csv_safe: bool,
+    account: str | None = None,
+) -> dict[str, SnapshotFile]:
+    """The formats whose latest file (``latest``: ``history.snapshots_holding_fleet``, the
+    files that hold this sync's fleet) sync ``sync_id`` keeps as its own snapshot.
+
+    A file is kept when it is still in place under ``export_dir`` with the size its sync
+    recorded, lies in this sync's ``snapshot_date`` folder (so that every day's folder holds
+    the fleet) and, for CSV, was written with the same ``csv_safe``. Deciding it reads no
+    file's content, so a sync that keeps every format never loads pyarrow.
+    """
+    kept = {}
+    for fmt in formats:
+        record = latest.get(fmt)
+        path = _keepable(export_dir, record, snapshot_at, csv_safe, account)
+        if record is not None and path is not None:
+            kept[fmt] = SnapshotFile(
+                sync_id,
+                fmt,
+                str(path),
+                record.rows,
+                record.bytes,
+                utc_timestamp(),
+                same_as_sync_id=record.file_sync_id,
+            )
+    return kept
+
+
+def _keepable(
+    export_dir: Location,
+    record: SnapshotRecord | None,
+    snapshot_at: str,
+    csv_safe: bool,
+    account: str | None,
+) -> Location | None:
+    """Where ``record``'s file is now, if this sync may keep it as its own snapshot."""
+    if record is None or (record.format == "csv" and record.csv_safe is not csv_safe):
+        return None
+    # Where the layout puts it under the export folder of this sync, wherever the database
+    # recorded it (a copied database and its folder may have moved since).
+    path = snapshot_path(
+        export_dir,
+        record.format,
+        sync_id=record.file_sync_id,
+        snapshot_at=record.snapshot_at,
+        account=account,
+    )
+    own = snapshot_path(
+        export_dir, record.format, sync_id=0, snapshot_at=snapshot_at, account=account
+    )
+    if path.parent != own.parent:  # another day: this one's folder gets the fleet too
+        return None
+    return path if file_size(path) == record.bytes else None
+
+
+def finish_snapshot(
+    export_dir: Location, files: Iterable[SnapshotFile], *, keep: int | None, account: str | None
+) -> SnapshotReport:
+    """A sync's snapshot report, after pruning to ``keep`` (if given) around its files, and
+    sweeping away the temporary files a crash left."""
+    files = tuple(files)
+    if not isinstance(export_dir, ObjectPath):
+        _remove_stale_temporaries(export_dir, account)
+    spare = [as_location(f.path) for f in files if f.error is None]
+    pruned = (
+        prune_snapshots(export_dir, keep, spare=spare, account=account) if keep is not None else ()
+    )
+    return SnapshotReport(files, pruned)
 
 
 def prune_snapshots(

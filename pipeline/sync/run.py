@@ -303,10 +303,10 @@ def _write_snapshots(
     Under the sync's lock nothing else writes the store, so the fleet this sync left is the
     ``runners`` table's present rows, read once for every format. Unless ``--snapshot
     always``, a format whose latest file already holds this fleet keeps it
-    (``export.export_snapshots`` says when).
+    (``snapshot.kept_files`` says when).
     """
-    from pipeline.outputs import export
-    from pipeline.read import history  # pyarrow: loaded only by syncs that export
+    from pipeline.outputs import snapshot
+    from pipeline.read import history
 
     unchanged = {}
     if settings.snapshot != "always":
@@ -318,18 +318,35 @@ def _write_snapshots(
                 "could not read the latest snapshot files (%s); writing new ones",
                 type(exc).__name__,
             )
-    report = export.export_snapshots(
+    formats = tuple(dict.fromkeys(settings.export_formats))
+    kept = snapshot.kept_files(
         export_dir,
+        unchanged,
+        formats,
         sync_id=summary.sync_id,
         snapshot_at=applied_at,
-        read_fleet=lambda: history.current_fleet(db),
-        formats=settings.export_formats,
         csv_safe=settings.csv_safe,
-        keep=settings.keep_snapshots,
-        write=write_export_file or export.open_export_file,
         account=settings.account,
-        unchanged=unchanged,
     )
+    if len(kept) == len(formats):
+        report = snapshot.finish_snapshot(
+            export_dir, kept.values(), keep=settings.keep_snapshots, account=settings.account
+        )
+    else:
+        from pipeline.outputs import export  # pyarrow: loaded only by syncs that write files
+
+        report = export.export_snapshots(
+            export_dir,
+            sync_id=summary.sync_id,
+            snapshot_at=applied_at,
+            read_fleet=lambda: history.current_fleet(db),
+            formats=formats,
+            csv_safe=settings.csv_safe,
+            keep=settings.keep_snapshots,
+            write=write_export_file or export.open_export_file,
+            account=settings.account,
+            kept=kept,
+        )
     for error in (f.error for f in report.files if f.error):
         log.warning("snapshot not written (the sync itself succeeded): %s", error)
     try:

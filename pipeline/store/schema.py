@@ -330,13 +330,6 @@ def m010_snapshot_reuse(db: Database) -> None:
 SCHEMA_VERSION = len(migrations._migrations)
 
 
-#: Page cache of a writing connection, in KiB. A first sync inserts runners under random
-#: UUID keys into three B-trees; with SQLite's default cache their index pages keep being
-#: spilled and read back. This one holds the indexes of a large fleet; it is an upper bound,
-#: used only as pages are touched, so a first sync's peak memory stays within its budget.
-WRITE_CACHE_KIB = 32768
-
-
 def has_wal_files(path: Path) -> bool:
     """True if the -wal or -shm file of the database at ``path`` is there."""
     return any(os.path.lexists(f"{path}{suffix}") for suffix in ("-wal", "-shm"))
@@ -352,8 +345,6 @@ def _connect(path: Path, *, read_only: bool, immutable: bool = False) -> Databas
             # never at once: the handover is a join.
             conn = sqlite3.connect(str(path), check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        if not read_only:
-            conn.execute(f"PRAGMA cache_size = -{WRITE_CACHE_KIB}")
     except sqlite3.Error as exc:
         raise sqlite_failure(path, exc, reading=read_only) from exc
     return Database(conn)
@@ -554,50 +545,6 @@ def close_store(db: Database, path: Path, *, for_readers: bool = True) -> None:
         db.close()
         if keeper is not None:
             keeper.close()
-
-
-@contextmanager
-def journal_for_first_sync(db: Database) -> Iterator[None]:
-    """Write a store's first sync through SQLite's rollback journal, then go back to WAL.
-
-    A first sync writes only new pages, which the rollback journal writes once where WAL writes
-    them twice (log, then checkpoint). The switch is tried without waiting, so a store someone
-    has open stays in WAL; meanwhile a reader may wait for the commit. ``open_store`` restores
-    WAL should going back fail.
-    """
-    if not _store_is_empty(db) or not _set_journal_mode(db, "delete", wait=False):
-        yield
-        return
-    try:
-        yield
-    finally:
-        _set_journal_mode(db, "wal", wait=True)
-
-
-def _store_is_empty(db: Database) -> bool:
-    [(empty,)] = db.execute("SELECT NOT EXISTS (SELECT 1 FROM runners)")
-    return bool(empty)
-
-
-def _set_journal_mode(db: Database, mode: str, *, wait: bool) -> bool:
-    """Switch to ``mode`` ("wal" or "delete") with sqlite-utils' own switches, if SQLite can
-    at once (or, with ``wait``, within the busy timeout); True if the store is in it now."""
-    conn = db.conn
-    if conn.in_transaction:
-        return False
-    if not wait:
-        conn.execute("PRAGMA busy_timeout = 0")
-    try:
-        if mode == "wal":
-            db.enable_wal()
-        else:
-            db.disable_wal()
-    except sqlite3.OperationalError:
-        pass  # another connection holds the database: it keeps the mode it has
-    finally:
-        if not wait:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    return db.journal_mode == mode
 
 
 def open_store_read_only(path: Path, *, immutable: bool = False) -> Database:

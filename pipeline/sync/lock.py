@@ -25,9 +25,7 @@ an instant and writes nothing, so a sync that finds the lock taken but no live h
 recorded tries again for a moment before it gives up.
 
 Readers (exports, pandas, Datasette, read-only commands) never hold or wait for this lock:
-the database is in WAL mode, so they never wait for a sync (only a store's first sync, written
-through the rollback journal, may make them wait for its commit:
-``schema.journal_for_first_sync``).
+the database is in WAL mode, so they never wait for a sync.
 """
 
 from __future__ import annotations

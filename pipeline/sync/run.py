@@ -169,8 +169,7 @@ def _sync_into(db: Database, settings: Settings, seams: _Seams, started: float) 
     key = keyfile.key_for_sync(db, env_key=settings.redaction_key)
     store.close_abandoned_runs(db, finished_at=now())
     sync_id = store.begin_run(db, base_url=settings.base_url, started_at=now())
-    with schema.journal_for_first_sync(db):
-        summary, finished_at = _walk_and_apply(db, settings, seams, started, sync_id, key)
+    summary, finished_at = _walk_and_apply(db, settings, seams, started, sync_id, key)
     # Committed: from here on nothing may turn the sync into a failure.
     if settings.export_dir is not None:
         summary = _write_snapshots(

@@ -106,8 +106,9 @@ ACCOUNT_FIELD = pa.field("account", pa.string(), nullable=False)
 #: Cells a spreadsheet would evaluate (formula or DDE injection) when they start with these.
 _FORMULA_START = r"^[=+\-@\t\r]"
 #: Rows per Parquet row group: the store is read in small batches (Python rows are heavy),
-#: which are gathered, as compact Arrow columns, into row groups big enough to compress well.
-ROW_GROUP_ROWS = 100_000
+#: which are gathered, as compact Arrow columns, into row groups big enough to compress well
+#: and small enough that a snapshot holds a modest window of the fleet, whatever its size.
+ROW_GROUP_ROWS = 25_000
 
 
 @dataclass(frozen=True)

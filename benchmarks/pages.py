@@ -25,7 +25,6 @@ import contextlib
 import ctypes
 import gc
 import hmac
-import re
 from array import array
 from http import HTTPStatus
 from typing import Any
@@ -35,12 +34,11 @@ import orjson
 
 from benchmarks.simserver import build_account
 from pipeline.sim.faults import UNAUTHORIZED_BODY
-from pipeline.sim.simulator import MAX_PER_PAGE, SimulatedAccount
+from pipeline.sim.simulator import MAX_PER_PAGE, SimulatedAccount, parse_page_param
 
 LIST_PATH = "/v1/runner"
 DEFAULT_PER_PAGE = 10  # the simulator's (and the API's) when a request names none
 MAX_HEAD_BYTES = 64 * 1024
-_INTEGER = re.compile(r"-?[0-9]{1,30}")  # the simulator's grammar for page and per_page
 
 
 def response(
@@ -105,20 +103,6 @@ class PageBook:
         return rendered
 
 
-def _parameter(query: dict[str, str], name: str, default: int, upper: int | None) -> int | str:
-    """A query parameter's value, or the simulator's 400 message saying why not."""
-    raw = query.get(name)
-    if raw is None:
-        return default
-    bounds = f"between 1 and {upper}" if upper else ">= 1"
-    if not _INTEGER.fullmatch(raw):
-        return f"{name} must be an integer {bounds}, not {raw[:40]!r}"
-    value = int(raw)
-    if value < 1 or (upper is not None and value > upper):
-        return f"{name} must be an integer {bounds}, not {value}"
-    return value
-
-
 class PageServer:
     """``GET /v1/runner`` over keep-alive HTTP/1.1 from a PageBook, with a bearer token."""
 
@@ -152,8 +136,10 @@ class PageServer:
             return error(401, UNAUTHORIZED_BODY, close=not keep,
                          extra=("WWW-Authenticate: Bearer",)), keep
         query = dict(parse_qsl(query_text, keep_blank_values=True))
-        page = _parameter(query, "page", 1, None)
-        per_page = _parameter(query, "per_page", DEFAULT_PER_PAGE, MAX_PER_PAGE)
+        page = parse_page_param(query.get("page"), "page", 1, None)
+        per_page = parse_page_param(
+            query.get("per_page"), "per_page", DEFAULT_PER_PAGE, MAX_PER_PAGE
+        )
         for problem in (page, per_page):
             if isinstance(problem, str):
                 body = {"error": "invalid_parameter", "message": problem}

@@ -377,9 +377,9 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Resp
     return Response(orjson.dumps(body), status, headers, media_type="application/json")
 
 
-def _parse_param(request: Request, name: str, default: int, upper: int | None) -> int | str:
-    """The integer value of a query parameter, or the 400 message explaining why not."""
-    raw = request.query_params.get(name)
+def parse_page_param(raw: str | None, name: str, default: int, upper: int | None) -> int | str:
+    """The integer value of a query parameter (``raw``, None when absent), or the 400 message
+    explaining why not."""
     if raw is None:
         return default
     bounds = f"between 1 and {upper}" if upper else ">= 1"
@@ -450,8 +450,9 @@ def create_app(account: SimulatedAccount) -> Starlette:
             log.debug("%s", _trace_line(page, per_page, status, names, gate))
 
     async def list_runners(request: Request) -> Response:
-        page = _parse_param(request, "page", 1, None)
-        per_page = _parse_param(request, "per_page", 10, MAX_PER_PAGE)
+        query = request.query_params
+        page = parse_page_param(query.get("page"), "page", 1, None)
+        per_page = parse_page_param(query.get("per_page"), "per_page", 10, MAX_PER_PAGE)
         page_no = page if isinstance(page, int) else None
         per_page_no = per_page if isinstance(per_page, int) else None
 

@@ -263,19 +263,21 @@ class Collector:
         """What to apply: the last walk's sightings if it is complete, else all sightings."""
         last = walk.walks
         parsed: dict[str, RunnerRecord] = {}
-        unchanged: AbstractSet[str] = set()
         written: set[str] = set()
+        unchanged: AbstractSet[str]
         if walk.complete and last == 1 and self.saw_the_stored_fleet(last):
             unchanged = self.records.keys()  # every runner on a known page: no copy needed
-        for runner_id, (n, record) in () if unchanged else self.records.items():
-            if walk.complete and n != last:
-                continue
-            if record is None:
-                cast(set[str], unchanged).add(runner_id)
-            elif record is WRITTEN:
-                written.add(runner_id)
-            else:
-                parsed[runner_id] = cast(RunnerRecord, record)
+        else:
+            unchanged = noted = set()
+            for runner_id, (n, record) in self.records.items():
+                if walk.complete and n != last:
+                    continue
+                if record is None:
+                    noted.add(runner_id)
+                elif record is WRITTEN:
+                    written.add(runner_id)
+                else:
+                    parsed[runner_id] = cast(RunnerRecord, record)
         return Sightings(
             parsed=parsed,
             unchanged=unchanged,

@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 
-from benchmarks.simserver import build_account
+from benchmarks.simserver import add_server_options, build_account
 from pipeline.sim.faults import UNAUTHORIZED_BODY
 from pipeline.sim.simulator import MAX_PER_PAGE, SimulatedAccount, parse_page_param
 
@@ -220,15 +220,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--runners", type=int, default=100_000)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--port", type=int, required=True)
+    add_server_options(parser)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--token", default="bench-token")
-    parser.add_argument("--latency-ms", type=float, default=0.0)
-    parser.add_argument("--updates", type=int, default=0)
-    parser.add_argument("--creates", type=int, default=0)
-    parser.add_argument("--deletes", type=int, default=0)
     args = parser.parse_args()
     book = build_book(
         runners=args.runners, seed=args.seed, token=args.token, latency_ms=0.0,

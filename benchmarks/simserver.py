@@ -33,8 +33,8 @@ def build_account(
     return account
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark server: its account, its churn, its port and latency."""
     parser.add_argument("--runners", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--port", type=int, required=True)
@@ -43,6 +43,11 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=0)
     parser.add_argument("--creates", type=int, default=0)
     parser.add_argument("--deletes", type=int, default=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_server_options(parser)
     args = parser.parse_args()
     account = build_account(
         runners=args.runners, seed=args.seed, token=args.token, latency_ms=args.latency_ms,

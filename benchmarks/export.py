@@ -4,7 +4,7 @@
 
 Builds a store of ``--runners`` runners by syncing the bundled simulator in process
 (``httpx.ASGITransport``, no sockets), then measures the snapshot a sync writes after it
-commits (``export.export_snapshots`` over ``history.fleet_as_of``), for Parquet alone, CSV
+commits (``export.export_snapshots`` over ``history.fleet_query``), for Parquet alone, CSV
 alone and both. The store is built, and each measurement runs, in a fresh child process of a
 parent that imports nothing heavy, so that each peak resident memory (``ru_maxrss``, which
 Linux carries across exec from the forking parent) is the export's own; the wall time
@@ -88,7 +88,8 @@ def measure_once(db_path: Path, case: str, out_dir: Path) -> dict[str, Any]:
         out_dir,
         sync_id=applied.sync_id,
         snapshot_at=applied.finished_at,
-        read_fleet=lambda: history.fleet_as_of(db, applied.finished_at),
+        db=db,
+        fleet=history.fleet_query(applied.finished_at),
         formats=CASES[case],
     )
     seconds = time.perf_counter() - started

@@ -16,7 +16,7 @@ never part of the `comfysync` command:
   random point *inside* it (mid-statement, with pages spilled to the WAL or not);
 * with ``--slow-sqlite-in module:function``, the same slowing for a target that is given no
   connection: it is installed on the connection passed to that other function when the
-  target's run calls it (the export phase: ``pipeline.read.history:current_fleet``, which reads
+  target's run calls it (the export phase: ``pipeline.read.history:json_lines``, which reads
   the fleet the snapshot files are written from, batch by batch, while they are open);
 * with ``--set module:NAME=N`` (repeatable), sets an integer constant first: smaller read
   batches and row groups make a snapshot file grow step by step, so a kill can land with

@@ -81,7 +81,7 @@ PHASES = {
     "walk": Phase("pipeline.sync.run:walk_all_pages", latency_ms=40),
     "apply": Phase("pipeline.store.write:apply_changes", ("--slow-sqlite",)),
     "after-apply": Phase("pipeline.store.write:apply_changes", ("--pause-after", "1"), "after", aim_after=True, trials=2),
-    "export": Phase("pipeline.outputs.export:export_snapshots", ("--slow-sqlite-in", "pipeline.read.history:current_fleet", *SMALL_BATCHES), "after", trials=3),
+    "export": Phase("pipeline.outputs.export:export_snapshots", ("--slow-sqlite-in", "pipeline.read.history:json_lines", *SMALL_BATCHES), "after", trials=3),
 }  # fmt: skip
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import sqlite3
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+import orjson
 import pyarrow.parquet as pq
 import pytest
 from export_helpers import FLEET_ORDER
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline.errors import ConfigurationError
 from pipeline.outputs.export import (
@@ -19,7 +23,7 @@ from pipeline.outputs.export import (
     format_for_path,
     write_export_file,
 )
-from pipeline.read.history import instant_text, parse_instant
+from pipeline.read.history import FLEET_COLUMNS, fleet_query, instant_text, parse_instant
 
 SNAPSHOT_AT = "2026-02-03T04:05:06.789012Z"
 
@@ -46,13 +50,22 @@ def fleet_row(runner_id: str, **fields: object) -> tuple[object, ...]:
     return tuple(values.values())
 
 
+def stored_fleet(tmp_path: Path, rows: list[tuple[object, ...]], sync_id: int = 7) -> ExportRows:
+    """``rows`` in a ``runners`` table of their own, read as the exports read the store."""
+    db = sqlite3.connect(
+        tmp_path / f"fleet-{len(list(tmp_path.iterdir()))}.db", check_same_thread=False
+    )
+    db.execute(f"CREATE TABLE runners ({', '.join(FLEET_COLUMNS)})")
+    db.executemany(f"INSERT INTO runners VALUES ({', '.join('?' * len(FLEET_COLUMNS))})", rows)
+    query = fleet_query(include_deleted=True)
+    return ExportRows(FLEET_SCHEMA, db, query, sync_id=sync_id, snapshot_at=SNAPSHOT_AT)
+
+
 def export(
     tmp_path: Path, name: str, rows: list[tuple[object, ...]], csv_safe: bool = False
 ) -> Path:
     path = tmp_path / name
-    batches = [rows] if rows else []
-    fleet = ExportRows(FLEET_SCHEMA, lambda: iter(batches), sync_id=7, snapshot_at=SNAPSHOT_AT)
-    written = write_export_file(path, format_for_path(path), fleet, csv_safe)
+    written = write_export_file(path, format_for_path(path), stored_fleet(tmp_path, rows), csv_safe)
     assert written == len(rows)
     return path
 
@@ -156,7 +169,7 @@ def test_an_empty_fleet_is_a_valid_file_with_the_schema(tmp_path):
 
 
 def test_the_schemas_follow_the_order_in_which_the_store_queries_yield_columns():
-    from pipeline.read.history import FLEET_COLUMNS, VERSION_COLUMNS
+    from pipeline.read.history import VERSION_COLUMNS
 
     assert FLEET_SCHEMA.names == ["sync_id", "snapshot_at", *FLEET_COLUMNS] == FLEET_ORDER
     assert HISTORY_SCHEMA.names == list(VERSION_COLUMNS)
@@ -216,13 +229,43 @@ def test_small_read_batches_are_gathered_into_row_groups_without_losing_order(
     tmp_path, monkeypatch
 ):
     import pipeline.outputs.export
+    import pipeline.read.history
 
     monkeypatch.setattr(pipeline.outputs.export, "ROW_GROUP_ROWS", 5)
-    batches = [[fleet_row(f"r{n:02d}") for n in range(start, start + 4)] for start in (0, 4, 8)]
-    fleet = ExportRows(FLEET_SCHEMA, lambda: iter(batches), sync_id=1, snapshot_at=SNAPSHOT_AT)
+    monkeypatch.setattr(pipeline.read.history, "BATCH_ROWS", 4)
+    fleet = stored_fleet(tmp_path, [fleet_row(f"r{n:02d}") for n in range(12)], sync_id=1)
     path = tmp_path / "groups.parquet"
     assert write_export_file(path, "parquet", fleet) == 12
     parquet = pq.ParquetFile(path)
     groups = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
     assert groups == [8, 4]
     assert parquet.read().column("id").to_pylist() == [f"r{n:02d}" for n in range(12)]
+
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    name=_TEXT,
+    tags=st.none() | st.lists(_TEXT, max_size=3),
+    headers=st.none() | st.dictionaries(_TEXT, _TEXT, max_size=3),
+    extra=st.dictionaries(_TEXT, _TEXT | st.integers(), max_size=2),
+)
+def test_any_stored_text_comes_out_of_both_formats_exactly(tmp_path, name, tags, headers, extra):
+    def text(value):
+        return None if value is None else orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+    row = fleet_row("r1", name=name, tags=text(tags), headers=text(headers), extra=text(extra))
+    folder = tmp_path / f"case-{len(list(tmp_path.iterdir()))}"
+    folder.mkdir()
+    [parquet] = pq.read_table(export(folder, "f.parquet", [row])).to_pylist(
+        maps_as_pydicts="strict"
+    )
+    assert (parquet["name"], parquet["tags"], parquet["headers"]) == (name, tags, headers)
+    assert parquet["extra"] == text(extra)
+    [written] = csv_records(export(folder, "f.csv", [row]))
+    assert written["name"] == name
+    assert (written["tags"], written["headers"]) == (text(tags) or "", text(headers) or "")

@@ -21,15 +21,16 @@ truncated one. Snapshots after a sync (``export_snapshots``) and ad-hoc exports
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigurationError, ExportError
@@ -43,7 +44,7 @@ from pipeline.outputs.snapshot import (
     write_snapshot_files,
 )
 from pipeline.read import history
-from pipeline.read.history import RUN_COLUMNS, Row, parse_instant
+from pipeline.read.history import RUN_COLUMNS, parse_instant
 from pipeline.settings import EXPORT_FORMATS
 from pipeline.store import schema
 
@@ -105,7 +106,7 @@ RUNS_SCHEMA = pa.schema([(name, _RUN_TYPES.get(name, pa.int64())) for name in RU
 ACCOUNT_FIELD = pa.field("account", pa.string(), nullable=False)
 #: Cells a spreadsheet would evaluate (formula or DDE injection) when they start with these.
 _FORMULA_START = r"^[=+\-@\t\r]"
-#: Rows per Parquet row group: the store is read in small batches (Python rows are heavy),
+#: Rows per Parquet row group: the store is read in small batches (``history.BATCH_ROWS``),
 #: which are gathered, as compact Arrow columns, into row groups big enough to compress well
 #: and small enough that a snapshot holds a modest window of the fleet, whatever its size.
 ROW_GROUP_ROWS = 25_000
@@ -113,15 +114,16 @@ ROW_GROUP_ROWS = 25_000
 
 @dataclass(frozen=True)
 class ExportRows:
-    """What a file holds: the schema, and the store rows that fill it.
+    """What a file holds: the schema, and the store query that fills it.
 
-    ``read`` returns batches of rows in the schema's column order, without ``sync_id`` and
-    ``snapshot_at`` for FLEET_SCHEMA: those come from here, the same for every row. It is
-    called once however many formats are written from it.
+    ``query`` (None: no rows) reads the schema's columns, in its order, from ``db``, without
+    ``sync_id`` and ``snapshot_at`` for FLEET_SCHEMA: those come from here, the same for
+    every row. It runs once however many formats are written from it.
     """
 
     schema: pa.Schema
-    read: Callable[[], Iterable[list[Row]]]
+    db: Any = None
+    query: history.Query | None = None
     sync_id: int | None = None
     snapshot_at: str | None = None
 
@@ -307,47 +309,107 @@ def _is_json_text(arrow_type: pa.DataType) -> bool:
 
 
 def _arrow_batches(rows: ExportRows) -> Iterator[ArrowBatch]:
-    constants: dict[str, Any] = {}
+    """The rows, batch by batch, as typed Arrow columns, with no Python object per value.
+
+    SQLite writes each row as one JSON object (``history.json_lines``) and pyarrow parses a
+    batch of them in C into the schema's types: lists natively; a map, which pyarrow's JSON
+    reader cannot build, as a list of key/value pairs made by SQLite's ``json_each``; times
+    as text, then cast. The store's own JSON text of each list and map comes along for CSV.
+    """
+    if rows.query is None:
+        return
+    expressions = dict(rows.query.columns)
     if rows.schema.equals(FLEET_SCHEMA):  # the same for every row, so not in the store's rows
-        constants = {"sync_id": rows.sync_id, "snapshot_at": rows.snapshot_at}
-    stored = [name for name in rows.schema.names if name not in constants]
-    for batch in rows.read():
-        columns = dict(zip(stored, zip(*batch, strict=True), strict=True)) if batch else {}
-        arrays = []
-        json_text = {}
+        expressions["sync_id"] = str(int(rows.sync_id or 0))
+        expressions["snapshot_at"] = "'{}'".format(str(rows.snapshot_at).replace("'", "''"))
+    fields: list[tuple[str, str]] = []
+    parsed: list[pa.Field] = []
+    for field in rows.schema:
+        expression = expressions[field.name]
+        if _is_json_text(field.type):
+            fields += [
+                (field.name, _json_value(field.type, expression)),
+                (field.name + _TEXT, expression),
+            ]
+            parsed += [
+                pa.field(field.name, _PAIRS if pa.types.is_map(field.type) else field.type),
+                pa.field(field.name + _TEXT, pa.string()),
+            ]
+        else:
+            fields.append((field.name, _value(field.type, expression)))
+            parsed.append(pa.field(field.name, _as_read(field.type)))
+    options = pa_json.ParseOptions(
+        explicit_schema=pa.schema(parsed), unexpected_field_behavior="error"
+    )
+    for chunk in _read_ahead(history.json_lines(rows.db, rows.query, fields)):
+        table = pa_json.read_json(
+            pa.BufferReader(chunk),
+            # One block per chunk: a single parse, and columns in one piece.
+            read_options=pa_json.ReadOptions(use_threads=False, block_size=len(chunk) + 1),
+            parse_options=options,
+        )
+        arrays: list[pa.Array] = []
+        json_text: dict[str, pa.Array] = {}
         for field in rows.schema:
-            values = (
-                [constants[field.name]] * len(batch)
-                if field.name in constants
-                else columns.get(field.name, ())
-            )
+            column = table.column(field.name).chunk(0)
             if _is_json_text(field.type):
-                json_text[field.name] = pa.array(values, pa.string())
-                arrays.append(_parsed_json(json_text[field.name], field.type))
-            else:
-                arrays.append(_column(field.type, values))
+                json_text[field.name] = table.column(field.name + _TEXT).chunk(0)
+            if pa.types.is_map(field.type):
+                column = _map_from_pairs(column)
+            elif pa.types.is_timestamp(field.type):
+                column = timestamps(column)
+            arrays.append(column)
         yield ArrowBatch(pa.record_batch(arrays, schema=rows.schema), json_text)
 
 
-def _column(arrow_type: pa.DataType, values: Iterable[Any]) -> pa.Array:
-    """One column from the store's values, in its Arrow type."""
-    values = list(values)
-    if pa.types.is_timestamp(arrow_type):
-        return timestamps(values)
-    if _is_json_text(arrow_type):
-        return _parsed_json(pa.array(values, pa.string()), arrow_type)
-    return pa.array(values, arrow_type)
+def _read_ahead(chunks: Generator[bytes, None, None]) -> Iterator[bytes]:
+    """``chunks``, the next one read on another thread while this one is converted.
 
-
-def _parsed_json(text: pa.Array, arrow_type: pa.DataType) -> pa.Array:
-    """The store's JSON text as a list or map array, each distinct text parsed once.
-
-    A fleet repeats the same few tag lists (and ``[]``, ``{}``) over and over: Arrow finds
-    the distinct texts, and only those go through Python.
+    SQLite builds the rows' JSON and pyarrow parses and writes them with the GIL released,
+    so the read and the rest of the export run on two cores at once.
     """
-    encoded = text.dictionary_encode()
-    distinct = [orjson.loads(value) for value in encoded.dictionary.to_pylist()]
-    return pa.array(distinct, arrow_type).take(encoded.indices)
+    # Leaving waits for a read under way, then ends the statement: the connection is free.
+    with contextlib.closing(chunks), ThreadPoolExecutor(1, thread_name_prefix="export") as reader:
+        pending = reader.submit(next, chunks, None)
+        while (chunk := pending.result()) is not None:
+            pending = reader.submit(next, chunks, None)
+            yield chunk
+
+
+#: The key under which a list or map column's stored JSON text travels beside its value.
+_TEXT = ":text"
+#: A map as pyarrow's JSON reader can build it: a list of key/value objects.
+_PAIRS = pa.list_(pa.struct([("key", pa.string()), ("value", pa.string())]))
+
+
+def _json_value(arrow_type: pa.DataType, expression: str) -> str:
+    """SQL embedding a stored JSON text column as JSON (a map as key/value pairs)."""
+    if pa.types.is_map(arrow_type):
+        pairs = (
+            f"(SELECT json_group_array(json_object('key', key, 'value', value)) "
+            f"FROM json_each({expression}))"
+        )
+        return f"json(CASE WHEN {expression} IS NULL THEN NULL ELSE {pairs} END)"
+    return f"json({expression})"
+
+
+def _value(arrow_type: pa.DataType, expression: str) -> str:
+    """SQL for a plain column: as stored, but a boolean (stored as 0/1) as JSON's own."""
+    if pa.types.is_boolean(arrow_type):
+        return f"json(CASE WHEN {expression} THEN 'true' WHEN NOT {expression} THEN 'false' END)"
+    return expression
+
+
+def _as_read(arrow_type: pa.DataType) -> pa.DataType:
+    """The type a column is parsed as: times as text (``timestamps`` casts them)."""
+    return pa.string() if pa.types.is_timestamp(arrow_type) else arrow_type
+
+
+def _map_from_pairs(pairs: pa.Array) -> pa.Array:
+    entries = pairs.values
+    return pa.MapArray.from_arrays(
+        pairs.offsets, entries.field("key"), entries.field("value"), mask=pairs.is_null()
+    )
 
 
 def _csv_times(times: pa.Array) -> pa.Array:
@@ -357,21 +419,20 @@ def _csv_times(times: pa.Array) -> pa.Array:
     digits as ``strftime`` with far less work per value; the ``T`` and ``Z`` are added.
     """
     text = pc.cast(times.cast(pa.timestamp("us")), pa.string())
-    text = pc.replace_substring(text, " ", "T", max_replacements=1)
-    return pc.binary_join_element_wise(text, "Z", "")
+    return pc.replace_substring_regex(text, pattern=r"^(\S+) (\S+)$", replacement=r"\1T\2Z")
 
 
-def timestamps(values: list[str | None]) -> pa.Array:
+def timestamps(text: pa.Array) -> pa.Array:
     """Timestamps in UTC from ISO 8601 text; vectorised, with an exact fallback per value.
 
     Arrow parses the common shapes (``Z`` or an offset) in C. The API may also send a time
     without an offset (taken as UTC) or with nanoseconds (truncated to microseconds), which
     Arrow refuses: those go through the same parser as ``--as-of``.
     """
-    text = pa.array(values, pa.string())
     try:
         return pc.cast(text, TIMESTAMP)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        values = text.to_pylist()
         return pa.array([None if v is None else parse_instant(v) for v in values], TIMESTAMP)
 
 
@@ -401,7 +462,8 @@ def export_snapshots(
     *,
     sync_id: int,
     snapshot_at: str,
-    read_fleet: Callable[[], Iterable[list[Row]]],
+    db: Any,
+    fleet: history.Query,
     formats: Iterable[str] = EXPORT_FORMATS,
     csv_safe: bool = False,
     keep: int | None = None,
@@ -411,16 +473,16 @@ def export_snapshots(
 ) -> SnapshotReport:
     """Write sync ``sync_id``'s snapshot in each format, then prune to ``keep`` if given.
 
-    ``read_fleet`` yields the fleet as that sync left it; it is read once, for all formats,
-    and only if a format is to be written. ``kept`` are the formats whose latest file this
-    sync keeps (``snapshot.kept_files``): not written again, reported as they are, and
-    never pruned by this sync.
+    ``fleet`` reads, from ``db``, the fleet as that sync left it; it is read once, for all
+    formats, and only if a format is to be written. ``kept`` are the formats whose latest
+    file this sync keeps (``snapshot.kept_files``): not written again, reported as they
+    are, and never pruned by this sync.
     Failures are reported in the returned files, never raised: a snapshot must not fail
     the sync it follows.
     """
     formats = tuple(dict.fromkeys(formats))
     kept = kept or {}
-    rows = ExportRows(FLEET_SCHEMA, read_fleet, sync_id=sync_id, snapshot_at=snapshot_at)
+    rows = ExportRows(FLEET_SCHEMA, db, fleet, sync_id=sync_id, snapshot_at=snapshot_at)
     written = write_snapshot_files(
         export_dir,
         [fmt for fmt in formats if fmt not in kept],
@@ -478,16 +540,17 @@ def _what_to_export(
     # ``db`` is the read-only sqlite-utils Database; typed Any so that sqlite-utils stays a
     # dependency of the store layer only.
     if all_versions:
-        return ExportRows(HISTORY_SCHEMA, lambda: history.all_versions(db)), "every version"
+        return ExportRows(HISTORY_SCHEMA, db, history.versions_query()), "every version"
     applied = history.last_applied_sync(db, at)
     if applied is None:
-        return ExportRows(FLEET_SCHEMA, lambda: iter(())), "no sync had applied changes by then"
+        return ExportRows(FLEET_SCHEMA), "no sync had applied changes by then"
     which = "present or deleted" if include_deleted else "present"
     # As of the sync's own finish time: the same state as at ``at`` (no version is written
     # between syncs), and a sync committing meanwhile cannot slip into the file.
     rows = ExportRows(
         FLEET_SCHEMA,
-        lambda: history.fleet_as_of(db, applied.finished_at, include_deleted=include_deleted),
+        db,
+        history.fleet_query(applied.finished_at, include_deleted=include_deleted),
         sync_id=applied.sync_id,
         snapshot_at=applied.finished_at,
     )
@@ -502,14 +565,3 @@ def arrow_table(rows: ExportRows) -> pa.Table:
 def with_account(table: pa.Table, account: str) -> pa.Table:
     """``table`` with the ``account`` column added, ``account`` in every row."""
     return table.append_column(ACCOUNT_FIELD, pa.array([account] * len(table), pa.string()))
-
-
-def runs_table(rows: list[Row]) -> pa.Table:
-    """Run-log rows (``history.RUN_COLUMNS`` order, as stored) in RUNS_SCHEMA."""
-    columns = list(zip(*rows, strict=True)) if rows else [()] * len(RUNS_SCHEMA)
-    arrays = []
-    for field, values in zip(RUNS_SCHEMA, columns, strict=True):
-        if field.name == "complete":  # stored as 0/1
-            values = tuple(None if value is None else bool(value) for value in values)
-        arrays.append(_column(field.type, values))
-    return pa.Table.from_arrays(arrays, schema=RUNS_SCHEMA)

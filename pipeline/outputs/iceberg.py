@@ -238,7 +238,8 @@ def _write_runners(
     fleet = arrow_table(
         ExportRows(
             FLEET_SCHEMA,
-            lambda: history.fleet_as_of(db, finished_at),
+            db,
+            history.fleet_query(finished_at),
             sync_id=sync_id,
             snapshot_at=finished_at,
         )
@@ -273,7 +274,7 @@ def _write_versions(
     if since is None or since >= sync_id:
         # The first commit, or a database younger than the tables' rows for this account
         # (recreated, or restored from a backup): every version, all the account's replaced.
-        touched_sql, params = "", []
+        versions = history.versions_query()
         row_filter: Any = EqualTo("account", target.account)
     else:
         ids = [
@@ -282,20 +283,9 @@ def _write_versions(
                 "SELECT DISTINCT runner_id FROM runner_versions WHERE sync_id > ?", [since]
             )
         ]
-        touched_sql = (
-            " WHERE runner_id IN (SELECT runner_id FROM runner_versions WHERE sync_id > ?)"
-        )
-        params = [since]
+        versions = history.versions_query(touched_after=since)
         row_filter = And(EqualTo("account", target.account), In("runner_id", ids)) if ids else None
-    columns = ", ".join(history.VERSION_COLUMNS)
-    sql = f"SELECT {columns} FROM runner_versions{touched_sql} ORDER BY runner_id, version"
-
-    def read() -> Any:
-        cursor = db.execute(sql, params)
-        while batch := cursor.fetchmany(history.BATCH_ROWS):
-            yield batch
-
-    data = with_account(arrow_table(ExportRows(HISTORY_SCHEMA, read)), target.account)
+    data = with_account(arrow_table(ExportRows(HISTORY_SCHEMA, db, versions)), target.account)
     properties = _properties(target, sync_id)
     if row_filter is None:  # nothing changed: an empty commit still records the sync
         table.append(data, snapshot_properties=properties)
@@ -311,17 +301,12 @@ def _write_runs(
     """Append the finished runs the table does not hold yet (those after the last commit)."""
     from pyiceberg.expressions import EqualTo
 
-    from pipeline.outputs.export import runs_table, with_account
+    from pipeline.outputs.export import RUNS_SCHEMA, ExportRows, arrow_table, with_account
 
     since = committed_sync(table, target.account) or 0
     restart = since >= sync_id  # a database younger than the table's rows: all replaced
-    columns = ", ".join(history.RUN_COLUMNS)
-    rows = db.execute(
-        f"SELECT {columns} FROM sync_runs WHERE id > ? AND id <= ? AND status != 'running' "
-        "ORDER BY id",
-        [0 if restart else since, sync_id],
-    ).fetchall()
-    data = with_account(runs_table(rows), target.account)
+    runs = history.runs_query(0 if restart else since, sync_id, finished=True)
+    data = with_account(arrow_table(ExportRows(RUNS_SCHEMA, db, runs)), target.account)
     if restart:
         with _no_empty_delete_warning():
             table.overwrite(

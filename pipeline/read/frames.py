@@ -80,7 +80,7 @@ class RunnerStore:
 
     def runners(self, include_deleted: bool = False) -> pd.DataFrame:
         """Every runner present upstream now (and those marked deleted if asked), by id."""
-        rows = history.current_fleet(self._db, include_deleted=include_deleted)
+        rows = history.rows(self._db, history.fleet_query(include_deleted=include_deleted))
         return _frame(history.FLEET_COLUMNS, rows, _RUNNER_TYPES)
 
     def as_of(self, when: str | date | datetime, *, include_deleted: bool = False) -> pd.DataFrame:
@@ -90,17 +90,17 @@ class RunnerStore:
         the columns are those of ``runners()``.
         """
         at = history.instant_text(when)
-        rows = history.fleet_as_of(self._db, at, include_deleted=include_deleted)
+        rows = history.rows(self._db, history.fleet_query(at, include_deleted=include_deleted))
         return _frame(history.FLEET_COLUMNS, rows, _RUNNER_TYPES)
 
     def versions(self, runner_id: str | None = None) -> pd.DataFrame:
         """Every version of every runner (or of one), by runner and version number."""
-        rows = history.all_versions(self._db, runner_id)
+        rows = history.rows(self._db, history.versions_query(runner_id))
         return _frame(history.VERSION_COLUMNS, rows, _VERSION_TYPES)
 
     def runs(self) -> pd.DataFrame:
         """The sync run log, oldest first."""
-        return _frame(history.RUN_COLUMNS, [history.sync_runs(self._db)], _RUN_TYPES)
+        return _frame(history.RUN_COLUMNS, history.rows(self._db, history.runs_query()), _RUN_TYPES)
 
 
 def _frame(

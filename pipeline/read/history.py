@@ -18,8 +18,8 @@ bounded memory; each query is one statement, hence one consistent read of the da
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Generator, Iterable, Iterator
+from dataclasses import dataclass, field
 from datetime import date, datetime
 
 from pipeline.errors import ConfigurationError
@@ -68,23 +68,73 @@ RUN_COLUMNS: tuple[str, ...] = (
     "warnings",
     "error",
 )
-#: Rows per batch: Python row tuples cost far more memory than Arrow columns, so keep few.
-BATCH_ROWS = 10_000
+#: Rows per batch: a batch is held as Python objects (tuples, or JSON text), which cost far
+#: more memory than the Arrow columns an export makes of them, so keep few.
+BATCH_ROWS = 2_000
 
 Row = tuple[object, ...]
 
-_TRACKED = ", ".join(f"v.{name}" for name in TRACKED_FIELDS)
-# first_seen_at is version 1's valid_from (the store sets both from the same clock reading);
-# a deleted version's valid_from is the moment the runner was marked deleted.
-_FLEET_AS_OF = f"""
-SELECT v.runner_id, {_TRACKED}, first.valid_from,
-       CASE WHEN v.change = 'deleted' THEN v.valid_from END,
-       v.version, v.content_hash
+
+@dataclass(frozen=True)
+class Query:
+    """One read of the store, kept in parts so that the caller chooses how rows come back.
+
+    ``columns`` pairs each output column with its SQL expression, in output order;
+    ``source`` is the rest of the statement (FROM ... ORDER BY ...). ``rows`` returns
+    Python tuples; ``json_lines`` one JSON object per row, for readers that parse in C.
+    """
+
+    columns: tuple[tuple[str, str], ...]
+    source: str
+    params: dict[str, object] | list[object] = field(default_factory=list)
+
+
+def fleet_query(at: str | None = None, *, include_deleted: bool = False) -> Query:
+    """Every runner, in FLEET_COLUMNS order, sorted by id: present ones unless asked.
+
+    With ``at`` (store time text), as the store knew it then, rebuilt from the versions:
+    runners the store had not yet seen are absent, deleted ones come with ``deleted_at``.
+    Without, the ``runners`` table as it is.
+    """
+    if at is None:
+        where = "" if include_deleted else "WHERE r.deleted_at IS NULL"
+        columns = tuple((name, f"r.{name}") for name in FLEET_COLUMNS)
+        return Query(columns, f"FROM runners AS r {where} ORDER BY r.id")
+    # first_seen_at is version 1's valid_from (the store sets both from the same clock
+    # reading); a deleted version's valid_from is the moment the runner was marked deleted.
+    expressions = (
+        "v.runner_id",
+        *(f"v.{name}" for name in TRACKED_FIELDS),
+        "first.valid_from",
+        "CASE WHEN v.change = 'deleted' THEN v.valid_from END",
+        "v.version",
+        "v.content_hash",
+    )
+    deleted = "" if include_deleted else "AND v.change != 'deleted'"
+    source = f"""
 FROM runner_versions AS v
 JOIN runner_versions AS first ON first.runner_id = v.runner_id AND first.version = 1
-WHERE v.valid_from <= :at AND (v.valid_to IS NULL OR v.valid_to > :at) {{deleted}}
-ORDER BY v.runner_id
-"""
+WHERE v.valid_from <= :at AND (v.valid_to IS NULL OR v.valid_to > :at) {deleted}
+ORDER BY v.runner_id"""
+    return Query(tuple(zip(FLEET_COLUMNS, expressions, strict=True)), source, {"at": at})
+
+
+def versions_query(runner_id: str | None = None, *, touched_after: int | None = None) -> Query:
+    """Every version in VERSION_COLUMNS order, by runner and version: of one runner if
+    ``runner_id``; of the runners a sync after ``touched_after`` changed, if given."""
+    where: list[str] = []
+    params: list[object] = []
+    if runner_id is not None:
+        where.append("v.runner_id = ?")
+        params.append(runner_id)
+    if touched_after is not None:
+        where.append("v.runner_id IN (SELECT runner_id FROM runner_versions WHERE sync_id > ?)")
+        params.append(touched_after)
+    condition = f"WHERE {' AND '.join(where)}" if where else ""
+    columns = tuple((name, f"v.{name}") for name in VERSION_COLUMNS)
+    return Query(
+        columns, f"FROM runner_versions AS v {condition} ORDER BY v.runner_id, v.version", params
+    )
 
 
 @dataclass(frozen=True)
@@ -149,35 +199,43 @@ def last_applied_sync(db: Database, at: str | None = None) -> AppliedSync | None
     return AppliedSync(int(row[0]), str(row[1])) if row else None
 
 
-def fleet_as_of(db: Database, at: str, *, include_deleted: bool = False) -> Iterator[list[Row]]:
-    """Every runner as the store knew it at ``at`` (store time text), in FLEET_COLUMNS order.
+def rows(db: Database, query: Query) -> Iterator[list[Row]]:
+    """``query``'s rows as Python tuples, ``BATCH_ROWS`` at a time, from one statement."""
+    cursor = db.execute(
+        f"SELECT {', '.join(e for _, e in query.columns)} {query.source}", query.params
+    )
+    while batch := cursor.fetchmany(BATCH_ROWS):
+        yield batch
 
-    Present runners only, unless ``include_deleted`` (then deleted ones come with
-    ``deleted_at``). Runners the store had not yet seen at ``at`` are absent. Sorted by id.
+
+def json_lines(
+    db: Database, query: Query, fields: Iterable[tuple[str, str]] | None = None
+) -> Generator[bytes, None, None]:
+    """``query``'s rows as newline-separated JSON objects, ``BATCH_ROWS`` rows per chunk.
+
+    Each object holds ``fields`` ((key, SQL expression) pairs; by default the query's own
+    columns), built by SQLite's ``json_object``: a reader that parses JSON in C (pyarrow's)
+    then gets typed columns without a Python object per value. Text that is JSON already
+    is embedded as a string unless its expression says otherwise (``json(...)``).
     """
-    deleted = "" if include_deleted else "AND v.change != 'deleted'"
-    yield from _batches(db, _FLEET_AS_OF.format(deleted=deleted), {"at": at})
+    pairs = ", ".join(f"'{key}', {expression}" for key, expression in fields or query.columns)
+    cursor = db.execute(f"SELECT json_object({pairs}) {query.source}", query.params)
+    while batch := cursor.fetchmany(BATCH_ROWS):
+        yield "\n".join([line for (line,) in batch]).encode()
 
 
-def current_fleet(db: Database, *, include_deleted: bool = False) -> Iterator[list[Row]]:
-    """The ``runners`` table in FLEET_COLUMNS order, sorted by id; present ones unless asked."""
-    where = "" if include_deleted else "WHERE deleted_at IS NULL"
-    yield from _batches(db, f"SELECT {', '.join(FLEET_COLUMNS)} FROM runners {where} ORDER BY id")
-
-
-def all_versions(db: Database, runner_id: str | None = None) -> Iterator[list[Row]]:
-    """Every version (of one runner if given) in VERSION_COLUMNS order, by runner and version."""
-    sql = f"SELECT {', '.join(VERSION_COLUMNS)} FROM runner_versions"
-    params: list[str] = []
-    if runner_id is not None:
-        sql += " WHERE runner_id = ?"
-        params.append(runner_id)
-    yield from _batches(db, sql + " ORDER BY runner_id, version", params)
-
-
-def sync_runs(db: Database) -> list[Row]:
-    """The run log in RUN_COLUMNS order, oldest first."""
-    return db.execute(f"SELECT {', '.join(RUN_COLUMNS)} FROM sync_runs ORDER BY id").fetchall()
+def runs_query(after: int = 0, up_to: int | None = None, *, finished: bool = False) -> Query:
+    """The run log in RUN_COLUMNS order, oldest first: the runs after ``after`` up to
+    ``up_to`` included (all by default), only those no longer running if ``finished``."""
+    where = ["r.id > ?"]
+    params: list[object] = [after]
+    if up_to is not None:
+        where.append("r.id <= ?")
+        params.append(up_to)
+    if finished:
+        where.append("r.status != 'running'")
+    columns = tuple((name, f"r.{name}") for name in RUN_COLUMNS)
+    return Query(columns, f"FROM sync_runs AS r WHERE {' AND '.join(where)} ORDER BY r.id", params)
 
 
 _SNAPSHOT_RECORDS = """
@@ -244,11 +302,3 @@ def _snapshot_record(row: Row) -> SnapshotRecord:
         snapshot_at=str(snapshot_at),
         csv_safe=None if csv_safe is None else bool(csv_safe),
     )
-
-
-def _batches(
-    db: Database, sql: str, params: dict[str, str] | list[str] | None = None
-) -> Iterator[list[Row]]:
-    cursor = db.execute(sql, params or [])
-    while batch := cursor.fetchmany(BATCH_ROWS):
-        yield batch

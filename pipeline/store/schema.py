@@ -336,14 +336,16 @@ def has_wal_files(path: Path) -> bool:
 
 
 def _connect(path: Path, *, read_only: bool, immutable: bool = False) -> Database:
+    # A connection is used by one thread at a time, but not always by the thread that made
+    # it: a sync's transaction is written from two threads in turn (EarlyCreations, handed
+    # over by a join), and an export's read runs on a reader thread (export._read_ahead).
     try:
         if read_only:
             flags = "mode=ro&immutable=1" if immutable else "mode=ro"
-            conn = sqlite3.connect(f"{path.resolve().as_uri()}?{flags}", uri=True)
+            target, uri = f"{path.resolve().as_uri()}?{flags}", True
         else:
-            # One sync's transaction is written from two threads in turn (EarlyCreations),
-            # never at once: the handover is a join.
-            conn = sqlite3.connect(str(path), check_same_thread=False)
+            target, uri = str(path), False
+        conn = sqlite3.connect(target, uri=uri, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     except sqlite3.Error as exc:
         raise sqlite_failure(path, exc, reading=read_only) from exc

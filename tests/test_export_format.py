@@ -12,7 +12,7 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 from export_helpers import FLEET_ORDER
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ConfigurationError
@@ -252,7 +252,13 @@ _TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
     name=_TEXT,
     tags=st.none() | st.lists(_TEXT, max_size=3),
     headers=st.none() | st.dictionaries(_TEXT, _TEXT, max_size=3),
-    extra=st.dictionaries(_TEXT, _TEXT | st.integers(), max_size=2),
+    extra=st.dictionaries(_TEXT, _TEXT | st.integers(-(2**63), 2**63 - 1), max_size=2),
+)
+@example(  # what could break rewriting JSON text: NULs, quotes, backslashes, braces, colons
+    name="\x00",
+    tags=["\x00", '"'],
+    headers={'a":"b': "\\", "\x00": '"}{"', "": '\\"', "k\\": ":", "\u2028": "{}"},
+    extra={"\x00": "\\"},
 )
 def test_any_stored_text_comes_out_of_both_formats_exactly(tmp_path, name, tags, headers, extra):
     def text(value):

@@ -304,17 +304,13 @@ def _is_text_in_csv(arrow_type: pa.DataType) -> bool:
     )
 
 
-def _is_json_text(arrow_type: pa.DataType) -> bool:
-    return bool(pa.types.is_list(arrow_type) or pa.types.is_map(arrow_type))
-
-
 def _arrow_batches(rows: ExportRows) -> Iterator[ArrowBatch]:
     """The rows, batch by batch, as typed Arrow columns, with no Python object per value.
 
     SQLite writes each row as one JSON object (``history.json_lines``) and pyarrow parses a
-    batch of them in C into the schema's types: lists natively; a map, which pyarrow's JSON
-    reader cannot build, as a list of key/value pairs made by SQLite's ``json_each``; times
-    as text, then cast. The store's own JSON text of each list and map comes along for CSV.
+    batch of them in C into the schema's types: lists natively, times as text then cast. A
+    map comes as the store's JSON text and is parsed apart (``_maps``). The store's own
+    JSON text of each list and map comes along for CSV.
     """
     if rows.query is None:
         return
@@ -325,41 +321,53 @@ def _arrow_batches(rows: ExportRows) -> Iterator[ArrowBatch]:
     fields: list[tuple[str, str]] = []
     parsed: list[pa.Field] = []
     for field in rows.schema:
-        expression = expressions[field.name]
-        if _is_json_text(field.type):
+        name, expression = field.name, expressions[field.name]
+        if pa.types.is_map(field.type):  # NULL as '{}' and a flag: the text is parsed again
             fields += [
-                (field.name, _json_value(field.type, expression)),
-                (field.name + _TEXT, expression),
+                (name + _TEXT, f"coalesce({expression}, '{{}}')"),
+                (name + _NULL, _value(pa.bool_(), f"{expression} IS NULL")),
             ]
-            parsed += [
-                pa.field(field.name, _PAIRS if pa.types.is_map(field.type) else field.type),
-                pa.field(field.name + _TEXT, pa.string()),
-            ]
+            parsed += [pa.field(name + _TEXT, pa.string()), pa.field(name + _NULL, pa.bool_())]
+        elif pa.types.is_list(field.type):
+            fields += [(name, f"json({expression})"), (name + _TEXT, expression)]
+            parsed += [pa.field(name, field.type), pa.field(name + _TEXT, pa.string())]
         else:
-            fields.append((field.name, _value(field.type, expression)))
-            parsed.append(pa.field(field.name, _as_read(field.type)))
-    options = pa_json.ParseOptions(
-        explicit_schema=pa.schema(parsed), unexpected_field_behavior="error"
-    )
+            fields.append((name, _value(field.type, expression)))
+            parsed.append(pa.field(name, _as_read(field.type)))
     for chunk in _read_ahead(history.json_lines(rows.db, rows.query, fields)):
-        table = pa_json.read_json(
-            pa.BufferReader(chunk),
-            # One block per chunk: a single parse, and columns in one piece.
-            read_options=pa_json.ReadOptions(use_threads=False, block_size=len(chunk) + 1),
-            parse_options=options,
-        )
+        table = _read_json_lines(chunk, pa.schema(parsed))
         arrays: list[pa.Array] = []
         json_text: dict[str, pa.Array] = {}
         for field in rows.schema:
-            column = table.column(field.name).chunk(0)
-            if _is_json_text(field.type):
-                json_text[field.name] = table.column(field.name + _TEXT).chunk(0)
+            name = field.name
             if pa.types.is_map(field.type):
-                column = _map_from_pairs(column)
-            elif pa.types.is_timestamp(field.type):
-                column = timestamps(column)
+                text, null = _column(table, name + _TEXT), _column(table, name + _NULL)
+                json_text[name] = pc.if_else(null, pa.nulls(len(text), pa.string()), text)
+                column = _maps(text, null)
+            else:
+                column = _column(table, name)
+                if pa.types.is_list(field.type):
+                    json_text[name] = _column(table, name + _TEXT)
+                elif pa.types.is_timestamp(field.type):
+                    column = timestamps(column)
             arrays.append(column)
         yield ArrowBatch(pa.record_batch(arrays, schema=rows.schema), json_text)
+
+
+def _column(table: pa.Table, name: str) -> pa.Array:
+    return table.column(name).chunk(0)
+
+
+def _read_json_lines(lines: pa.Buffer | bytes, schema: pa.Schema) -> pa.Table:
+    """Newline-separated JSON objects as a table of ``schema``, each column in one chunk."""
+    return pa_json.read_json(
+        pa.BufferReader(lines),
+        # One block for all the lines: a single parse, and each column in one piece.
+        read_options=pa_json.ReadOptions(use_threads=False, block_size=len(lines) + 1),
+        parse_options=pa_json.ParseOptions(
+            explicit_schema=schema, unexpected_field_behavior="error"
+        ),
+    )
 
 
 def _read_ahead(chunks: Generator[bytes, None, None]) -> Iterator[bytes]:
@@ -378,19 +386,36 @@ def _read_ahead(chunks: Generator[bytes, None, None]) -> Iterator[bytes]:
 
 #: The key under which a list or map column's stored JSON text travels beside its value.
 _TEXT = ":text"
-#: A map as pyarrow's JSON reader can build it: a list of key/value objects.
-_PAIRS = pa.list_(pa.struct([("key", pa.string()), ("value", pa.string())]))
+#: The key of the flag that a map column is NULL (its text then comes as ``{}``).
+_NULL = ":null"
+#: A JSON string, escapes included: a backslash always takes the next character with it.
+_JSON_STRING = r'"(?:[^"\\]|\\.)*"'
+_PAIRS = pa.schema([("v", pa.list_(pa.struct([("key", pa.string()), ("value", pa.string())])))])
 
 
-def _json_value(arrow_type: pa.DataType, expression: str) -> str:
-    """SQL embedding a stored JSON text column as JSON (a map as key/value pairs)."""
-    if pa.types.is_map(arrow_type):
-        pairs = (
-            f"(SELECT json_group_array(json_object('key', key, 'value', value)) "
-            f"FROM json_each({expression}))"
-        )
-        return f"json(CASE WHEN {expression} IS NULL THEN NULL ELSE {pairs} END)"
-    return f"json({expression})"
+def _maps(text: pa.Array, null: pa.Array) -> pa.Array:
+    """The store's JSON objects of strings (compact, as it writes them) as map<string, string>.
+
+    pyarrow's JSON reader builds no maps, and SQLite's ``json_each`` cuts a value at a NUL
+    character, so each object is rewritten as text, in C (``"name":"value"`` members as
+    ``{"key":"name","value":"value"}``, the braces as brackets), parsed as a list of pairs,
+    and the pairs' offsets and fields make the map; ``null`` marks the NULL ones.
+    """
+    members = pc.replace_substring_regex(
+        text, pattern=f"({_JSON_STRING}):({_JSON_STRING})", replacement=r'{"key":\1,"value":\2}'
+    )
+    lines = pc.replace_substring_regex(
+        members, pattern=r"(?s)^\{(.*)\}$", replacement='{"v":[\\1]}\n'
+    )
+    _, offsets, values = lines.buffers()
+    bounds = pa.Array.from_buffers(pa.int32(), len(lines) + 1, [None, offsets], lines.offset)
+    start, end = bounds[0].as_py(), bounds[-1].as_py()
+    text_of_all = values.slice(start, end - start)  # the values, end to end
+    pairs = _column(_read_json_lines(text_of_all, _PAIRS), "v")
+    entries = pairs.values
+    return pa.MapArray.from_arrays(
+        pairs.offsets, entries.field("key"), entries.field("value"), mask=null
+    )
 
 
 def _value(arrow_type: pa.DataType, expression: str) -> str:
@@ -403,13 +428,6 @@ def _value(arrow_type: pa.DataType, expression: str) -> str:
 def _as_read(arrow_type: pa.DataType) -> pa.DataType:
     """The type a column is parsed as: times as text (``timestamps`` casts them)."""
     return pa.string() if pa.types.is_timestamp(arrow_type) else arrow_type
-
-
-def _map_from_pairs(pairs: pa.Array) -> pa.Array:
-    entries = pairs.values
-    return pa.MapArray.from_arrays(
-        pairs.offsets, entries.field("key"), entries.field("value"), mask=pairs.is_null()
-    )
 
 
 def _csv_times(times: pa.Array) -> pa.Array:

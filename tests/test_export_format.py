@@ -159,6 +159,14 @@ def test_every_file_has_the_explicit_schema_and_json_text_in_csv(tmp_path):
     assert two["deleted_at"] == "" and two["tags"] == "[]"
 
 
+def test_a_map_stored_with_spaces_is_read_as_well(tmp_path):
+    spaced = '{ "Authorization" : "redacted:0123456789ab" ,  "X-Team":"a b" }'
+    [row] = pq.read_table(
+        export(tmp_path, "f.parquet", [fleet_row("r1", headers=spaced)])
+    ).to_pylist(maps_as_pydicts="strict")
+    assert row["headers"] == {"Authorization": "redacted:0123456789ab", "X-Team": "a b"}
+
+
 def test_an_empty_fleet_is_a_valid_file_with_the_schema(tmp_path):
     table = pq.read_table(export(tmp_path, "empty.parquet", []))
     assert table.num_rows == 0 and table.schema.equals(FLEET_SCHEMA)

@@ -394,7 +394,7 @@ _PAIRS = pa.schema([("v", pa.list_(pa.struct([("key", pa.string()), ("value", pa
 
 
 def _maps(text: pa.Array, null: pa.Array) -> pa.Array:
-    """The store's JSON objects of strings (compact, as it writes them) as map<string, string>.
+    """The store's JSON text of objects of strings as map<string, string>.
 
     pyarrow's JSON reader builds no maps, and SQLite's ``json_each`` cuts a value at a NUL
     character, so each object is rewritten as text, in C (``"name":"value"`` members as
@@ -402,10 +402,12 @@ def _maps(text: pa.Array, null: pa.Array) -> pa.Array:
     and the pairs' offsets and fields make the map; ``null`` marks the NULL ones.
     """
     members = pc.replace_substring_regex(
-        text, pattern=f"({_JSON_STRING}):({_JSON_STRING})", replacement=r'{"key":\1,"value":\2}'
+        text,
+        pattern=rf"({_JSON_STRING})\s*:\s*({_JSON_STRING})",
+        replacement=r'{"key":\1,"value":\2}',
     )
     lines = pc.replace_substring_regex(
-        members, pattern=r"(?s)^\{(.*)\}$", replacement='{"v":[\\1]}\n'
+        members, pattern=r"(?s)^\s*\{(.*)\}\s*$", replacement='{"v":[\\1]}\n'
     )
     _, offsets, values = lines.buffers()
     bounds = pa.Array.from_buffers(pa.int32(), len(lines) + 1, [None, offsets], lines.offset)

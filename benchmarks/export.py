@@ -4,7 +4,7 @@
 
 Builds a store of ``--runners`` runners by syncing the bundled simulator in process
 (``httpx.ASGITransport``, no sockets), then measures the snapshot a sync writes after it
-commits (``export.export_snapshots`` over ``history.fleet_query``), for Parquet alone, CSV
+commits (``series.export_snapshots``, with no earlier file to patch), for Parquet alone, CSV
 alone and both. The store is built, and each measurement runs, in a fresh child process of a
 parent that imports nothing heavy, so that each peak resident memory (``ru_maxrss``, which
 Linux carries across exec from the forking parent) is the export's own; the wall time
@@ -74,7 +74,7 @@ def build_in_child(db_path: Path, runners: int) -> dict[str, Any]:
 
 def measure_once(db_path: Path, case: str, out_dir: Path) -> dict[str, Any]:
     """One snapshot export of the store's latest sync (runs in the child process)."""
-    from pipeline.outputs import export
+    from pipeline.outputs import series
     from pipeline.read import history
     from pipeline.store import schema
 
@@ -84,12 +84,11 @@ def measure_once(db_path: Path, case: str, out_dir: Path) -> dict[str, Any]:
         raise RuntimeError("the store has no applied sync")
     baseline_mib = _max_rss_mib()
     started = time.perf_counter()
-    report = export.export_snapshots(
+    report = series.export_snapshots(
         out_dir,
         sync_id=applied.sync_id,
         snapshot_at=applied.finished_at,
         db=db,
-        fleet=history.fleet_query(applied.finished_at),
         formats=CASES[case],
     )
     seconds = time.perf_counter() - started

@@ -413,8 +413,9 @@ _SYNC_OPTIONS = (
         "--snapshot",
         type=click.Choice(SNAPSHOT_WHEN),
         default="changed",
-        help="Write the snapshot files after every sync (always), or only when the fleet "
-        "changed since the latest ones, on a new day, or when those are missing or damaged.",
+        help="Write every snapshot file from the store after every sync (always), or only "
+        "when the fleet changed since the latest files, on a new day, or when those are "
+        "missing or damaged, patching the latest files when they are in place (changed).",
     ),
     csv_safe_option,
     click.option(

@@ -18,6 +18,9 @@ never part of the `comfysync` command:
   connection: it is installed on the connection passed to that other function when the
   target's run calls it (the export phase: ``pipeline.read.history:json_lines``, which reads
   the fleet the snapshot files are written from, batch by batch, while they are open);
+* with ``--sleep-in module:function=SECONDS``, sleeps before every call of that function,
+  for a phase whose work is not SQLite's (a snapshot patched from the previous file:
+  ``pipeline.outputs.export:_batches``, called once per batch of rows it hands on);
 * with ``--set module:NAME=N`` (repeatable), sets an integer constant first: smaller read
   batches and row groups make a snapshot file grow step by step, so a kill can land with
   part of it written;
@@ -120,6 +123,17 @@ def slow_connection_of(function: Callable[..., Any], every: int) -> Callable[...
     return wrapped
 
 
+def sleeping_before(function: Callable[..., Any], seconds: float) -> Callable[..., Any]:
+    """``function``, sleeping ``seconds`` before each call."""
+
+    @functools.wraps(function)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
 def replace(target: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
     """Replace ``module:function`` where it is looked up by ``make(the original)``."""
     module_name, _, name = target.partition(":")
@@ -134,6 +148,7 @@ def main() -> None:
     parser.add_argument("--slow-sqlite", action="store_true")
     parser.add_argument("--slow-sqlite-in", metavar="MODULE:FUNCTION", default=None)
     parser.add_argument("--slow-every", type=int, default=60)
+    parser.add_argument("--sleep-in", metavar="MODULE:FUNCTION=SECONDS", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="MODULE:NAME=N")
     parser.add_argument("--max-page-count-headroom", type=int, default=None)
     parser.add_argument("--pause-after", type=float, default=0.0)
@@ -154,6 +169,9 @@ def main() -> None:
     )
     if options.slow_sqlite_in:
         replace(options.slow_sqlite_in, lambda f: slow_connection_of(f, options.slow_every))
+    if options.sleep_in:
+        target, _, seconds = options.sleep_in.partition("=")
+        replace(target, lambda f: sleeping_before(f, float(seconds)))
     from pipeline.cli import main as comfysync
 
     cli_args = options.cli_args[1:] if options.cli_args[:1] == ["--"] else options.cli_args

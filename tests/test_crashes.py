@@ -72,6 +72,8 @@ class Phase:
     aim_after: bool = False
     #: {exports} is the snapshot folder; the previous sync's files are in it.
     command: tuple[str, ...] = ("sync", "--base-url", "{url}", "--token", "t", "--db", "{db}", "--export-dir", "{exports}", "--keep-snapshots", "1")  # fmt: skip
+    #: ``always``: every file written from the store; ``changed``: patched from the last.
+    snapshot: str = "changed"
     trials: int = 5  # in the default suite; -m slow adds three times as many
 
 
@@ -81,7 +83,8 @@ PHASES = {
     "walk": Phase("pipeline.sync.run:walk_all_pages", latency_ms=40),
     "apply": Phase("pipeline.store.write:apply_changes", ("--slow-sqlite",)),
     "after-apply": Phase("pipeline.store.write:apply_changes", ("--pause-after", "1"), "after", aim_after=True, trials=2),
-    "export": Phase("pipeline.outputs.export:export_snapshots", ("--slow-sqlite-in", "pipeline.read.history:json_lines", *SMALL_BATCHES), "after", trials=3),
+    "export": Phase("pipeline.outputs.series:export_snapshots", ("--slow-sqlite-in", "pipeline.read.history:json_lines", *SMALL_BATCHES), "after", trials=3, snapshot="always"),
+    "patch": Phase("pipeline.outputs.series:export_snapshots", ("--sleep-in", "pipeline.outputs.export:_batches=0.05", *SMALL_BATCHES), "after", trials=3),
 }  # fmt: skip
 
 
@@ -127,6 +130,7 @@ class HarnessRun:
 def start_harness(phase: str, db: Path, url: str, exports: Path) -> HarnessRun:
     spec = PHASES[phase]
     command = [part.format(url=url, db=db, exports=exports) for part in spec.command]
+    command += ["--snapshot", spec.snapshot]
     stderr_path = db.with_suffix(".stderr")
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(

@@ -14,14 +14,19 @@ wrote it (a snapshot after a sync or ``comfysync export``):
 
 Every file is written atomically (``snapshot.write_atomically``): a reader, or a crash, can
 only ever see the previous file or the complete new one under the final name, never a
-truncated one. Snapshots after a sync (``export_snapshots``) and ad-hoc exports
+truncated one. Snapshots after a sync (``pipeline/outputs/series.py``) and ad-hoc exports
 (``export_file``) both come through here; ``pipeline/outputs/snapshot.py`` owns the folder tree.
+A snapshot may also be made from the previous snapshot file and the runners changed since
+(``patched_rows``): the same bytes as a write from the store, for less work.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+import itertools
+import struct
+from collections.abc import Callable, Generator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +40,8 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigurationError, ExportError
 from pipeline.outputs.snapshot import (
-    Location,
-    SnapshotFile,
-    SnapshotReport,
     explain_write_failure,
-    finish_snapshot,
     write_atomically,
-    write_snapshot_files,
 )
 from pipeline.read import history
 from pipeline.read.history import RUN_COLUMNS, parse_instant
@@ -140,11 +140,40 @@ class ArrowBatch:
     typed: pa.RecordBatch
     json_text: dict[str, pa.Array]
 
+    def as_csv(self, csv_safe: bool) -> pa.RecordBatch:
+        """The rows as CSV shows them (``csv_schema``): times as ISO 8601 text, lists and
+        maps as the store's JSON text, formulas neutralised if ``csv_safe``."""
+        arrays = []
+        for field, column in zip(self.typed.schema, self.typed.columns, strict=True):
+            if field.name in self.json_text:
+                column = self.json_text[field.name]
+            elif pa.types.is_timestamp(field.type):
+                column = _csv_times(column)
+            arrays.append(column)
+        text = pa.record_batch(arrays, schema=csv_schema(self.typed.schema))
+        return _neutralise_formulas(text) if csv_safe else text
+
+
+@dataclass(frozen=True)
+class CsvBatch:
+    """Rows read back from a CSV file, in its ``csv_schema``: only ever written as CSV, as
+    they are (a snapshot patched from the previous one, ``pipeline.outputs.series``)."""
+
+    text: pa.RecordBatch
+
+    def as_csv(self, csv_safe: bool) -> pa.RecordBatch:
+        """The rows as they were read: neutralised already if the file was ``csv_safe``."""
+        return self.text
+
+
+#: What an export file is given to write.
+Batch = ArrowBatch | CsvBatch
+
 
 class ExportFile(Protocol):
     """One file being written in one format, batch by batch."""
 
-    def write(self, batch: ArrowBatch) -> None: ...
+    def write(self, batch: Batch) -> None: ...
 
     def close(self) -> int:
         """Finish the file; returns the rows written."""
@@ -205,7 +234,7 @@ def write_export_files(
             except Exception as exc:
                 outcome[fmt] = exc
         try:
-            for batch in _arrow_batches(rows) if files else ():
+            for batch in arrow_batches(rows) if files else ():
                 for fmt, file in list(files.items()):
                     try:
                         file.write(batch)
@@ -245,7 +274,9 @@ class _ParquetFile:
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = self._rows = 0
 
-    def write(self, batch: ArrowBatch) -> None:
+    def write(self, batch: Batch) -> None:
+        if not isinstance(batch, ArrowBatch):
+            raise TypeError("a Parquet file is written from typed rows only")
         self._pending.append(batch.typed)
         self._pending_rows += batch.typed.num_rows
         self._rows += batch.typed.num_rows
@@ -269,21 +300,13 @@ class _CsvFile:
     """Times as ISO 8601 text, lists and maps as the store's JSON text, the rest as typed."""
 
     def __init__(self, path: Path, schema: pa.Schema, csv_safe: bool) -> None:
-        self._schema = csv_schema(schema)
-        self._writer = pa_csv.CSVWriter(path, self._schema)
+        self._writer = pa_csv.CSVWriter(path, csv_schema(schema))
         self._csv_safe = csv_safe
         self._rows = 0
 
-    def write(self, batch: ArrowBatch) -> None:
-        arrays = []
-        for field, column in zip(batch.typed.schema, batch.typed.columns, strict=True):
-            if field.name in batch.json_text:
-                column = batch.json_text[field.name]
-            elif pa.types.is_timestamp(field.type):
-                column = _csv_times(column)
-            arrays.append(column)
-        text = pa.record_batch(arrays, schema=self._schema)
-        self._writer.write_batch(_neutralise_formulas(text) if self._csv_safe else text)
+    def write(self, batch: Batch) -> None:
+        text = batch.as_csv(self._csv_safe)
+        self._writer.write_batch(text)
         self._rows += text.num_rows
 
     def close(self) -> int:
@@ -304,7 +327,7 @@ def _is_text_in_csv(arrow_type: pa.DataType) -> bool:
     )
 
 
-def _arrow_batches(rows: ExportRows) -> Iterator[ArrowBatch]:
+def arrow_batches(rows: ExportRows) -> Iterator[ArrowBatch]:
     """The rows, batch by batch, as typed Arrow columns, with no Python object per value.
 
     SQLite writes each row as one JSON object (``history.json_lines``) and pyarrow parses a
@@ -477,44 +500,6 @@ class ExportResult:
     description: str
 
 
-def export_snapshots(
-    export_dir: Location,
-    *,
-    sync_id: int,
-    snapshot_at: str,
-    db: Any,
-    fleet: history.Query,
-    formats: Iterable[str] = EXPORT_FORMATS,
-    csv_safe: bool = False,
-    keep: int | None = None,
-    write: FileWriter = open_export_file,
-    account: str | None = None,
-    kept: Mapping[str, SnapshotFile] | None = None,
-) -> SnapshotReport:
-    """Write sync ``sync_id``'s snapshot in each format, then prune to ``keep`` if given.
-
-    ``fleet`` reads, from ``db``, the fleet as that sync left it; it is read once, for all
-    formats, and only if a format is to be written. ``kept`` are the formats whose latest
-    file this sync keeps (``snapshot.kept_files``): not written again, reported as they
-    are, and never pruned by this sync.
-    Failures are reported in the returned files, never raised: a snapshot must not fail
-    the sync it follows.
-    """
-    formats = tuple(dict.fromkeys(formats))
-    kept = kept or {}
-    rows = ExportRows(FLEET_SCHEMA, db, fleet, sync_id=sync_id, snapshot_at=snapshot_at)
-    written = write_snapshot_files(
-        export_dir,
-        [fmt for fmt in formats if fmt not in kept],
-        sync_id=sync_id,
-        snapshot_at=snapshot_at,
-        write=lambda temporaries: write_export_files(temporaries, rows, csv_safe, write),
-        account=account,
-    )
-    files = sorted((*written, *kept.values()), key=lambda f: formats.index(f.format))
-    return finish_snapshot(export_dir, files, keep=keep, account=account)
-
-
 def export_file(
     db_path: Path,
     output: Path,
@@ -579,9 +564,187 @@ def _what_to_export(
 
 def arrow_table(rows: ExportRows) -> pa.Table:
     """``rows`` as one Arrow table in their Parquet schema (for the Iceberg tables)."""
-    return pa.Table.from_batches([b.typed for b in _arrow_batches(rows)], schema=rows.schema)
+    return pa.Table.from_batches([b.typed for b in arrow_batches(rows)], schema=rows.schema)
 
 
 def with_account(table: pa.Table, account: str) -> pa.Table:
     """``table`` with the ``account`` column added, ``account`` in every row."""
     return table.append_column(ACCOUNT_FIELD, pa.array([account] * len(table), pa.string()))
+
+
+#: How much of a CSV file is parsed at a time.
+_CSV_BLOCK_BYTES = 1 << 18
+
+
+class NotPatchable(Exception):
+    """A snapshot file is not what its record says, so nothing is patched from it."""
+
+
+def patched_rows(
+    fmt: str,
+    base: Path,
+    recorded_rows: int,
+    changed: list[ArrowBatch],
+    gone: list[str],
+    rows: ExportRows,
+    csv_safe: bool,
+) -> Iterator[Batch]:
+    """The rows of ``rows`` (a FLEET_SCHEMA snapshot) made from the ``fmt`` snapshot file
+    ``base`` (holding ``recorded_rows``): its rows less those of the runners ``gone``, plus
+    ``changed`` (those runners now, sorted by id), merged by id, with the ``sync_id`` and
+    ``snapshot_at`` of ``rows``. NotPatchable when the file is not as recorded.
+    """
+    shared = _shared_values(rows)
+    if fmt == "parquet":
+        news = pa.Table.from_batches([b.typed for b in changed], FLEET_SCHEMA)
+        return _merged(_parquet_rows(base, recorded_rows), news, _strings(gone), shared, _typed)
+    text = csv_schema(FLEET_SCHEMA)
+    news = pa.Table.from_batches([b.as_csv(csv_safe) for b in changed], text)
+    if csv_safe:
+        _check_ids_unchanged(news.column("id"))
+    shared = {name: _as_csv(name, value) for name, value in shared.items()}
+    return _merged(_csv_rows(base, recorded_rows, csv_safe), news, _strings(gone), shared, CsvBatch)
+
+
+def _parquet_rows(path: Path, recorded_rows: int) -> Iterator[Batch]:
+    """The rows of a Parquet snapshot, checked against its schema and recorded row count."""
+    with pq.ParquetFile(path) as file:
+        if not file.schema_arrow.equals(FLEET_SCHEMA):
+            raise NotPatchable("another schema")
+        if file.metadata.num_rows != recorded_rows:
+            raise NotPatchable("another row count than recorded")
+        for batch in file.iter_batches(batch_size=history.BATCH_ROWS, use_threads=False):
+            yield ArrowBatch(batch, {})
+
+
+def _csv_rows(path: Path, recorded_rows: int, csv_safe: bool) -> Iterator[Batch]:
+    """The rows of a CSV snapshot as written (text, the two integer columns as such),
+    checked against its header and recorded row count (and, ``csv_safe``, its ids)."""
+    text = csv_schema(FLEET_SCHEMA)
+    reader = pa_csv.open_csv(
+        path,
+        # Small blocks: the reader holds several at once, and larger ones are no faster.
+        read_options=pa_csv.ReadOptions(block_size=_CSV_BLOCK_BYTES, use_threads=False),
+        parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+        # As the writer writes them: NULL as an empty field, an empty text quoted.
+        convert_options=pa_csv.ConvertOptions(
+            column_types=text,
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+        ),
+    )
+    with reader:
+        if reader.schema.names != text.names:
+            raise NotPatchable("another header")
+        count = 0
+        for batch in reader:
+            count += batch.num_rows
+            if csv_safe:
+                _check_ids_unchanged(batch.column("id"))
+            yield CsvBatch(batch.cast(text))
+    if count != recorded_rows:
+        raise NotPatchable("another row count than recorded")
+
+
+def _merged(
+    base: Iterator[Batch],
+    news: pa.Table,
+    gone: pa.Array,
+    shared: Mapping[str, pa.Scalar],
+    wrap: Callable[[pa.RecordBatch], Batch],
+) -> Iterator[Batch]:
+    """``base``'s rows (sorted by id) less ``gone``, and ``news`` (sorted by id), merged by
+    id, with ``shared`` in every row, in batches of ``history.BATCH_ROWS`` as the store's
+    reads come, so that the file is laid out as a write from the store lays it out."""
+    pending: list[pa.Table] = []
+    held = taken = 0
+    last_id: str | None = None
+    ids = news.column("id")
+    for batch in base:
+        rows = _rows_of(batch)
+        rows = rows.filter(pc.invert(pc.is_in(rows.column("id"), value_set=gone)))
+        if not rows.num_rows:
+            continue
+        last_id = _check_order(rows.column("id"), last_id)
+        last = rows.column("id")[-1]  # a pyarrow scalar: a Python one would import pandas
+        upto = taken + int(pc.sum(pc.less_equal(ids.slice(taken), last)).as_py() or 0)
+        part = pa.concat_tables([rows, news.slice(taken, upto - taken)]).sort_by("id")
+        taken = upto
+        pending.append(part)
+        held += part.num_rows
+        if held >= history.BATCH_ROWS:
+            pending, held = yield from _batches(pending, shared, wrap, whole_only=True)
+    pending.append(news.slice(taken))
+    yield from _batches(pending, shared, wrap, whole_only=False)
+
+
+def _batches(
+    pending: list[pa.Table],
+    shared: Mapping[str, pa.Scalar],
+    wrap: Callable[[pa.RecordBatch], Batch],
+    *,
+    whole_only: bool,
+) -> Generator[Batch, None, tuple[list[pa.Table], int]]:
+    """``pending`` with ``shared`` set, as batches of ``history.BATCH_ROWS`` rows (only whole
+    ones if ``whole_only``); returns what is left over, and its row count."""
+    table = pa.concat_tables(pending).combine_chunks()
+    whole = table.num_rows - table.num_rows % history.BATCH_ROWS if whole_only else table.num_rows
+    for name, value in shared.items():
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, table.schema.field(index), pa.repeat(value, table.num_rows))
+    for batch in table.slice(0, whole).to_batches(max_chunksize=history.BATCH_ROWS):
+        yield wrap(batch)
+    rest = table.slice(whole)
+    return [rest], rest.num_rows
+
+
+def _rows_of(batch: Batch) -> pa.Table:
+    return pa.Table.from_batches([batch.typed if isinstance(batch, ArrowBatch) else batch.text])
+
+
+def _typed(batch: pa.RecordBatch) -> Batch:
+    return ArrowBatch(batch, {})
+
+
+def _check_order(ids: pa.ChunkedArray, previous: str | None) -> str:
+    """The last of ``ids``, once they are shown to be sorted after ``previous``: the merge
+    relies on it, and a file edited by hand might not be."""
+    column = ids.combine_chunks()
+    if pc.any(pc.less_equal(column.slice(1), column.slice(0, len(column) - 1))).as_py() or (
+        previous is not None and column[0].as_py() <= previous
+    ):
+        raise NotPatchable("its ids are not in order")
+    last: str = column[-1].as_py()
+    return last
+
+
+def _check_ids_unchanged(ids: pa.Array | pa.ChunkedArray) -> None:
+    """Refuse a ``csv_safe`` CSV file whose ids may not be the runners' own: one that starts
+    with a quote is either prefixed or was sent so, and the merge needs the ids themselves."""
+    if pc.any(pc.starts_with(ids, pattern="'")).as_py():
+        raise NotPatchable("an id starts with a quote or a formula character")
+
+
+def _shared_values(rows: ExportRows) -> dict[str, pa.Scalar]:
+    sync_id = struct.pack("<q", int(rows.sync_id or 0))
+    return {
+        "sync_id": pa.Array.from_buffers(pa.int64(), 1, [None, pa.py_buffer(sync_id)])[0],
+        "snapshot_at": timestamps(_strings([str(rows.snapshot_at)]))[0],
+    }
+
+
+def _as_csv(name: str, value: pa.Scalar) -> pa.Scalar:
+    """A shared value as CSV shows it (the same conversion as every other row's)."""
+    one = ArrowBatch(pa.record_batch([pa.repeat(value, 1)], names=[name]), {})
+    return one.as_csv(False).column(0)[0]
+
+
+def _strings(values: list[str]) -> pa.Array:
+    """``values`` as an Arrow string array, built from its buffers: making one from Python
+    objects (``pa.array``) has pyarrow import pandas to check for its types, which costs a
+    sync more than the whole patch."""
+    encoded = [value.encode() for value in values]
+    offsets = array.array("i", itertools.accumulate(map(len, encoded), initial=0))
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
+    return pa.Array.from_buffers(pa.string(), len(values), buffers)

@@ -421,6 +421,20 @@ def _keepable(
     account: str | None,
 ) -> Location | None:
     """Where ``record``'s file is now, if this sync may keep it as its own snapshot."""
+    path = _in_place(export_dir, record, csv_safe, account)
+    if record is None or path is None:
+        return None
+    own = snapshot_path(
+        export_dir, record.format, sync_id=0, snapshot_at=snapshot_at, account=account
+    )
+    return path if path.parent == own.parent else None  # another day's folder gets it too
+
+
+def _in_place(
+    export_dir: Location, record: SnapshotRecord | None, csv_safe: bool, account: str | None
+) -> Location | None:
+    """Where ``record``'s file is now, if it is still there as its sync recorded it (and, for
+    CSV, was written with this ``csv_safe``)."""
     if record is None or (record.format == "csv" and record.csv_safe is not csv_safe):
         return None
     # Where the layout puts it under the export folder of this sync, wherever the database
@@ -432,12 +446,27 @@ def _keepable(
         snapshot_at=record.snapshot_at,
         account=account,
     )
-    own = snapshot_path(
-        export_dir, record.format, sync_id=0, snapshot_at=snapshot_at, account=account
-    )
-    if path.parent != own.parent:  # another day: this one's folder gets the fleet too
-        return None
     return path if file_size(path) == record.bytes else None
+
+
+def patch_bases(
+    export_dir: Location,
+    latest: Mapping[str, SnapshotRecord],
+    formats: Iterable[str],
+    *,
+    csv_safe: bool,
+    account: str | None = None,
+) -> dict[str, tuple[Path, SnapshotRecord]]:
+    """format -> the latest file (``latest``: ``history.latest_snapshots``) in a local
+    folder, still in place, from which this sync's file may be patched rather than
+    written from the store: its path under ``export_dir``, and its record."""
+    bases = {}
+    for fmt in formats:
+        record = latest.get(fmt)
+        path = _in_place(export_dir, record, csv_safe, account)
+        if record is not None and isinstance(path, Path):
+            bases[fmt] = (path, record)
+    return bases
 
 
 def finish_snapshot(

@@ -89,17 +89,27 @@ class Query:
     params: dict[str, object] | list[object] = field(default_factory=list)
 
 
-def fleet_query(at: str | None = None, *, include_deleted: bool = False) -> Query:
+def fleet_query(
+    at: str | None = None, *, include_deleted: bool = False, touched_after: int | None = None
+) -> Query:
     """Every runner, in FLEET_COLUMNS order, sorted by id: present ones unless asked.
 
     With ``at`` (store time text), as the store knew it then, rebuilt from the versions:
     runners the store had not yet seen are absent, deleted ones come with ``deleted_at``.
-    Without, the ``runners`` table as it is.
+    Without, the ``runners`` table as it is; with ``touched_after`` too, only the runners
+    a sync after that one changed (``touched_since``).
     """
     if at is None:
-        where = "" if include_deleted else "WHERE r.deleted_at IS NULL"
+        where = [] if include_deleted else ["r.deleted_at IS NULL"]
+        params: list[object] = []
+        if touched_after is not None:
+            where.append(f"r.id IN ({_TOUCHED})")
+            params.append(touched_after)
+        condition = f"WHERE {' AND '.join(where)}" if where else ""
         columns = tuple((name, f"r.{name}") for name in FLEET_COLUMNS)
-        return Query(columns, f"FROM runners AS r {where} ORDER BY r.id")
+        return Query(columns, f"FROM runners AS r {condition} ORDER BY r.id", params)
+    if touched_after is not None:
+        raise ValueError("touched_after reads the runners table as it is: not with at")
     # first_seen_at is version 1's valid_from (the store sets both from the same clock
     # reading); a deleted version's valid_from is the moment the runner was marked deleted.
     expressions = (
@@ -119,6 +129,24 @@ ORDER BY v.runner_id"""
     return Query(tuple(zip(FLEET_COLUMNS, expressions, strict=True)), source, {"at": at})
 
 
+#: The runners a sync after the one given (``?``) created, changed, deleted or restored.
+_TOUCHED = "SELECT runner_id FROM runner_versions WHERE sync_id > ?"
+
+
+def touched_since(db: Database, sync_id: int, limit: int) -> list[str] | None:
+    """The ids of the runners a sync after ``sync_id`` changed in any way (every change is
+    a version); None if there are more than ``limit``."""
+    found = [
+        row[0]
+        for row in db.execute(
+            "SELECT DISTINCT runner_id FROM runner_versions "
+            "INDEXED BY idx_runner_versions_sync_id WHERE sync_id > ? LIMIT ?",
+            [sync_id, limit + 1],
+        )
+    ]
+    return None if len(found) > limit else found
+
+
 def versions_query(runner_id: str | None = None, *, touched_after: int | None = None) -> Query:
     """Every version in VERSION_COLUMNS order, by runner and version: of one runner if
     ``runner_id``; of the runners a sync after ``touched_after`` changed, if given."""
@@ -128,7 +156,7 @@ def versions_query(runner_id: str | None = None, *, touched_after: int | None = 
         where.append("v.runner_id = ?")
         params.append(runner_id)
     if touched_after is not None:
-        where.append("v.runner_id IN (SELECT runner_id FROM runner_versions WHERE sync_id > ?)")
+        where.append(f"v.runner_id IN ({_TOUCHED})")
         params.append(touched_after)
     condition = f"WHERE {' AND '.join(where)}" if where else ""
     columns = tuple((name, f"v.{name}") for name in VERSION_COLUMNS)
@@ -257,14 +285,9 @@ def snapshot_of_sync(db: Database, sync_id: int) -> dict[str, SnapshotRecord]:
     return {record.format: record for record in map(_snapshot_record, found)}
 
 
-def snapshots_holding_fleet(db: Database, sync_id: int) -> dict[str, SnapshotRecord]:
-    """format -> the latest recorded snapshot file that holds the fleet sync ``sync_id`` left.
-
-    That is, per format, the newest file recorded by a sync before ``sync_id`` (or by a
-    sync that kept one) when no sync applied any change between the file's sync and
-    ``sync_id`` included: the runners are then exactly the file's. Formats without such a
-    file are absent.
-    """
+def latest_snapshots(db: Database, sync_id: int) -> dict[str, SnapshotRecord]:
+    """format -> the newest snapshot file recorded, written or kept, by a sync before
+    ``sync_id``: it holds the fleet its ``file_sync_id`` left."""
     latest = db.execute(
         _SNAPSHOT_RECORDS.format(
             where="s.id IN (SELECT max(id) FROM snapshots WHERE error IS NULL AND sync_id < ? "
@@ -272,9 +295,19 @@ def snapshots_holding_fleet(db: Database, sync_id: int) -> dict[str, SnapshotRec
         ),
         [sync_id],
     )
+    return {record.format: record for record in map(_snapshot_record, latest)}
+
+
+def snapshots_holding_fleet(db: Database, sync_id: int) -> dict[str, SnapshotRecord]:
+    """format -> the latest recorded snapshot file that holds the fleet sync ``sync_id`` left.
+
+    That is, per format, the ``latest_snapshots`` file when no sync applied any change
+    between the file's sync and ``sync_id`` included: the runners are then exactly the
+    file's. Formats without such a file are absent.
+    """
     return {
-        record.format: record
-        for record in map(_snapshot_record, latest)
+        fmt: record
+        for fmt, record in latest_snapshots(db, sync_id).items()
         if not _changed_between(db, record.file_sync_id, sync_id)
     }
 

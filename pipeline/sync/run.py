@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from pipeline.outputs.export import FileWriter
     from pipeline.outputs.objects import ObjectPath
     from pipeline.outputs.snapshot import SnapshotFile
+    from pipeline.read.history import SnapshotRecord
 
 log = logging.getLogger(__name__)
 
@@ -302,16 +303,20 @@ def _write_snapshots(
     Under the sync's lock nothing else writes the store, so the fleet this sync left is the
     ``runners`` table's present rows, read once for every format. Unless ``--snapshot
     always``, a format whose latest file already holds this fleet keeps it
-    (``snapshot.kept_files`` says when).
+    (``snapshot.kept_files`` says when), and one whose latest file is in place is patched
+    from it (``pipeline.outputs.series``).
     """
     from pipeline.outputs import snapshot
     from pipeline.read import history
 
-    unchanged = {}
+    latest: dict[str, SnapshotRecord] = {}
+    unchanged: dict[str, SnapshotRecord] = {}
     if settings.snapshot != "always":
         try:
+            latest = history.latest_snapshots(db, summary.sync_id)
             unchanged = history.snapshots_holding_fleet(db, summary.sync_id)
         except Exception as exc:  # whatever stops it, the files are written, as with "always"
+            latest = unchanged = {}
             log.debug("could not read the latest snapshot files", exc_info=True)
             log.warning(
                 "could not read the latest snapshot files (%s); writing new ones",
@@ -332,20 +337,26 @@ def _write_snapshots(
             export_dir, kept.values(), keep=settings.keep_snapshots, account=settings.account
         )
     else:
-        from pipeline.outputs import export  # pyarrow: loaded only by syncs that write files
+        from pipeline.outputs import series  # pyarrow: loaded only by syncs that write files
 
-        report = export.export_snapshots(
+        report = series.export_snapshots(
             export_dir,
             sync_id=summary.sync_id,
             snapshot_at=applied_at,
             db=db,
-            fleet=history.fleet_query(),
             formats=formats,
             csv_safe=settings.csv_safe,
             keep=settings.keep_snapshots,
-            write=write_export_file or export.open_export_file,
+            write=write_export_file,
             account=settings.account,
             kept=kept,
+            bases=snapshot.patch_bases(
+                export_dir,
+                latest,
+                [fmt for fmt in formats if fmt not in kept],
+                csv_safe=settings.csv_safe,
+                account=settings.account,
+            ),
         )
     for error in (f.error for f in report.files if f.error):
         log.warning("snapshot not written (the sync itself succeeded): %s", error)

@@ -126,28 +126,41 @@ def _break_order(path: Path) -> None:
     path.write_bytes(b"\n".join([header, second, first, *rest]))
 
 
+def _garble(path: Path) -> None:
+    """Overwrite a file with bytes that are no Parquet, keeping its size."""
+    path.write_bytes(b"\x00" * path.stat().st_size)
+
+
 @pytest.mark.parametrize(
-    ("spoil", "reason"),
+    ("spoil", "message"),
     [
-        (lambda db, csv: _break_order(csv), "csv snapshot from .*: its ids are not in order"),
         (
-            lambda db, csv: _execute(db, "UPDATE snapshots SET rows = rows + 1"),
-            "(parquet|csv) snapshot from .*: another row count than recorded",
+            lambda db, files: _break_order(files["csv"]),
+            "not patching the csv snapshot from .*: its ids are not in order",
+        ),
+        (
+            lambda db, files: _execute(db, "UPDATE snapshots SET rows = rows + 1"),
+            "not patching the (parquet|csv) snapshot from .*: another row count than recorded",
+        ),
+        (
+            lambda db, files: _garble(files["parquet"]),
+            "could not patch the parquet snapshot from ",
         ),
     ],
-    ids=["rows out of order", "another row count"],
+    ids=["rows out of order", "another row count", "not parquet"],
 )
 def test_a_latest_file_unlike_its_record_is_written_from_the_store(
-    serve_account, db_path, tmp_path, caplog, spoil, reason
+    serve_account, db_path, tmp_path, caplog, spoil, message
 ):
     upstream = serve_account(runners=30, seed=73)
     settings = settings_for(upstream, db_path, export_dir=tmp_path / "exports")
     first = run_sync(settings)
-    spoil(db_path, Path(next(f.path for f in first.snapshots if f.format == "csv")))
+    spoil(db_path, {f.format: Path(f.path) for f in first.snapshots})
     upstream.account.rename_runner(upstream.account.runner_ids()[0], "renamed")
     with caplog.at_level(logging.DEBUG, logger="pipeline.outputs.series"):
         second = run_sync(settings)
-    assert any(re.search("not patching the " + reason, r.getMessage()) for r in caplog.records)
+    assert any(re.match(message, r.getMessage()) for r in caplog.records)
+    assert [f.error for f in second.snapshots] == [None, None]
     assert sync_files(second) == written_from_store(db_path, 2, tmp_path / "full")
 
 

@@ -10,9 +10,10 @@ the file a write from the store makes, byte for byte (the tests compare the two)
 less work: reading the file back is cheap next to reading every runner out of SQLite.
 
 A format is written from the store instead when its file looks other than recorded (another
-schema, another row count, ids out of order), when reading it fails, or when more than
-``MAX_PATCHED_RUNNERS`` runners changed (they are held in memory while the file is merged).
-``--snapshot always`` never patches: every file is then written from the store.
+schema, another row count, ids out of order), when anything else stops the patch, when it is
+in an object store, for a ``csv_safe`` CSV file once an id may carry the formula prefix, or
+when more than ``MAX_PATCHED_RUNNERS`` runners changed (they are held in memory while the
+file is merged). ``--snapshot always`` never patches: every file is written from the store.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def _patch(
     rows: ExportRows,
     csv_safe: bool,
     open_file: FileWriter,
-) -> dict[str, int | Exception]:
+) -> dict[str, int]:
     """The formats of ``temporaries`` patched from their ``bases``, with the rows written in
     each; a format absent from the result is to be written from the store."""
     patchable = {fmt: bases[fmt] for fmt in temporaries if fmt in bases}
@@ -133,7 +134,7 @@ def _patch(
         except NotPatchable as exc:
             log.debug("not patching the %s snapshot from %s: %s", fmt, path, exc)
             return None
-        except (OSError, ValueError) as exc:  # unreadable: pyarrow's errors are ValueErrors
+        except Exception as exc:  # unreadable, or a full disk: the store still has the fleet
             log.debug("could not patch the %s snapshot from %s", fmt, path, exc_info=exc)
             return None
         log.debug(

@@ -253,7 +253,7 @@ def test_a_failed_look_up_of_the_latest_files_writes_new_ones(
     def broken(db, sync_id):
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(history, "snapshots_holding_fleet", broken)
+    monkeypatch.setattr(history, "latest_snapshots", broken)
     second = run_sync(settings)
     assert second.status == "success"
     assert [(f.same_as_sync_id, f.error) for f in second.snapshots] == [(None, None)] * 2

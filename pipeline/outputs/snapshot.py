@@ -388,7 +388,7 @@ def kept_files(
     csv_safe: bool,
     account: str | None = None,
 ) -> dict[str, SnapshotFile]:
-    """The formats whose latest file (``latest``: ``history.snapshots_holding_fleet``, the
+    """The formats whose latest file (``latest``: ``history.holding_fleet``, the
     files that hold this sync's fleet) sync ``sync_id`` keeps as its own snapshot.
 
     A file is kept when it is still in place under ``export_dir`` with the size its sync

@@ -18,7 +18,7 @@ bounded memory; each query is one statement, hence one consistent read of the da
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
@@ -298,16 +298,15 @@ def latest_snapshots(db: Database, sync_id: int) -> dict[str, SnapshotRecord]:
     return {record.format: record for record in map(_snapshot_record, latest)}
 
 
-def snapshots_holding_fleet(db: Database, sync_id: int) -> dict[str, SnapshotRecord]:
-    """format -> the latest recorded snapshot file that holds the fleet sync ``sync_id`` left.
-
-    That is, per format, the ``latest_snapshots`` file when no sync applied any change
-    between the file's sync and ``sync_id`` included: the runners are then exactly the
-    file's. Formats without such a file are absent.
-    """
+def holding_fleet(
+    db: Database, latest: Mapping[str, SnapshotRecord], sync_id: int
+) -> dict[str, SnapshotRecord]:
+    """Those of the ``latest_snapshots`` files that hold the fleet sync ``sync_id`` left:
+    no sync applied any change between the file's sync and ``sync_id`` included, so the
+    runners are exactly the file's."""
     return {
         fmt: record
-        for fmt, record in latest_snapshots(db, sync_id).items()
+        for fmt, record in latest.items()
         if not _changed_between(db, record.file_sync_id, sync_id)
     }
 

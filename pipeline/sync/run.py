@@ -314,7 +314,7 @@ def _write_snapshots(
     if settings.snapshot != "always":
         try:
             latest = history.latest_snapshots(db, summary.sync_id)
-            unchanged = history.snapshots_holding_fleet(db, summary.sync_id)
+            unchanged = history.holding_fleet(db, latest, summary.sync_id)
         except Exception as exc:  # whatever stops it, the files are written, as with "always"
             latest = unchanged = {}
             log.debug("could not read the latest snapshot files", exc_info=True)

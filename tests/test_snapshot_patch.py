@@ -374,3 +374,49 @@ def test_the_latest_files_of_a_sync_are_what_the_store_records(serve_account, db
         assert latest == snapshot_of_sync(db, 2)
     finally:
         db.close()
+
+
+def test_files_made_before_an_upgrade_are_neither_kept_nor_patched_from(
+    serve_account, db_path, tmp_path, caplog
+):
+    """A migration may rewrite stored runners without a version (m008 respelled times and
+    rehashed rows), so the files made before it may not hold what the store holds."""
+    from pipeline.store import schema
+    from pipeline.store.meta import META_TABLE, SNAPSHOTS_REUSABLE_AFTER, read_meta
+
+    # An upgrade marks the last sync before it (a new database has no mark).
+    old = tmp_path / "old.db"
+    legacy = schema.Database(old)
+    schema.migrations.apply(legacy, stop_before="m010_snapshot_reuse")
+    legacy.table(META_TABLE).upsert({"key": "schema_version", "value": "9"}, pk="key")
+    for _ in range(2):
+        legacy.execute(
+            "INSERT INTO sync_runs (started_at, status) VALUES ('2026-01-01', 'success')"
+        )
+    legacy.conn.commit()
+    legacy.close()
+    for path, mark in ((old, "2"), (tmp_path / "new.db", None)):
+        db = schema.open_store(path)
+        assert read_meta(db, SNAPSHOTS_REUSABLE_AFTER) == mark
+        db.close()
+
+    # Sync 1's files, then an upgrade after it: sync 2 (nothing changed) writes its own
+    # files, from the store; sync 3 (one change) is patched from sync 2's.
+    upstream = serve_account(runners=20, seed=77)
+    settings = settings_for(upstream, db_path, export_dir=tmp_path / "exports")
+    run_sync(settings)
+    _execute(
+        db_path,
+        f"INSERT INTO {META_TABLE} (key, value) VALUES ('{SNAPSHOTS_REUSABLE_AFTER}', '1')",
+    )
+    with caplog.at_level(logging.DEBUG, logger="pipeline.outputs.series"):
+        second = run_sync(settings)
+    assert [(f.same_as_sync_id, f.error) for f in second.snapshots] == [(None, None)] * 2
+    assert "patched" not in caplog.text
+    assert sync_files(second) == written_from_store(db_path, 2, tmp_path / "full-2")
+    upstream.account.rename_runner(upstream.account.runner_ids()[0], "renamed")
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="pipeline.outputs.series"):
+        third = run_sync(settings)
+    assert "1 runners changed since sync 2" in caplog.text
+    assert sync_files(third) == written_from_store(db_path, 3, tmp_path / "full-3")

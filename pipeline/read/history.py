@@ -24,6 +24,7 @@ from datetime import date, datetime
 
 from pipeline.errors import ConfigurationError
 from pipeline.source.records import TRACKED_FIELDS
+from pipeline.store.meta import META_TABLE, SNAPSHOTS_REUSABLE_AFTER
 from pipeline.store.sqlite import Database
 from pipeline.times import utc_instant, utc_timestamp
 
@@ -287,13 +288,15 @@ def snapshot_of_sync(db: Database, sync_id: int) -> dict[str, SnapshotRecord]:
 
 def latest_snapshots(db: Database, sync_id: int) -> dict[str, SnapshotRecord]:
     """format -> the newest snapshot file recorded, written or kept, by a sync before
-    ``sync_id``: it holds the fleet its ``file_sync_id`` left."""
+    ``sync_id``: it holds the fleet its ``file_sync_id`` left. Files made before the
+    database's last upgrade are left out (``meta.SNAPSHOTS_REUSABLE_AFTER``)."""
     latest = db.execute(
         _SNAPSHOT_RECORDS.format(
             where="s.id IN (SELECT max(id) FROM snapshots WHERE error IS NULL AND sync_id < ? "
-            "GROUP BY format)"
+            "AND coalesce(same_as_sync_id, sync_id) > (SELECT coalesce(max(CAST(value AS "
+            f"INTEGER)), 0) FROM {META_TABLE} WHERE key = ?) GROUP BY format)"
         ),
-        [sync_id],
+        [sync_id, SNAPSHOTS_REUSABLE_AFTER],
     )
     return {record.format: record for record in map(_snapshot_record, latest)}
 

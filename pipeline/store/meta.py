@@ -25,6 +25,11 @@ def read_meta(db: Database, key: str) -> str | None:
     return str(row[0]) if row else None
 
 
+#: The last sync before the database was last upgraded: its snapshot files, and earlier ones,
+#: are never kept or patched from, since a migration may rewrite stored runners without a
+#: version (m008 did) and such a file may then not hold what the store holds.
+SNAPSHOTS_REUSABLE_AFTER = "snapshots_reusable_after"
+
 #: The key of the database's own identifier (``database_id``).
 DATABASE_ID = "database_id"
 

@@ -32,7 +32,7 @@ from pipeline.source.records import (
     timestamp_text,
 )
 from pipeline.store import keyfile
-from pipeline.store.meta import META_TABLE, read_meta
+from pipeline.store.meta import META_TABLE, SNAPSHOTS_REUSABLE_AFTER, read_meta, write_meta
 from pipeline.store.sqlite import Database, Migrations
 from pipeline.times import utc_instant
 
@@ -516,6 +516,9 @@ def open_store(path: Path) -> Database:
             db.table(META_TABLE).upsert(
                 {"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key"
             )
+            if version:  # an upgrade: the snapshot files made so far are not reused
+                [(last_sync,)] = db.execute("SELECT coalesce(max(id), 0) FROM sync_runs")
+                write_meta(db, SNAPSHOTS_REUSABLE_AFTER, str(last_sync))
             # The pages m009 rewrote (the key scrubbed) replace their old copies in the
             # database file now, and the WAL that saw them is emptied.
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -288,7 +288,7 @@ def test_any_change_to_any_fleet_patches_into_the_same_bytes(monkeypatch, before
     were. Small batches, row groups and CSV blocks make the merge cross every boundary."""
     monkeypatch.setattr(history, "BATCH_ROWS", 3)
     monkeypatch.setattr(export, "ROW_GROUP_ROWS", 5)
-    monkeypatch.setattr(export, "_CSV_BLOCK_BYTES", 300)
+    monkeypatch.setattr(export, "CSV_BLOCK_BYTES", 300)
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         db = sqlite3.connect(work / "store.db", check_same_thread=False)

@@ -573,7 +573,7 @@ def with_account(table: pa.Table, account: str) -> pa.Table:
 
 
 #: How much of a CSV file is parsed at a time.
-_CSV_BLOCK_BYTES = 1 << 18
+CSV_BLOCK_BYTES = 1 << 18
 
 
 class NotPatchable(Exception):
@@ -624,7 +624,7 @@ def _csv_rows(path: Path, recorded_rows: int, csv_safe: bool) -> Iterator[Batch]
     reader = pa_csv.open_csv(
         path,
         # Small blocks: the reader holds several at once, and larger ones are no faster.
-        read_options=pa_csv.ReadOptions(block_size=_CSV_BLOCK_BYTES, use_threads=False),
+        read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False),
         parse_options=pa_csv.ParseOptions(newlines_in_values=True),
         # As the writer writes them: NULL as an empty field, an empty text quoted.
         convert_options=pa_csv.ConvertOptions(

@@ -240,13 +240,13 @@ def write_export_files(
                         file.write(batch)
                     except Exception as exc:
                         outcome[fmt] = exc
-                        _close_quietly(files.pop(fmt))
+                        close_quietly(files.pop(fmt))
                 if not files:
                     break
         except Exception as exc:  # the read or the conversion: every file open fails with it
             for fmt in list(files):
                 outcome[fmt] = exc
-                _close_quietly(files.pop(fmt))
+                close_quietly(files.pop(fmt))
         for fmt in list(files):
             file = files.pop(fmt)
             try:
@@ -255,11 +255,11 @@ def write_export_files(
                 outcome[fmt] = exc
     finally:
         for file in files.values():  # only left open when interrupted (KeyboardInterrupt)
-            _close_quietly(file)
+            close_quietly(file)
     return {fmt: outcome[fmt] for fmt in targets}
 
 
-def _close_quietly(file: ExportFile) -> None:
+def close_quietly(file: ExportFile) -> None:
     with contextlib.suppress(Exception):  # it failed already: that error is the news
         file.close()
 

@@ -18,7 +18,6 @@ file is merged). ``--snapshot always`` never patches: every file is written from
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from pipeline.outputs.export import (
     FileWriter,
     NotPatchable,
     arrow_batches,
+    close_quietly,
     open_export_file,
     patched_rows,
     write_export_files,
@@ -160,7 +160,6 @@ def _write(
         for batch in batches:
             file.write(batch)
     except BaseException:
-        with contextlib.suppress(Exception):  # it failed already: that error is the news
-            file.close()
+        close_quietly(file)
         raise
     return file.close()

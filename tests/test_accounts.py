@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import duckdb
@@ -59,6 +60,50 @@ db = "data/eu.db"
 """,
     )
     return {"prod": prod, "staging": staging}
+
+
+def test_accounts_synced_at_once_each_count_only_their_own_retries(
+    serve_account, run_cli, tmp_path
+):
+    """Two accounts sync on two threads of one process; one retries while the other walks."""
+    flaky = serve_account(runners=12, seed=21, token=TOKENS["TOKEN_PROD"], user_id="owner-prod")
+    steady = serve_account(
+        runners=12, seed=22, token=TOKENS["TOKEN_STAGING"], user_id="owner-staging"
+    )
+    flaky.account.faults.fail_next(2, status=500)
+    recovered = threading.Event()
+    flaky.account.before_page.append(lambda page, per_page: recovered.set())
+    # The steady account's first page waits until the flaky one's retries are behind it, so
+    # its sync spans them.
+    steady.account.before_page.append(lambda page, per_page: recovered.wait(timeout=30))
+    write_config(
+        tmp_path,
+        f"""
+[defaults]
+max_retries = 3
+metrics_file = "{{account}}.prom"
+
+[accounts.flaky]
+base_url = "{flaky.url}"
+token_env = "TOKEN_PROD"
+
+[accounts.steady]
+base_url = "{steady.url}"
+token_env = "TOKEN_STAGING"
+""",
+    )
+
+    result = run_cli("sync", "--all", "--max-parallel", "2", "--json", env=TOKENS)
+
+    assert result.exit_code == 0, result.stderr
+    assert recovered.is_set()
+    objects = {o["account"]: o for o in map(json.loads, result.stdout.splitlines())}
+    assert {name: o["retries"] for name, o in objects.items()} == {"flaky": 2, "steady": 0}
+    for name, retried in (("flaky", "2"), ("steady", None)):
+        assert rows(
+            tmp_path / "data" / f"{name}.db",
+            "SELECT value FROM comfysync_meta WHERE key = 'retries_total'",
+        ) == ([(retried,)] if retried else [])
 
 
 def test_sync_all_one_down_fails_alone_with_exit_4(three_accounts, run_cli, tmp_path):

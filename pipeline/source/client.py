@@ -107,29 +107,22 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return seconds
 
 
-class _Tally:
-    """A count that only grows, safe to bump from any thread."""
+class _Tally(threading.local):
+    """A count that only grows, kept per thread."""
 
-    def __init__(self) -> None:
-        self._value = 0
-        self._lock = threading.Lock()
+    value = 0
 
     def add(self) -> None:
-        with self._lock:
-            self._value += 1
-
-    @property
-    def value(self) -> int:
-        return self._value
+        self.value += 1
 
 
-#: Page requests retried by this process. Counted here, where retries happen, so a sync can
-#: report its own (the difference across it) whether it succeeds or fails.
+#: Page requests retried, per thread. A sync walks on the thread that runs it, so the
+#: difference across a sync is its own even while other accounts sync on other threads.
 _RETRIES = _Tally()
 
 
 def retries_made() -> int:
-    """How many page requests this process has retried so far."""
+    """How many page requests the calling thread has retried so far."""
     return _RETRIES.value
 
 

@@ -81,15 +81,16 @@ def test_accounts_synced_at_once_each_count_only_their_own_retries(
         f"""
 [defaults]
 max_retries = 3
-metrics_file = "{{account}}.prom"
 
 [accounts.flaky]
 base_url = "{flaky.url}"
 token_env = "TOKEN_PROD"
+metrics_file = "flaky.prom"
 
 [accounts.steady]
 base_url = "{steady.url}"
 token_env = "TOKEN_STAGING"
+metrics_file = "steady.prom"
 """,
     )
 
@@ -100,10 +101,12 @@ token_env = "TOKEN_STAGING"
     objects = {o["account"]: o for o in map(json.loads, result.stdout.splitlines())}
     assert {name: o["retries"] for name, o in objects.items()} == {"flaky": 2, "steady": 0}
     for name, retried in (("flaky", "2"), ("steady", None)):
+        # What the retries_total metric reads: each database's own running count.
         assert rows(
             tmp_path / "data" / f"{name}.db",
             "SELECT value FROM comfysync_meta WHERE key = 'retries_total'",
         ) == ([(retried,)] if retried else [])
+        assert (tmp_path / f"{name}.prom").is_file()
 
 
 def test_sync_all_one_down_fails_alone_with_exit_4(three_accounts, run_cli, tmp_path):
